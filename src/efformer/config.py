@@ -1,0 +1,162 @@
+"""Validated model configs (pydantic v2); every invalid value raises a ConfigError naming the field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import pydantic
+
+from efformer.errors import CapabilityError, ConfigError, EfformerError
+
+
+class StrictModel(pydantic.BaseModel):
+    """A pydantic model that refuses unknown keys."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+
+def validate_options(model: type[pydantic.BaseModel], options: Any, owner: str) -> Any:
+    """Validate ``options`` (dict or model) against ``model``; raise ConfigError naming the field."""
+    if isinstance(options, model):
+        return options
+    if options is None:
+        options = {}
+    if isinstance(options, pydantic.BaseModel):
+        options = options.model_dump()
+    if not isinstance(options, dict):
+        raise ConfigError(f"{owner}.options", options, "a dict of option names to values")
+    try:
+        return model.model_validate(options)
+    except pydantic.ValidationError as e:
+        raise _config_error(e, owner, model) from None
+
+
+def _config_error(e: pydantic.ValidationError, owner: str, model: type[pydantic.BaseModel]) -> ConfigError:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    field = f"{owner}.{loc}" if owner and loc else (owner or loc or "config")
+    if err["type"] == "extra_forbidden":
+        allowed = "unknown key; allowed: " + ", ".join(model.model_fields)
+    else:
+        allowed = err["msg"]
+    return ConfigError(field, err.get("input"), allowed)
+
+
+Task = Literal["lm", "classifier", "dual"]
+Placement = Literal["pre", "post", "peri", "sandwich", "deepnorm"]
+
+
+class ModelConfig(StrictModel):
+    """Everything needed to build a model; round-trips through JSON."""
+
+    task: Task = "lm"  # lm: causal LM; classifier: sequence classifier; dual: dual-encoder matcher
+    vocab_size: int = pydantic.Field(256, gt=0)
+    d_model: int = pydantic.Field(128, gt=0)
+    n_layers: int = pydantic.Field(2, gt=0)
+    n_heads: int = pydantic.Field(4, gt=0)
+    # One mixer name for every layer, or one per layer (hybrid stacks).
+    mixer: str | list[str] = "softmax"
+    # Options of the mixer; with a per-layer list, a dict keyed by mixer name.
+    mixer_options: dict[str, Any] = {}
+    positional: str = "rope"
+    positional_options: dict[str, Any] = {}
+    norm: str = "rmsnorm"
+    norm_placement: Placement = "pre"
+    ffn: str = "swiglu"
+    ffn_mult: float = pydantic.Field(4.0, gt=0)
+    dropout: float = pydantic.Field(0.0, ge=0, lt=1)
+    attn_dropout: float = pydantic.Field(0.0, ge=0, lt=1)
+    max_len: int = pydantic.Field(2048, gt=0)
+    tie_embeddings: bool = True
+    n_classes: int = pydantic.Field(2, gt=1)  # classifier / dual only
+    pooling: Literal["cls", "mean"] = "mean"  # classifier / dual only
+    dual_features: Literal["uv", "uv_prod_diff"] = "uv_prod_diff"  # [u, v] or [u, v, u*v, u-v]
+    pad_id: int = pydantic.Field(0, ge=0)
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
+        if isinstance(self.mixer, list) and len(self.mixer) != self.n_layers:
+            raise ValueError(f"mixer list has {len(self.mixer)} entries but n_layers={self.n_layers}")
+        if self.pad_id >= self.vocab_size:
+            raise ValueError(f"pad_id={self.pad_id} must be < vocab_size={self.vocab_size}")
+        return self
+
+    @property
+    def causal(self) -> bool:
+        """Whether the mixers run causally (true for language models)."""
+        return self.task == "lm"
+
+    def layer_mixers(self) -> list[tuple[str, dict[str, Any]]]:
+        """(mixer name, options) for each layer."""
+        if isinstance(self.mixer, str):
+            return [(self.mixer, dict(self.mixer_options))] * self.n_layers
+        return [(m, dict(self.mixer_options.get(m, {}))) for m in self.mixer]
+
+    def to_json(self) -> str:
+        """The config as a JSON string."""
+        return json.dumps(self.model_dump(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        """Parse and validate a JSON config."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError("config.json", text[:40], f"valid JSON ({e})") from None
+        return build_config(data)
+
+
+def build_config(data: dict[str, Any] | ModelConfig | None = None, **overrides: Any) -> ModelConfig:
+    """A validated ModelConfig from a dict plus overrides; checks names and capabilities too."""
+    if isinstance(data, ModelConfig):
+        data = data.model_dump()
+    merged = {**(data or {}), **overrides}
+    try:
+        cfg = ModelConfig.model_validate(merged)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] == "value_error":  # our own cross-field checks
+            raise ConfigError("config", {k: merged.get(k) for k in ("d_model", "n_heads")},
+                              str(err["ctx"]["error"])) from None
+        raise _config_error(e, "", ModelConfig) from None
+    check_parts(cfg)
+    return cfg
+
+
+def check_parts(cfg: ModelConfig) -> None:
+    """Refuse unknown part names, bad part options and impossible combinations, with the reason."""
+    from efformer.registry import FFNS, MIXERS, NORMS, POSITIONALS
+
+    pos_cls = POSITIONALS.get(cfg.positional)
+    validate_options(pos_cls.Options, cfg.positional_options, f"positional_options[{cfg.positional}]")
+    NORMS.get(cfg.norm)
+    FFNS.get(cfg.ffn)
+    for i, (name, opts) in enumerate(cfg.layer_mixers()):
+        cls = MIXERS.get(name)
+        caps = cls.capabilities
+        validate_options(cls.Options, opts, f"mixer_options[{name}]")
+        where = f"layer {i}: " if isinstance(cfg.mixer, list) else ""
+        if cfg.causal and not caps.causal:
+            raise CapabilityError(
+                f"{where}mixer {name!r} cannot be causal, so it cannot run in a causal LM "
+                f"(task='lm'); use task='classifier' or a causal mixer"
+            )
+        if not cfg.causal and not caps.bidirectional:
+            raise CapabilityError(f"{where}mixer {name!r} is causal only; it cannot run in an encoder")
+        if pos_cls.kind == "bias" and not caps.attention_bias:
+            raise CapabilityError(
+                f"{where}positional {cfg.positional!r} adds a bias to attention scores, but mixer "
+                f"{name!r} never forms the score matrix; use positional='rope', 'sinusoidal', "
+                "'learned' or 'none'"
+            )
+        if pos_cls.kind == "rotary" and not caps.rotary:
+            raise CapabilityError(
+                f"{where}positional {cfg.positional!r} rotates q and k, but mixer {name!r} cannot take a "
+                "rotary transform; use positional='sinusoidal', 'learned' or 'none'"
+            )
+
+
+__all__ = ["EfformerError", "ModelConfig", "StrictModel", "build_config", "validate_options"]

@@ -1,0 +1,97 @@
+"""The shared trunk of every model: token embedding, positional scheme, blocks, final norm."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from efformer.config import ModelConfig
+from efformer.errors import ShapeError
+from efformer.models.cache import Cache
+from efformer.nn.block import Block
+from efformer.nn.positional import build_positional
+from efformer.registry import MIXERS, NORMS
+
+
+class Backbone(nn.Module):
+    """Embeddings -> N blocks -> final norm; any mixer, positional scheme, norm and FFN by name."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = build_positional(
+            cfg.positional, cfg.d_model, cfg.n_heads, cfg.max_len, cfg.causal, cfg.positional_options
+        )
+        rotary = self.pos if self.pos.kind == "rotary" else None
+        bias = self.pos if self.pos.kind == "bias" else None
+        self.blocks = nn.ModuleList(
+            Block(cfg, name, opts, rotary=rotary, attn_bias=bias) for name, opts in cfg.layer_mixers()
+        )
+        norm = NORMS.get(cfg.norm)
+        # post-LN and DeepNorm end every block with a norm already; Peri-LN also normalises embeddings
+        self.final_norm = nn.Identity() if cfg.norm_placement in ("post", "deepnorm") else norm(cfg.d_model)
+        self.embed_norm = norm(cfg.d_model) if cfg.norm_placement == "peri" else nn.Identity()
+        self.drop = nn.Dropout(cfg.dropout)
+        self.apply(_init_weights)
+
+    @property
+    def can_decode(self) -> bool:
+        """Whether every layer's mixer has a decode state (else generation recomputes)."""
+        return all(MIXERS.get(b.mixer.name).capabilities.decode for b in self.blocks)
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        """Token ids (b, n) -> embeddings (b, n, d)."""
+        if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2:
+            raise ShapeError(f"input ids must be an integer tensor (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+            raise ShapeError(
+                f"token id {int(ids.max()) if int(ids.max()) >= self.cfg.vocab_size else int(ids.min())} "
+                f"is outside the vocabulary [0, {self.cfg.vocab_size}); check the tokenizer or vocab_size"
+            )
+        return self.embed(ids)
+
+    def forward(
+        self, h: Tensor, *, mask: Tensor | None = None, positions: Tensor | None = None, cache: Cache | None = None
+    ) -> Tensor:
+        """Embeddings (b, n, d) -> hidden states (b, n, d); ``cache`` is updated in place."""
+        b, n, _ = h.shape
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, n)):
+            raise ShapeError(f"mask must be a bool keep-mask ({b}, {n}), got {mask.dtype} {tuple(mask.shape)}")
+        if positions is None:
+            positions = default_positions(b, n, mask, h.device)
+            if cache is not None:
+                positions = positions + cache.next_position[:, None]
+        if self.pos.kind == "embedding":
+            h = h + self.pos.embed(positions).to(h.dtype)
+        h = self.drop(self.embed_norm(h))
+        mask_all_true = mask is not None and bool(mask.all())
+        layer_mask = None if mask_all_true else mask
+        for i, block in enumerate(self.blocks):
+            state = cache.states[i] if cache is not None else None
+            h, state = block(h, mask=layer_mask, state=state, positions=positions)
+        if cache is not None:
+            step = mask.sum(1) if mask is not None else torch.full((b,), n, device=h.device)
+            cache.next_position = cache.next_position + step
+        return self.final_norm(h)
+
+    def new_cache(self, batch: int, device=None, dtype=None) -> Cache:
+        """An empty decode cache for ``batch`` rows."""
+        p = next(self.parameters())
+        device, dtype = device or p.device, dtype or p.dtype
+        return Cache(
+            states=[blk.mixer.init_state(batch, device, dtype) for blk in self.blocks],
+            next_position=torch.zeros(batch, dtype=torch.long, device=device),
+        )
+
+
+def default_positions(b: int, n: int, mask: Tensor | None, device) -> Tensor:
+    """Positions (b, n) counting only kept tokens, so left padding does not shift real positions."""
+    if mask is None:
+        return torch.arange(n, device=device).expand(b, n)
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)

@@ -1,0 +1,69 @@
+"""Sequence classifier (the LRA head) and dual-encoder matcher (the LRA retrieval head)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from efformer.config import ModelConfig
+from efformer.models.backbone import Backbone
+
+
+class _Encoder(nn.Module):
+    """Backbone plus pooling: token ids (b, n) -> pooled vector (b, d)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        if cfg.pooling == "cls":
+            self.cls = nn.Parameter(torch.randn(cfg.d_model) * 0.02)
+
+    def encode(self, input_ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Pooled representation (b, d): CLS vector or mean over kept tokens."""
+        h = self.backbone.embed_tokens(input_ids)
+        if self.cfg.pooling == "cls":  # a learned CLS vector at position 0
+            b = h.shape[0]
+            h = torch.cat([self.cls.expand(b, 1, -1).to(h.dtype), h], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask.new_ones(b, 1), mask], dim=1)
+        h = self.backbone(h, mask=mask)
+        if self.cfg.pooling == "cls":
+            return h[:, 0]
+        if mask is None:
+            return h.mean(1)
+        w = mask[..., None].to(h.dtype)
+        return (h * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+def _head(d_in: int, d: int, n_classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d), nn.ReLU(), nn.Linear(d, n_classes))
+
+
+class SequenceClassifier(_Encoder):
+    """Token ids (b, n) [+ keep-mask] -> class logits (b, n_classes)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.head = _head(cfg.d_model, cfg.d_model, cfg.n_classes)
+
+    def forward(self, input_ids: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        """Class logits (b, n_classes)."""
+        return self.head(self.encode(input_ids, mask))
+
+
+class DualEncoderClassifier(_Encoder):
+    """Two sequences through one shared tower -> logits (b, n_classes) from [u, v(, u*v, u-v)]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        k = 4 if cfg.dual_features == "uv_prod_diff" else 2
+        self.head = _head(k * cfg.d_model, cfg.d_model, cfg.n_classes)
+
+    def forward(
+        self, ids1: Tensor, ids2: Tensor, *, mask1: Tensor | None = None, mask2: Tensor | None = None
+    ) -> Tensor:
+        """Class logits (b, n_classes) for the pair (ids1, ids2)."""
+        u, v = self.encode(ids1, mask1), self.encode(ids2, mask2)
+        feats = [u, v, u * v, u - v] if self.cfg.dual_features == "uv_prod_diff" else [u, v]
+        return self.head(torch.cat(feats, dim=-1))

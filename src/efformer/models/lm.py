@@ -1,0 +1,144 @@
+"""Causal language model with cached generation (greedy, temperature, top-k, top-p, stop tokens)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from efformer.config import ModelConfig
+from efformer.errors import ConfigError, ShapeError
+from efformer.models.backbone import Backbone
+from efformer.models.cache import Cache
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM: token ids (b, n) -> next-token logits (b, n, vocab)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(
+        self, input_ids: Tensor, *, mask: Tensor | None = None, cache: Cache | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (b, n, vocab); with ``cache`` the tokens extend the cached context (updated in place)."""
+        h = self.backbone(self.backbone.embed_tokens(input_ids), mask=mask, positions=positions, cache=cache)
+        if self.cfg.tie_embeddings:
+            return h @ self.backbone.embed.weight.t()
+        return self.lm_head(h)
+
+    def new_cache(self, batch: int) -> Cache:
+        """An empty decode cache for ``batch`` rows."""
+        return self.backbone.new_cache(batch)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Tensor | list[list[int]],
+        max_new_tokens: int = 32,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_tokens: tuple[int, ...] | list[int] = (),
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor | list[list[int]]:
+        """Prompt + up to ``max_new_tokens`` new tokens per row.
+
+        ``prompt_ids`` is a LongTensor (b, n) or a list of token lists of different lengths (then a
+        list comes back, each row cut after its first stop token). ``temperature=0`` is greedy.
+        """
+        if max_new_tokens < 0:
+            raise ConfigError("max_new_tokens", max_new_tokens, "must be >= 0")
+        if temperature < 0:
+            raise ConfigError("temperature", temperature, "must be >= 0 (0 means greedy)")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ConfigError("top_p", top_p, "must be in (0, 1]")
+        if top_k is not None and top_k <= 0:
+            raise ConfigError("top_k", top_k, "must be a positive integer")
+        as_list = isinstance(prompt_ids, list)
+        ids, mask = _left_pad(prompt_ids, self.cfg.pad_id, self.backbone.embed.weight.device)
+        b = ids.shape[0]
+        stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=ids.device)
+        new = torch.full((b, max_new_tokens), -1, dtype=torch.long, device=ids.device)
+        active = torch.arange(b, device=ids.device)  # original row index of each live row
+        was_training = self.training
+        self.eval()
+        use_cache = use_cache and self.backbone.can_decode
+        cache = self.new_cache(b) if use_cache else None
+        seq, seq_mask = ids, mask  # the full context, used when recomputing without a cache
+        logits = self(ids, mask=None if bool(mask.all()) else mask, cache=cache)[:, -1]
+        for t in range(max_new_tokens):
+            tok = sample_next(logits, temperature, top_k, top_p, generator)
+            new[active, t] = tok
+            done = torch.isin(tok, stops)
+            if t == max_new_tokens - 1 or bool(done.all()):
+                break
+            if bool(done.any()):  # drop finished rows from the batch
+                keep = (~done).nonzero().squeeze(1)
+                active, tok = active[keep], tok[keep]
+                seq, seq_mask = seq[keep], seq_mask[keep]
+                cache = cache.select(keep) if cache is not None else None
+            if cache is not None:
+                logits = self(tok[:, None], cache=cache)[:, -1]
+            else:
+                seq = torch.cat([seq, tok[:, None]], dim=1)
+                seq_mask = torch.cat([seq_mask, torch.ones_like(tok[:, None], dtype=torch.bool)], dim=1)
+                logits = self(seq, mask=None if bool(seq_mask.all()) else seq_mask)[:, -1]
+        self.train(was_training)
+        if as_list:
+            return [list(p) + _cut(new[i].tolist(), stop_tokens) for i, p in enumerate(prompt_ids)]
+        filled = torch.where(new < 0, torch.full_like(new, self.cfg.pad_id), new)
+        return torch.cat([ids, filled], dim=1)
+
+
+def sample_next(
+    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator=None
+) -> Tensor:
+    """Next token (b,) from logits (b, vocab): argmax at temperature 0, else filtered sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
+
+
+def _left_pad(prompts: Tensor | list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    if isinstance(prompts, Tensor):
+        if prompts.dim() != 2 or prompts.shape[1] == 0:
+            raise ShapeError(f"prompt_ids must be (batch, seq>0), got {tuple(prompts.shape)}")
+        return prompts.to(device), torch.ones_like(prompts, dtype=torch.bool, device=device)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ShapeError("prompt_ids must be a non-empty list of non-empty token lists")
+    n = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), n, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, n - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, n - len(p) :] = True
+    return ids.to(device), mask.to(device)
+
+
+def _cut(tokens: list[int], stops) -> list[int]:
+    out = []
+    for t in tokens:
+        if t < 0:
+            break
+        out.append(t)
+        if t in stops:
+            break
+    return out

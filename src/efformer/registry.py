@@ -1,0 +1,87 @@
+"""Name -> class registries for mixers, positional schemes, norms and feed-forward blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from efformer.errors import UnknownNameError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A named collection of classes of one kind, e.g. all token mixers."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Class decorator that registers the class under ``name`` (names are unique)."""
+
+        def deco(cls: T) -> T:
+            if name in self._entries and self._entries[name] is not cls:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = cls
+            cls.name = name  # type: ignore[attr-defined]
+            return cls
+
+        return deco
+
+    def get(self, name: str) -> T:
+        """The class registered under ``name``; raises UnknownNameError with a suggestion."""
+        _load_builtins()
+        if name not in self._entries:
+            raise UnknownNameError(self.kind, name, self._entries)
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        """Sorted names of every registered entry."""
+        _load_builtins()
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        _load_builtins()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+MIXERS: Registry = Registry("mixer")
+POSITIONALS: Registry = Registry("positional")
+NORMS: Registry = Registry("norm")
+FFNS: Registry = Registry("ffn")
+
+_loaded = False
+
+
+def _load_builtins() -> None:
+    """Import the built-in parts so that they register themselves (once, lazily)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import efformer.mixers  # noqa: F401  (registers every mixer module)
+    import efformer.nn  # noqa: F401
+
+
+def register_mixer(name: str):
+    """Decorator: register a token-mixer class (a subclass of ``efformer.mixers.Mixer``)."""
+    return MIXERS.register(name)
+
+
+def list_mixers() -> list[str]:
+    """Names of every registered token mixer."""
+    return MIXERS.names()
+
+
+def describe_mixer(name: str) -> dict:
+    """The capabilities, options and paper of a registered mixer, as a plain dict."""
+    cls = MIXERS.get(name)
+    info = cls.capabilities.as_dict()
+    info["name"] = name
+    info["options"] = {k: repr(f.default) for k, f in cls.Options.model_fields.items()}
+    info["doc"] = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    return info
