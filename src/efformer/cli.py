@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 
@@ -61,6 +63,15 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
 
 
+# Subpackages that add their own subcommands: each module has ``register(subparsers)``.
+PLUGIN_MODULES = (
+    "efformer.train.cli",  # train, eval, runs, report
+    "efformer.data.cli",  # data listops | pathfinder
+    "efformer.arena.cli",  # arena
+    "efformer.bench.cli",  # bench, advise
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``efformer`` command."""
     p = argparse.ArgumentParser(prog="efformer", description=__doc__)
@@ -81,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mixer", default="softmax")
     m.add_argument("--steps", type=int, default=300)
     m.set_defaults(fn=_cmd_demo)
+    for mod in PLUGIN_MODULES:
+        if importlib.util.find_spec(mod.rsplit(".", 1)[0]) and importlib.util.find_spec(mod):
+            importlib.import_module(mod).register(sub)
     return p
 
 

@@ -1,0 +1,40 @@
+"""Norms and feed-forward blocks: every registered entry checked against its formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from efformer.registry import FFNS, NORMS
+
+
+@pytest.mark.parametrize("name", NORMS.names())
+def test_norm_formula(name):
+    norm = NORMS.get(name)(16)
+    x = torch.randn(3, 5, 16) * 4 + 2
+    y = norm(x)
+    if name == "layernorm":
+        expected = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    else:
+        expected = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+    assert torch.allclose(y, expected, atol=1e-5)
+
+
+_ACT = {"gelu": F.gelu, "relu": F.relu, "relu2": lambda t: F.relu(t) ** 2, "swiglu": F.silu, "geglu": F.gelu,
+        "reglu": F.relu}
+
+
+@pytest.mark.parametrize("name", FFNS.names())
+def test_ffn_formula_and_width(name):
+    ffn = FFNS.get(name)(24, 4.0, 0.0)
+    x = torch.randn(2, 3, 24)
+    act = _ACT[name]
+    if hasattr(ffn, "gate_up"):
+        gate, up = (x @ ffn.gate_up.weight.t()).chunk(2, -1)
+        expected = (act(gate) * up) @ ffn.down.weight.t()
+        assert ffn.down.in_features == 64  # 2/3 * 4 * 24 keeps the MLP's parameter count
+    else:
+        expected = ffn.down(act(ffn.up(x)))
+        assert ffn.up.out_features == 96
+    assert torch.allclose(ffn(x), expected, atol=1e-6)

@@ -1,0 +1,109 @@
+"""Positional schemes: every registered scheme is exercised; each checked against its definition."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from efformer.errors import ConfigError, ShapeError
+from efformer.nn.positional import build_positional
+from efformer.registry import POSITIONALS
+
+D, H = 32, 4
+
+
+def _pos(n, b=2, offset=0):
+    return torch.arange(offset, offset + n).expand(b, n)
+
+
+@pytest.mark.parametrize("name", POSITIONALS.names())
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_scheme_builds_and_is_relative_or_absolute(name, causal):
+    pos = build_positional(name, D, H, 128, causal)
+    assert pos.kind in ("none", "embedding", "rotary", "bias")
+    if pos.kind == "embedding":
+        e = pos.embed(_pos(7))
+        assert e.shape == (2, 7, D) and not torch.allclose(e[:, 0], e[:, 1])
+    elif pos.kind == "rotary":
+        # the score q.k depends only on the distance: shifting both positions leaves it unchanged
+        q, k = torch.randn(1, H, 1, D // H), torch.randn(1, H, 1, D // H)
+        s1 = (pos.rotate_queries(q, _pos(1, 1, 5)) * pos.rotate_keys(k, _pos(1, 1, 2))).sum()
+        s2 = (pos.rotate_queries(q, _pos(1, 1, 25)) * pos.rotate_keys(k, _pos(1, 1, 22))).sum()
+        assert torch.allclose(s1, s2, atol=1e-4)
+    elif pos.kind == "bias":
+        b1 = pos(_pos(5, 1, 0), _pos(5, 1, 0))
+        b2 = pos(_pos(5, 1, 3), _pos(5, 1, 3))
+        assert b1.shape == (1, H, 5, 5)
+        if name != "fire":  # FIRE normalises by the query position, so it is not shift-invariant
+            assert torch.allclose(b1, b2)
+
+
+def test_sinusoidal_matches_formula():
+    e = build_positional("sinusoidal", D, H, 64, False).embed(_pos(4, 1))
+    i, p = 3, 2
+    assert math.isclose(e[0, p, i].item(), math.sin(p * 10000 ** (-i / (D // 2))), rel_tol=1e-5)
+    assert math.isclose(e[0, p, D // 2 + i].item(), math.cos(p * 10000 ** (-i / (D // 2))), rel_tol=1e-5)
+
+
+def test_learned_refuses_positions_past_max_len():
+    pos = build_positional("learned", D, H, 8, True)
+    with pytest.raises(ShapeError, match="max_len=8"):
+        pos.embed(_pos(9))
+
+
+def test_rope_preserves_norm_and_partial_rotary_keeps_the_rest():
+    pos = build_positional("rope", D, H, 64, True, {"rotary_fraction": 0.5})
+    q = torch.randn(2, H, 6, D // H)
+    r = pos.rotate_queries(q, _pos(6))
+    assert torch.allclose(r.norm(dim=-1), q.norm(dim=-1), atol=1e-5)
+    assert torch.equal(r[..., pos.rot_dim :], q[..., pos.rot_dim :])
+    assert torch.allclose(r[:, :, 0], q[:, :, 0])  # position 0 is the identity rotation
+
+
+def test_xpos_scores_decay_with_distance():
+    pos = build_positional("xpos", D, H, 64, True, {"scale_base": 8})
+    q = torch.ones(1, H, 1, D // H)
+    scale = [(pos._scale(_pos(1, 1, n), 1.0) * pos._scale(_pos(1, 1, 0), -1.0)).mean().item() for n in (0, 8, 16)]
+    assert scale[0] == pytest.approx(1.0) and scale[0] > scale[1] > scale[2]
+    assert q.shape[-1] == D // H
+
+
+def test_alibi_values_and_slopes():
+    pos = build_positional("alibi", D, 8, 64, True)
+    assert torch.allclose(pos.slopes, torch.tensor([2 ** (-i) for i in range(1, 9)]))
+    b = pos(_pos(4, 1), _pos(4, 1))
+    assert b[0, 0, 3, 1].item() == pytest.approx(-0.5 * 2)
+    six = build_positional("alibi", D, 6, 64, True).slopes  # not a power of two: 4 base slopes + 2 between
+    assert torch.allclose(six[:4], torch.tensor([2 ** (-2 * i) for i in range(1, 5)]))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_t5_buckets_are_monotone_in_distance(causal):
+    pos = build_positional("t5", D, H, 512, causal)
+    rel = -torch.arange(0, 300)
+    b = pos.bucket(rel)
+    assert (b[1:] >= b[:-1]).all() and b.max() < pos.opts.num_buckets
+    assert torch.equal(b[:8], torch.arange(8))  # small distances get their own bucket
+    if not causal:
+        assert (pos.bucket(-rel[1:]) >= pos.opts.num_buckets // 2).all()  # future keys use the other half
+
+
+def test_fire_bias_depends_on_relative_distance_scaled_by_query_position():
+    pos = build_positional("fire", D, H, 64, True, {"init_threshold": 1.0})
+    for p in pos.mlp.parameters():
+        torch.nn.init.normal_(p)
+    b = pos(torch.tensor([[10, 20]]), torch.tensor([[5, 10]]))
+    # distance 5 from query 10 and distance 10 from query 20: psi ratios differ, so biases differ
+    assert not torch.allclose(b[0, :, 0, 0], b[0, :, 1, 1])
+    # same query, same key: the bias is f(0) for every query position
+    same = pos(torch.tensor([[3, 40]]), torch.tensor([[3, 40]]))
+    assert torch.allclose(same[0, :, 0, 0], same[0, :, 1, 1])
+
+
+def test_bad_options_name_the_field():
+    with pytest.raises(ConfigError, match=r"positional_options\[rope\].base"):
+        build_positional("rope", D, H, 64, True, {"base": -1})
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_positional("alibi", D, H, 64, True, {"slope": 1})
