@@ -1,0 +1,286 @@
+"""Delta-rule linear attention: DeltaNet and Gated DeltaNet.
+
+Papers: "Linear Transformers Are Secretly Fast Weight Programmers" (Schlag, Irie and Schmidhuber,
+2021) introduces the delta-rule update of a fast-weight memory; "Parallelizing Linear Transformers
+with the Delta Rule over Sequence Length" (Yang et al., 2024) trains it chunkwise in parallel with
+the WY / UT-transform representation of products of Householder-like matrices; "Gated Delta
+Networks: Improving Mamba2 with Delta Rule" (Yang, Kautz and Hatamizadeh, 2025) adds a
+data-dependent scalar decay per head.
+
+The state S is stored as (batch, heads, K, V), the transpose of the papers' V x K fast weight, so
+the recurrence reads
+
+    S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,    o_t = S_t^T q_t,
+
+with alpha_t = 1 for DeltaNet. Writing v at a unit key k with beta = 1 replaces the value stored
+at k instead of adding to it, which is what makes the memory addressable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pydantic
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState, pad_to_multiple
+from efformer.registry import register_mixer
+
+# ---- the delta rule on (batch, heads, seq, dim) tensors -------------------------------------------
+# q, k (b, h, t, K) with unit-norm keys; v (b, h, t, V); beta (b, h, t) in [0, 1]; log_alpha (b, h, t)
+# <= 0 or None (no decay); initial_state (b, h, K, V) or None (zeros). Each returns o (b, h, t, V) and
+# the final state (b, h, K, V).
+
+
+def _start(q: Tensor, v: Tensor, beta: Tensor, log_alpha: Tensor | None, initial_state: Tensor | None):
+    b, h, _, dk = q.shape
+    if log_alpha is None:
+        log_alpha = torch.zeros_like(beta)
+    if initial_state is None:
+        initial_state = q.new_zeros(b, h, dk, v.shape[-1])
+    return log_alpha, initial_state
+
+
+def delta_rule_reference(q, k, v, beta, log_alpha=None, initial_state=None) -> tuple[Tensor, Tensor]:
+    """The recurrence as written in the papers, one step at a time with the explicit K x K matrix."""
+    log_alpha, S = _start(q, v, beta, log_alpha, initial_state)
+    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+    outs = []
+    for t in range(q.shape[2]):
+        kt, bt = k[:, :, t, :, None], beta[:, :, t, None, None]  # (b, h, K, 1), (b, h, 1, 1)
+        alpha = log_alpha[:, :, t, None, None].exp()
+        S = alpha * (eye - bt * kt @ kt.transpose(-1, -2)) @ S + bt * kt @ v[:, :, t, None, :]
+        outs.append((S.transpose(-1, -2) @ q[:, :, t, :, None])[..., 0])
+    return torch.stack(outs, dim=2), S
+
+
+def delta_rule_recurrent(q, k, v, beta, log_alpha=None, initial_state=None) -> tuple[Tensor, Tensor]:
+    """O(K V) per token (the decode path): decay, read the value stored at k, move it towards v, read at q."""
+    log_alpha, S = _start(q, v, beta, log_alpha, initial_state)
+    outs = []
+    for t in range(q.shape[2]):
+        S = S * log_alpha[:, :, t, None, None].exp()
+        kt = k[:, :, t]
+        old = torch.einsum("bhk,bhkv->bhv", kt, S)
+        S = S + torch.einsum("bhk,bhv->bhkv", kt, beta[:, :, t, None] * (v[:, :, t] - old))
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S))
+    return torch.stack(outs, dim=2), S
+
+
+def delta_rule_chunked(
+    q, k, v, beta, log_alpha=None, initial_state=None, chunk_size: int = 64
+) -> tuple[Tensor, Tensor]:
+    """Chunkwise parallel form (WY / UT transform): O(T C) memory, a loop over T / C chunks only.
+
+    Within a chunk started from state S0, with G_t the cumulative log decay and
+    Gamma_ti = exp(G_t - G_i) (i <= t), the values actually written, u_t = beta_t (v_t - alpha_t
+    S_{t-1}^T k_t), solve the unit lower-triangular system
+
+        (I + tril(diag(beta) (K K^T * Gamma), -1)) U = diag(beta) V - diag(beta e^G) K S0,
+
+    so U = U0 - W S0 with U0, W computed for all chunks at once; then
+    O = e^G Q S0 + (Q K^T * Gamma) U and S_C = e^{G_C} S0 + (e^{G_C - G} K)^T U.
+    Only differences G_t - G_i <= 0 are exponentiated, so strong decay never overflows.
+    """
+    log_alpha, S = _start(q, v, beta, log_alpha, initial_state)
+    t, dk, dv = q.shape[2], q.shape[-1], v.shape[-1]
+    c = min(chunk_size, t)
+    # Right-padding with k = v = beta = log_alpha = 0 appends identity steps: S is unchanged.
+    q, k, v = (rearrange(pad_to_multiple(x, c, dim=2)[0], "b h (n c) d -> b h n c d", c=c) for x in (q, k, v))
+    beta, g = (rearrange(pad_to_multiple(x, c, dim=2)[0], "b h (n c) -> b h n c", c=c) for x in (beta, log_alpha))
+    g = g.cumsum(-1)
+    lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    gamma = (g[..., :, None] - g[..., None, :]).masked_fill(~lower, float("-inf")).exp()  # 0 above the diagonal
+    a = ((k @ k.transpose(-1, -2)) * gamma * beta[..., :, None]).tril(-1)
+    eye = torch.eye(c, dtype=q.dtype, device=q.device)
+    rhs = torch.cat([v * beta[..., None], k * (beta * g.exp())[..., None]], dim=-1)
+    u0, w = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True).split([dv, dk], -1)
+    qk = (q @ k.transpose(-1, -2)) * gamma
+    q_dec = q * g.exp()[..., None]
+    k_dec = k * (g[..., -1:] - g).exp()[..., None]
+    chunk_decay = g[..., -1, None, None].exp()
+    outs = []
+    for j in range(q.shape[2]):
+        u = u0[:, :, j] - w[:, :, j] @ S
+        outs.append(q_dec[:, :, j] @ S + qk[:, :, j] @ u)
+        S = chunk_decay[:, :, j] * S + k_dec[:, :, j].transpose(-1, -2) @ u
+    o = rearrange(torch.stack(outs, dim=2), "b h n c d -> b h (n c) d")
+    return o[:, :, :t], S
+
+
+# ---- the layers -------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeltaState(MixerState):
+    """Decode state: fast weights S (batch, heads, K, V) and the conv cache (batch, 3*d_model, conv_size-1)."""
+
+    S: Tensor
+    conv: Tensor | None = None
+
+
+class DeltaNetOptions(MixerOptions):
+    """Options of DeltaNet."""
+
+    chunk_size: int = pydantic.Field(64, gt=0)  # tokens per chunk of the chunked (WY) form
+    conv_size: int = pydantic.Field(4, ge=0)  # width of the causal depthwise conv on q, k, v; 0 = off
+    output_gate: bool = False  # multiply the normed output by silu(W_g x), as Gated DeltaNet does
+
+
+class GatedDeltaNetOptions(DeltaNetOptions):
+    """Options of Gated DeltaNet (the output gate is on by default)."""
+
+    output_gate: bool = True
+
+
+_FORMS = {"reference": delta_rule_reference, "recurrent": delta_rule_recurrent, "chunked": delta_rule_chunked}
+
+
+@register_mixer("deltanet")
+class DeltaNet(Mixer):
+    """DeltaNet: linear attention whose fast-weight memory is updated by the delta rule (causal only).
+
+    q, k are L2-normalised per head (after an optional short causal conv + SiLU), beta_t = sigmoid(W_b x_t)
+    per head; the output is RMS-normed per head (and optionally gated) before the output projection.
+    A padded step writes nothing (beta = 0, alpha = 1, zero conv input), so left-padded batches are exact;
+    a hole inside a sequence leaves S unchanged but enters the conv window as a zero input.
+    """
+
+    capabilities = Capabilities(
+        family="recurrent",
+        paper="Parallelizing Linear Transformers with the Delta Rule over Sequence Length",
+        causal=True,
+        bidirectional=False,
+        padding_mask=True,
+        decode=True,
+        exact=False,
+        time="O(N C d + N d^2) chunked, O(d^2) per decoded token",
+        memory="O(N C + N d + d^2) per head",
+        forms=("reference", "chunked", "recurrent"),
+    )
+    Options = DeltaNetOptions
+    test_options = {"chunk_size": 4, "conv_size": 3}
+    gated: ClassVar[bool] = False
+
+    def __init__(self, d_model: int, n_heads: int, **kw):
+        super().__init__(d_model, n_heads, **kw)
+        self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.beta_proj = nn.Linear(d_model, n_heads)
+        w = self.opts.conv_size
+        if w:
+            self.conv = nn.Conv1d(3 * d_model, 3 * d_model, w, groups=3 * d_model, bias=False)
+        if self.gated:
+            self._init_decay(d_model, n_heads)
+        if self.opts.output_gate:
+            self.gate_proj = nn.Linear(d_model, d_model, bias=False)
+        self.out_norm = nn.RMSNorm(self.head_dim)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def init_state(self, batch, device, dtype) -> DeltaState:
+        """Zero fast weights (kept in at least fp32, as they accumulate) and a zero conv cache."""
+        hd, w = self.head_dim, self.opts.conv_size
+        s_dtype = torch.promote_types(dtype, torch.float32)
+        S = torch.zeros(batch, self.n_heads, hd, hd, device=device, dtype=s_dtype)
+        conv = torch.zeros(batch, 3 * self.d_model, w - 1, device=device, dtype=dtype) if w else None
+        return DeltaState(S=S, conv=conv)
+
+    # ---- shared parts of every form -----------------------------------------------------------
+    def _log_decay(self, x: Tensor) -> Tensor | None:
+        """log alpha (batch, seq, heads), or None: DeltaNet has no decay."""
+        return None
+
+    def _conv(self, u: Tensor, state: DeltaState | None) -> Tensor:
+        """Causal depthwise conv + SiLU over (b, n, 3*d_model), continuing from the cached last inputs."""
+        w = self.opts.conv_size
+        u = u.transpose(1, 2)
+        past = state.conv if state is not None else u.new_zeros(u.shape[0], u.shape[1], w - 1)
+        full = torch.cat([past.to(u.dtype), u], dim=-1)
+        if state is not None:
+            state.conv = full[..., full.shape[-1] - (w - 1) :]
+        return F.silu(self.conv(full)).transpose(1, 2)
+
+    def _project(self, x: Tensor, mask: Tensor | None, state: DeltaState | None):
+        """q, k (b, h, n, d) unit-norm (q scaled by d^-1/2), v (b, h, n, d), beta and log alpha (b, h, n)."""
+        qkv = self.qkv_proj(x)
+        beta = self.beta_proj(x).sigmoid()
+        log_alpha = self._log_decay(x)
+        if mask is not None:  # a padded step writes nothing and decays nothing
+            keep = mask[..., None].to(x.dtype)
+            qkv, beta = qkv * keep, beta * keep
+            log_alpha = log_alpha * keep if log_alpha is not None else None
+        if self.opts.conv_size:
+            qkv = self._conv(qkv, state)
+        q, k, v = (self.split_heads(t) for t in qkv.chunk(3, dim=-1))
+        q = F.normalize(q, dim=-1) * self.head_dim**-0.5
+        k = F.normalize(k, dim=-1)
+        beta = rearrange(beta, "b n h -> b h n")
+        log_alpha = rearrange(log_alpha, "b n h -> b h n") if log_alpha is not None else None
+        return q, k, v, beta, log_alpha
+
+    def _run(self, form: str, x: Tensor, mask: Tensor | None, state: DeltaState | None, **kw):
+        q, k, v, beta, log_alpha = self._project(x, mask, state)
+        # The recurrence accumulates over the whole sequence: run it in at least fp32.
+        ct = torch.promote_types(x.dtype, torch.float32)
+        q, k, v, beta = q.to(ct), k.to(ct), v.to(ct), beta.to(ct)
+        log_alpha = log_alpha.to(ct) if log_alpha is not None else None
+        s0 = state.S.to(ct) if state is not None else None
+        o, S = _FORMS[form](q, k, v, beta, log_alpha, s0, **kw)
+        if state is not None:
+            state.S = S.to(state.S.dtype)
+        o = self.merge_heads(self.out_norm(o.to(x.dtype)))
+        if self.opts.output_gate:
+            o = o * F.silu(self.gate_proj(x))
+        return self.out_proj(o), state
+
+    # ---- forms --------------------------------------------------------------------------------
+    def forward_reference(self, x, *, mask, state, positions):
+        """The sequential recurrence with the explicit (I - beta k k^T) matrix product."""
+        return self._run("reference", x, mask, state)
+
+    def forward_chunked(self, x, *, mask, state, positions):
+        """Chunkwise parallel training / prefill form (WY representation, triangular solve per chunk)."""
+        return self._run("chunked", x, mask, state, chunk_size=self.opts.chunk_size)
+
+    def forward_recurrent(self, x, *, mask, state, positions):
+        """O(d^2) per token recurrence; ``auto`` uses it for single-token decode steps."""
+        return self._run("recurrent", x, mask, state)
+
+
+@register_mixer("gated_deltanet")
+class GatedDeltaNet(DeltaNet):
+    """Gated DeltaNet: the delta rule with a data-dependent scalar decay alpha_t per head (causal only).
+
+    log alpha_t = -exp(A) * softplus(W_a x_t + dt_bias) <= 0 (Mamba2's parametrisation, computed in
+    log space); output RMS-norm per head times silu(W_g x_t).
+    """
+
+    capabilities = Capabilities(
+        family="recurrent",
+        paper="Gated Delta Networks: Improving Mamba2 with Delta Rule",
+        causal=True,
+        bidirectional=False,
+        padding_mask=True,
+        decode=True,
+        exact=False,
+        time="O(N C d + N d^2) chunked, O(d^2) per decoded token",
+        memory="O(N C + N d + d^2) per head",
+        forms=("reference", "chunked", "recurrent"),
+    )
+    Options = GatedDeltaNetOptions
+    gated = True
+
+    def _init_decay(self, d_model: int, n_heads: int) -> None:
+        self.alpha_proj = nn.Linear(d_model, n_heads, bias=False)
+        # Mamba2's initialisation: decay rates A in [1, 16], time steps dt log-uniform in [1e-3, 1e-1].
+        self.A_log = nn.Parameter(torch.empty(n_heads).uniform_(1, 16).log())
+        dt = torch.empty(n_heads).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus of dt
+
+    def _log_decay(self, x: Tensor) -> Tensor:
+        """log alpha (batch, seq, heads) <= 0."""
+        return -self.A_log.exp() * F.softplus(self.alpha_proj(x) + self.dt_bias)
