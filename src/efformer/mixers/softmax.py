@@ -90,7 +90,7 @@ class SoftmaxAttention(Mixer):
         super().__init__(d_model, n_heads, **kw)
         kv = self.opts.n_kv_heads or n_heads
         if kv <= 0 or n_heads % kv:
-            raise ConfigError("softmax.n_kv_heads", kv, f"must be positive and divide n_heads={n_heads}")
+            raise ConfigError(f"{self.name}.n_kv_heads", kv, f"must be positive and divide n_heads={n_heads}")
         self.n_kv_heads = kv
         hd, bias = self.head_dim, self.opts.qkv_bias
         self.q_proj = nn.Linear(d_model, n_heads * hd, bias=bias)
