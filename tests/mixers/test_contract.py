@@ -63,9 +63,13 @@ def test_fast_forms_match_reference(case):
                 y, g = _run(with_form(m, form), x, mask)
                 assert torch.isfinite(y).all()
                 assert rel_err(y_ref, y) < tol, f"{form} output differs at n={n}, mask={mask is not None}"
+                # A gradient that vanishes in exact arithmetic (d y / d q of a normalised kernel attention
+                # over a single key) is rounding noise: it passes if it is noise on the input-gradient scale.
+                floor = tol * g_ref[0].abs().max()
                 for i, (a, b) in enumerate(zip(g_ref, g, strict=True)):
                     if a.abs().max() > 0:
-                        assert rel_err(a, b) < tol * 10, f"{form} grad #{i} differs at n={n}"
+                        close = rel_err(a, b) < tol * 10 or (a - b).abs().max() <= floor
+                        assert close, f"{form} grad #{i} differs at n={n}"
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[1]], ids=case_id)

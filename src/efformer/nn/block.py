@@ -23,7 +23,10 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, mixer_name: str, mixer_options: dict, rotary=None, attn_bias=None):
         super().__init__()
         self.placement = cfg.norm_placement
-        self.mixer: Mixer = MIXERS.get(mixer_name)(
+        mixer_cls = MIXERS.get(mixer_name)
+        if "max_len" in mixer_cls.Options.model_fields and "max_len" not in mixer_options:
+            mixer_options = {**mixer_options, "max_len": cfg.max_len}  # Linformer's E/F, cosFormer's M, ...
+        self.mixer: Mixer = mixer_cls(
             cfg.d_model,
             cfg.n_heads,
             causal=cfg.causal,
