@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from efformer.registry import MIXERS
 
@@ -42,3 +43,18 @@ def mixer_cases() -> list[tuple[str, bool]]:
 
 def case_id(case) -> str:
     return f"{case[0]}-{'causal' if case[1] else 'bidir'}"
+
+
+class LargestTensor(TorchFunctionMode):
+    """Context manager recording the largest tensor any torch function or tensor method returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
