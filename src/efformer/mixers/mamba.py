@@ -1,0 +1,342 @@
+"""Selective state-space mixers: Mamba (S6) and Mamba-2 (SSD).
+
+Papers: "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (Gu & Dao, 2023) and
+"Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State
+Space Duality" (Dao & Gu, 2024).
+
+Both run a causal depthwise convolution, then an input-dependent (selective) linear recurrence
+``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t``, ``y_t = C_t h_t + D x_t`` (A by zero-order hold, B by
+the Euler rule ``dt B``, as in the papers' code), gated by the other half of the input projection.
+
+Forms: "reference" runs the recurrence one step at a time; "chunked" computes each chunk as masked
+matrix products of cumulative log-decays (segment sums) and carries the state from chunk to chunk;
+"recurrent" is the one-token decode step (a rolling convolution window) applied token by token.
+
+Padding: a padded step has ``dt = 0`` (so ``exp(dt A) = 1`` and ``dt B x = 0``) and a zero
+convolution input, so a LEFT-padded row computes exactly what the unpadded row computes and padded
+content never reaches real outputs; a hole inside a row is seen by the convolution as a zero input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from pydantic import Field
+from torch import Tensor, nn
+
+from efformer.errors import ConfigError
+from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState
+from efformer.registry import register_mixer
+
+
+@dataclass
+class SSMState(MixerState):
+    """Decode state: the last ``d_conv - 1`` convolution inputs (batch, channels, d_conv-1) and the SSM state.
+
+    ``ssm`` is (batch, d_inner, d_state) for Mamba and (batch, heads, head_dim, d_state) for Mamba-2.
+    """
+
+    conv: Tensor
+    ssm: Tensor
+
+
+# ---- pieces shared by both mixers ----------------------------------------------------------------
+def causal_conv(u: Tensor, conv: nn.Conv1d, prev: Tensor) -> tuple[Tensor, Tensor]:
+    """Depthwise causal conv of u (batch, seq, ch) continuing after ``prev`` (batch, ch, k-1).
+
+    Returns the conv output (batch, seq, ch) and the new ``prev`` (the last k-1 inputs).
+    """
+    full = torch.cat([prev, u.transpose(1, 2)], dim=-1)
+    y = F.conv1d(full, conv.weight, conv.bias, groups=u.shape[-1])
+    return y.transpose(1, 2), full[..., full.shape[-1] - prev.shape[-1] :]
+
+
+def conv_step(u: Tensor, conv: nn.Conv1d, prev: Tensor) -> tuple[Tensor, Tensor]:
+    """One token u (batch, ch) through the rolling window ``prev`` (batch, ch, k-1); returns (y, new prev)."""
+    window = torch.cat([prev, u[..., None]], dim=-1)
+    y = (window * conv.weight[:, 0]).sum(-1)
+    if conv.bias is not None:
+        y = y + conv.bias
+    return y, window[..., 1:]
+
+
+def segment_decay(log_a: Tensor) -> tuple[Tensor, Tensor]:
+    """Decays of a chunk from per-step log-decays log_a (batch, c, ...) <= 0.
+
+    Returns ``decay`` (batch, t, s, ...) = exp(sum of log_a over steps s+1..t) for s <= t, else 0,
+    and the inclusive cumulative sum (batch, c, ...). Masking before ``exp`` keeps the (positive)
+    upper triangle from overflowing and its gradient zero.
+    """
+    cum = log_a.cumsum(1)
+    c = log_a.shape[1]
+    lower = torch.ones(c, c, dtype=torch.bool, device=log_a.device).tril()
+    lower = lower.view(c, c, *([1] * (log_a.dim() - 2)))
+    return (cum[:, :, None] - cum[:, None, :]).masked_fill(~lower, float("-inf")).exp(), cum
+
+
+def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, floor: float = 1e-4) -> Tensor:
+    """A bias whose softplus is a log-uniform step size in [dt_min, dt_max] (the Mamba initialisation)."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+# ---- the two scans of each mixer -----------------------------------------------------------------
+def s6_scan_reference(u, delta, A, B, C, h):
+    """Sequential S6 scan: u, delta (b, l, d); A (d, n); B, C (b, l, n); h (b, d, n) -> y (b, l, d), h."""
+    ys = []
+    for t in range(u.shape[1]):
+        h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[..., None] * B[:, t, None]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
+    return torch.stack(ys, 1), h
+
+
+def s6_scan_chunked(u, delta, A, B, C, h, chunk: int):
+    """Chunked S6 scan (same shapes): masked segment-sum decays inside a chunk, state passing across."""
+    ys = []
+    for s in range(0, u.shape[1], chunk):
+        dc, uc, bc, cc = delta[:, s : s + chunk], u[:, s : s + chunk], B[:, s : s + chunk], C[:, s : s + chunk]
+        decay, cum = segment_decay(dc[..., None] * A)  # (b, t, s, d, n), (b, c, d, n)
+        bx = (dc * uc)[..., None] * bc[:, :, None]  # (b, c, d, n): what each step writes
+        y = torch.einsum("btsdn,bsdn,btn->btd", decay, bx, cc)
+        ys.append(y + torch.einsum("btdn,bdn,btn->btd", cum.exp(), h, cc))
+        h = cum[:, -1].exp() * h + ((cum[:, -1:] - cum).exp() * bx).sum(1)
+    return torch.cat(ys, 1), h
+
+
+def ssd_scan_reference(x, dt, A, B, C, h):
+    """Sequential SSD scan: x (b, l, H, P); dt (b, l, H); A (H); B, C (b, l, H, N); h (b, H, P, N)."""
+    ys = []
+    for t in range(x.shape[1]):
+        write = (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None]  # (b, H, P, N)
+        h = torch.exp(dt[:, t] * A)[..., None, None] * h + write
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
+    return torch.stack(ys, 1), h
+
+
+def ssd_scan_chunked(x, dt, A, B, C, h, chunk: int):
+    """Chunked SSD (same shapes): quadratic masked (C B^T) * decay inside a chunk, state passing across."""
+    ys = []
+    for s in range(0, x.shape[1], chunk):
+        dtc, bc, cc = dt[:, s : s + chunk], B[:, s : s + chunk], C[:, s : s + chunk]
+        xdt = x[:, s : s + chunk] * dtc[..., None]
+        decay, cum = segment_decay(dtc * A)  # (b, t, s, H), (b, c, H)
+        scores = torch.einsum("bthn,bshn->btsh", cc, bc) * decay
+        y = torch.einsum("btsh,bshp->bthp", scores, xdt)
+        ys.append(y + torch.einsum("bthn,bhpn->bthp", cc, h) * cum.exp()[..., None])
+        to_end = (cum[:, -1:] - cum).exp()  # (b, c, H): decay from each step to the chunk end
+        h = cum[:, -1].exp()[..., None, None] * h + torch.einsum("bshn,bsh,bshp->bhpn", bc, to_end, xdt)
+    return torch.cat(ys, 1), h
+
+
+class SelectiveOptions(MixerOptions):
+    """Options shared by Mamba and Mamba-2."""
+
+    expand: int = Field(2, ge=1)  # d_inner = expand * d_model
+    d_state: int = Field(16, ge=1)  # N: state size per channel (Mamba) or per head (Mamba-2)
+    d_conv: int = Field(4, ge=1)  # width of the causal depthwise convolution
+    chunk_size: int = Field(32, ge=1)  # "chunked" form: tokens per chunk (memory grows with chunk^2)
+    dt_min: float = Field(0.001, gt=0)  # initial step sizes are log-uniform in [dt_min, dt_max]
+    dt_max: float = Field(0.1, gt=0)
+
+
+class _Selective(Mixer):
+    """Driver shared by Mamba and Mamba-2: conv, selective scan, state bookkeeping, gating."""
+
+    conv_channels: int
+    ssm_shape: tuple[int, ...]
+
+    def _check_dt(self) -> None:
+        if self.opts.dt_min > self.opts.dt_max:
+            raise ConfigError(f"{self.name}.dt_min", self.opts.dt_min, f"must not exceed dt_max={self.opts.dt_max}")
+
+    def init_state(self, batch, device, dtype) -> SSMState:
+        """Zero convolution window and zero SSM state."""
+        return SSMState(
+            conv=torch.zeros(batch, self.conv_channels, self.opts.d_conv - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch, *self.ssm_shape, device=device, dtype=dtype),
+        )
+
+    def _forward(self, x, mask, state, scan: Callable, conv: Callable = causal_conv):
+        keep = None if mask is None else mask[..., None].to(x.dtype)
+        st = state if state is not None else self.init_state(x.shape[0], x.device, x.dtype)
+        conv_in, gate, extra = self._project(x)
+        if keep is not None:
+            conv_in = conv_in * keep  # padded steps feed zeros to the convolution
+        conv_out, window = conv(conv_in, self.conv1d, st.conv)
+        inputs = self._ssm_inputs(F.silu(conv_out), extra, keep)
+        y, h = scan(*inputs, st.ssm)
+        if state is not None:
+            state.conv, state.ssm = window, h
+        return self._output(y, inputs, gate), state
+
+    def forward_reference(self, x, *, mask, state, positions):
+        """The recurrence one step at a time (the definition)."""
+        return self._forward(x, mask, state, self._scan_reference)
+
+    def forward_chunked(self, x, *, mask, state, positions):
+        """Chunk-parallel scan: matrix products inside chunks of ``chunk_size``, state passed between."""
+        return self._forward(x, mask, state, self._scan_chunked)
+
+    def forward_recurrent(self, x, *, mask, state, positions):
+        """Token-by-token decode: a rolling convolution window and one state update per token."""
+        st = state if state is not None else self.init_state(x.shape[0], x.device, x.dtype)
+
+        def one(u, conv, prev):  # conv_step on the single token of u (batch, 1, ch)
+            y, prev = conv_step(u[:, 0], conv, prev)
+            return y[:, None], prev
+
+        ys = []
+        for t in range(x.shape[1]):
+            m = None if mask is None else mask[:, t : t + 1]
+            ys.append(self._forward(x[:, t : t + 1], m, st, self._scan_reference, conv=one)[0])
+        return torch.cat(ys, 1), state
+
+
+@register_mixer("mamba")
+class Mamba(_Selective):
+    """Mamba (S6): gated selective SSM, per-channel diagonal A and input-dependent dt, B, C; O(N) time."""
+
+    capabilities = Capabilities(
+        family="ssm",
+        paper="Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
+        causal=True,
+        bidirectional=False,
+        padding_mask=True,
+        decode=True,
+        exact=False,
+        time="O(N d_inner d_state); chunked O(N c d_inner d_state) for chunk c",
+        memory="O(N c d_inner d_state) chunked (training), O(d_inner d_state) decode state",
+        forms=("reference", "chunked", "recurrent"),
+    )
+
+    class Options(SelectiveOptions):
+        """Options of Mamba (S6)."""
+
+        dt_rank: int | None = Field(None, ge=1)  # rank of the dt projection; None = ceil(d_model / 16)
+
+    test_options = {"d_state": 4, "chunk_size": 4, "dt_rank": 2}
+
+    def __init__(self, d_model: int, n_heads: int, **kw):
+        super().__init__(d_model, n_heads, **kw)  # n_heads is accepted but unused: S6 has no heads
+        self._check_dt()
+        o = self.opts
+        d_inner, n = o.expand * d_model, o.d_state
+        self.d_inner, self.dt_rank = d_inner, o.dt_rank or math.ceil(d_model / 16)
+        self.conv_channels, self.ssm_shape = d_inner, (d_inner, n)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, o.d_conv, groups=d_inner)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner)
+        nn.init.uniform_(self.dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inverse_softplus_dt(d_inner, o.dt_min, o.dt_max))
+        # S4D-real initialisation: A[:, n] = -(n + 1) for every channel.
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def _project(self, x):
+        u, z = self.in_proj(x).chunk(2, dim=-1)
+        return u, z, None
+
+    def _ssm_inputs(self, u, extra, keep):
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.opts.d_state, self.opts.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt))
+        if keep is not None:
+            delta = delta * keep  # dt = 0: the state passes a padded step unchanged
+        return u, delta, B, C
+
+    def _scan_reference(self, u, delta, B, C, h):
+        return s6_scan_reference(u, delta, -torch.exp(self.A_log), B, C, h)
+
+    def _scan_chunked(self, u, delta, B, C, h):
+        return s6_scan_chunked(u, delta, -torch.exp(self.A_log), B, C, h, self.opts.chunk_size)
+
+    def _output(self, y, inputs, z):
+        return self.out_proj((y + inputs[0] * self.D) * F.silu(z))
+
+
+@register_mixer("mamba2")
+class Mamba2(_Selective):
+    """Mamba-2 (SSD): scalar-times-identity A per head, shared B/C groups, gated RMSNorm; O(N) time."""
+
+    capabilities = Capabilities(
+        family="ssm",
+        paper="Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State Space "
+        "Duality",
+        causal=True,
+        bidirectional=False,
+        padding_mask=True,
+        decode=True,
+        exact=False,
+        time="O(N c d_inner + N d_inner d_state) chunked for chunk c",
+        memory="O(N (c heads + d_inner d_state / c)) chunked, O(d_inner d_state) decode state",
+        forms=("reference", "chunked", "recurrent"),
+    )
+
+    class Options(SelectiveOptions):
+        """Options of Mamba-2 (SSD)."""
+
+        d_state: int = Field(64, ge=1)  # N: state size per head
+        chunk_size: int = Field(64, ge=1)  # "chunked" form: tokens per chunk
+        head_dim: int | None = Field(None, ge=1)  # P; None = d_inner // n_heads
+        n_groups: int = Field(1, ge=1)  # B/C groups shared by heads (1 = one B, C for all heads)
+        norm_eps: float = Field(1e-5, gt=0)  # epsilon of the gated RMSNorm
+
+    test_options = {"d_state": 4, "chunk_size": 4}
+
+    def __init__(self, d_model: int, n_heads: int, **kw):
+        super().__init__(d_model, n_heads, **kw)
+        self._check_dt()
+        o = self.opts
+        d_inner = o.expand * d_model
+        p = o.head_dim or d_inner // n_heads
+        if d_inner % p:
+            raise ConfigError("mamba2.head_dim", o.head_dim, f"must divide d_inner = expand * d_model = {d_inner}")
+        heads = d_inner // p
+        if heads % o.n_groups:
+            raise ConfigError("mamba2.n_groups", o.n_groups, f"must divide the number of SSM heads ({heads})")
+        self.d_inner, self.ssd_heads, self.ssd_head_dim = d_inner, heads, p
+        gn = o.n_groups * o.d_state
+        self.conv_channels, self.ssm_shape = d_inner + 2 * gn, (heads, p, o.d_state)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * gn + heads, bias=False)  # z, x, B, C, dt
+        self.conv1d = nn.Conv1d(self.conv_channels, self.conv_channels, o.d_conv, groups=self.conv_channels)
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(heads, o.dt_min, o.dt_max))
+        self.A_log = nn.Parameter(torch.log(torch.empty(heads).uniform_(1, 16)))
+        self.D = nn.Parameter(torch.ones(heads))
+        self.norm_weight = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def _project(self, x):
+        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_channels, self.ssd_heads], dim=-1)
+        return xbc, z, dt
+
+    def _ssm_inputs(self, xbc, dt, keep):
+        gn, h = self.opts.n_groups * self.opts.d_state, self.ssd_heads
+        xs, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
+        dt = F.softplus(dt + self.dt_bias)
+        if keep is not None:
+            dt = dt * keep  # dt = 0: the state passes a padded step unchanged
+        xs = rearrange(xs, "b l (h p) -> b l h p", h=h)
+        # Each group's B and C are shared by h / n_groups consecutive heads.
+        B, C = (rearrange(t, "b l (g n) -> b l g n", g=self.opts.n_groups) for t in (B, C))
+        rep = h // self.opts.n_groups
+        return xs, dt, B.repeat_interleave(rep, dim=2), C.repeat_interleave(rep, dim=2)
+
+    def _scan_reference(self, xs, dt, B, C, h):
+        return ssd_scan_reference(xs, dt, -torch.exp(self.A_log), B, C, h)
+
+    def _scan_chunked(self, xs, dt, B, C, h):
+        return ssd_scan_chunked(xs, dt, -torch.exp(self.A_log), B, C, h, self.opts.chunk_size)
+
+    def _output(self, y, inputs, z):
+        y = rearrange(y + inputs[0] * self.D[:, None], "b l h p -> b l (h p)")
+        # Gated RMSNorm (norm after gate), one normalisation group per B/C group.
+        g = rearrange(y * F.silu(z), "b l (g e) -> b l g e", g=self.opts.n_groups)
+        g = g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.opts.norm_eps)
+        return self.out_proj(rearrange(g, "b l g e -> b l (g e)") * self.norm_weight)
