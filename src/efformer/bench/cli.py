@@ -1,0 +1,103 @@
+"""``efformer bench`` and ``efformer advise``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from efformer.results import DEFAULT_PATH
+
+DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096]
+
+
+def register(sub) -> None:
+    """Add the ``bench`` and ``advise`` subcommands."""
+    b = sub.add_parser("bench", help="speed/memory sweep of mixers on this device")
+    b.add_argument("--mixers", nargs="+", default=None, help="default: every registered mixer")
+    b.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
+    b.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd", "prefill", "decode"])
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--d-model", type=int, default=256)
+    b.add_argument("--heads", type=int, default=4)
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--timeout", type=float, default=120.0, help="seconds per cell before it is recorded as timeout")
+    b.add_argument("--mem-cap-gb", type=float, default=None, help="address-space cap per cell (CPU)")
+    b.add_argument("--store", default=str(DEFAULT_PATH))
+    b.add_argument("--report", default="runs/bench", help="folder for the markdown report and plots")
+    b.add_argument("--report-only", action="store_true", help="render the report from stored rows only")
+    b.add_argument("--peers", action="store_true", help="also time raw SDPA (and report optional peers)")
+    b.set_defaults(fn=_cmd_bench)
+
+    a = sub.add_parser("advise", help="rank the mixers that fit a length and memory budget here")
+    a.add_argument("--seq-len", type=int, required=True)
+    a.add_argument("--memory", default="8GB")
+    a.add_argument("--causal", action="store_true")
+    a.add_argument("--decode", action="store_true")
+    a.add_argument("--store", default=str(DEFAULT_PATH))
+    a.add_argument("--run-missing", action="store_true", help="bench mixers with no stored rows first")
+    a.set_defaults(fn=_cmd_advise)
+
+
+def _cmd_bench(args) -> int:
+    from efformer.bench.analysis import report
+    from efformer.bench.cells import Cell
+    from efformer.bench.peers import peer_status, time_sdpa_peer
+    from efformer.bench.runner import device_name, sweep
+    from efformer.registry import list_mixers
+    from efformer.results import ResultsStore
+
+    store = ResultsStore(args.store)
+    if not args.report_only:
+        mixers = args.mixers or list_mixers()
+        cells = [Cell(m, mode, n, batch=args.batch, d_model=args.d_model, n_heads=args.heads, dtype=args.dtype,
+                      device=args.device, repeat=args.repeat)
+                 for mode in args.modes for n in args.lengths for m in mixers]
+        sweep_id, rows = sweep(cells, store, timeout_s=args.timeout, mem_cap_gb=args.mem_cap_gb)
+        if args.peers:
+            for name, status in peer_status().items():
+                print(f"peer {name}: {status}")
+            peer_rows = [time_sdpa_peer(n, args.batch, args.d_model, args.heads, mode, False, args.dtype,
+                                        args.device, args.repeat) | {"sweep_id": sweep_id,
+                                                                     "device": device_name(args.device)}
+                         for mode in args.modes for n in args.lengths]
+            store.add_bench_rows(peer_rows)
+        ok = sum(r["status"] == "ok" for r in rows)
+        print(f"sweep {sweep_id}: {ok}/{len(rows)} cells ok, rows in {args.store}")
+    rows = store.bench_rows(device_name(args.device))
+    path = report(rows, Path(args.report))
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_advise(args) -> int:
+    from efformer.bench.advise import advise, arena_accuracy, parse_memory
+    from efformer.bench.cells import Cell
+    from efformer.bench.runner import device_name, sweep
+    from efformer.registry import list_mixers
+    from efformer.results import ResultsStore
+
+    budget = parse_memory(args.memory)
+    store = ResultsStore(args.store)
+    dev = device_name("cpu")
+    mode = "decode" if args.decode else "fwdbwd"
+    if args.run_missing:
+        have = {r["mixer"] for r in store.bench_rows(dev) if r["mode"] == mode and r["status"] == "ok"}
+        missing = [m for m in list_mixers() if m not in have]
+        cells = [Cell(m, mode, n) for m in missing for n in (512, 1024, 2048)]
+        cells = [c for c in cells if c.unsupported_reason() is None]
+        if cells:
+            sweep(cells, store)
+    ranked, left_out = advise(store.bench_rows(dev), args.seq_len, budget, causal=args.causal, decode=args.decode,
+                              accuracy=arena_accuracy(store))
+    print(f"Mixers for N={args.seq_len}, memory {args.memory}, {'causal' if args.causal else 'any direction'}"
+          f"{', decoding' if args.decode else ''} on {dev}:")
+    if not ranked:
+        print("  none fit with the stored measurements")
+    for i, a in enumerate(ranked, 1):
+        print(f"  {i:>2}. {a.mixer:<18} {a.reason}")
+    if left_out:
+        print("Left out:")
+        for line in left_out:
+            print(f"  - {line}")
+    return 0

@@ -1,0 +1,131 @@
+"""The bench: complete and plausible rows, recorded failures, analysis and advice from rows alone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from efformer.bench.advise import advise, parse_memory
+from efformer.bench.analysis import crossover, estimate, exponents, fit_exponent, report
+from efformer.bench.cells import Cell, run_cell
+from efformer.bench.runner import measure_in_worker
+from efformer.cli import main
+from efformer.errors import ConfigError, UnknownNameError
+from efformer.registry import MIXERS
+from efformer.results import ResultsStore
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_softmax_flops_match_the_formula(mode):
+    b, h, n, d = 2, 4, 96, 64
+    row = run_cell(Cell("softmax", mode, n, batch=b, d_model=h * d, n_heads=h, repeat=1), peak_gflops=100.0)
+    assert row["status"] == "ok" and row["time_ms"] > 0
+    attn = 4 * b * h * n * n * d
+    proj = 2 * b * n * (h * d) * (4 * h * d)  # q, k, v and out projections
+    # backward: projections twice (input and weight grads); attention 2.5x (scores recomputed, 4 grad matmuls)
+    expected = attn + proj if mode == "fwd" else 3 * proj + 3.5 * attn
+    assert math.isclose(row["flops"], expected, rel_tol=0.01)
+    assert row["gflops"] == pytest.approx(row["flops"] / row["time_ms"] / 1e6)
+    assert row["peak_fraction"] == pytest.approx(row["gflops"] / 100.0)
+
+
+def test_rows_are_complete_and_unsupported_cells_say_why():
+    row = run_cell(Cell("softmax", "decode", 32, repeat=1))
+    for key in ("mixer", "mode", "seq_len", "batch", "d_model", "n_heads", "dtype", "device", "causal", "status",
+                "time_ms", "flops"):
+        assert row[key] is not None, key
+    assert row["causal"] == 1 and row["flops"] > 0
+    bidir_only = [m for m in MIXERS.names() if not MIXERS.get(m).capabilities.causal]
+    if bidir_only:
+        r = run_cell(Cell(bidir_only[0], "decode", 32))
+        assert r["status"] == "unsupported" and "bidirectional only" in r["error"]
+
+
+def test_quadratic_memory_grows_faster_than_linear_in_fresh_workers():
+    # The reference form materialises (batch, heads, N, N) scores; the fused SDPA form keeps O(N).
+    # Differences between two lengths cancel the per-process constant (allocator, thread pools).
+    heads, (n0, n1) = 8, (1024, 4096)
+    growth = {}
+    for form in ("reference", "fast"):
+        mem = [measure_in_worker(Cell("softmax", "fwdbwd", n, d_model=64, n_heads=heads, options={"form": form},
+                                      repeat=1))["peak_mem_mb"] for n in (n0, n1)]
+        growth[form] = mem[1] - mem[0]
+    one_score_matrix_mb = heads * (n1**2 - n0**2) * 4 / 2**20
+    assert growth["reference"] > one_score_matrix_mb
+    assert growth["fast"] < growth["reference"] / 10
+
+
+def test_timeouts_and_out_of_memory_are_recorded_not_raised():
+    row = measure_in_worker(Cell("softmax", "fwd", 64, repeat=1), timeout_s=0.01)
+    assert row["status"] == "timeout" and row["mixer"] == "softmax"
+    row = measure_in_worker(Cell("softmax", "fwdbwd", 4096, d_model=256, n_heads=8, options={"form": "reference"}),
+                            mem_cap_gb=1.5)
+    assert row["status"] == "oom", row
+
+
+def test_bad_cells_are_refused_clearly():
+    with pytest.raises(ConfigError, match="mode"):
+        Cell("softmax", "train", 8)
+    with pytest.raises(UnknownNameError, match="did you mean 'softmax'"):
+        Cell("sofmax", "fwd", 8)
+    with pytest.raises(ConfigError, match="--memory"):
+        parse_memory("lots")
+    assert parse_memory("8GB") == 8192 and parse_memory("512MB") == 512
+
+
+def _rows(mixer, k, scale, mem_k=1.0, mode="fwdbwd"):
+    return [dict(mixer=mixer, mode=mode, seq_len=n, status="ok", time_ms=scale * n**k, peak_mem_mb=0.01 * n**mem_k,
+                 device="cpu:test", batch=1, matmul_peak_gflops=100.0) for n in (256, 512, 1024, 2048)]
+
+
+def test_exponents_crossovers_and_extrapolation():
+    rows = _rows("softmax", 2.0, 1e-4, 2.0) + _rows("linear", 1.0, 0.05)
+    ex = exponents(rows, "fwdbwd")
+    assert ex["softmax"]["time"] == pytest.approx(2.0) and ex["linear"]["time"] == pytest.approx(1.0)
+    assert ex["softmax"]["memory"] == pytest.approx(2.0)
+    # 1e-4 n^2 = 0.05 n at n = 500: between the measured 256 and 512
+    soft = [(r["seq_len"], r["time_ms"]) for r in rows if r["mixer"] == "softmax"]
+    lin = [(r["seq_len"], r["time_ms"]) for r in rows if r["mixer"] == "linear"]
+    assert crossover(soft, lin) == pytest.approx(500, rel=1e-6)
+    assert crossover(lin, soft) == 256  # softmax is faster from the first measured length
+    assert estimate(soft, 8192)[0] == pytest.approx(1e-4 * 8192**2) and estimate(soft, 8192)[1]
+    assert fit_exponent([1], [1]) is None
+
+
+def test_report_and_plots_come_from_the_store_alone(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    store.add_bench_rows(_rows("softmax", 2.0, 1e-4, 2.0) + _rows("linear", 1.0, 0.05)
+                         + [dict(mixer="linear", mode="fwdbwd", seq_len=4096, status="oom", device="cpu:test",
+                                 batch=1, error="can't allocate")])
+    path = report(store.bench_rows(), tmp_path / "rep")
+    text = path.read_text()
+    assert "| softmax |" in text and "| linear |" in text and "| 2.00 |" in text and "oom" in text
+    assert (tmp_path / "rep" / "scaling_fwdbwd.png").stat().st_size > 5000
+    assert "500" in text  # the crossover length
+
+
+def test_advise_ranks_fitting_mixers_and_explains():
+    rows = _rows("softmax", 2.0, 1e-4, 2.0) + _rows(
+        next(m for m in MIXERS.names() if m != "softmax") if len(MIXERS.names()) > 1 else "softmax", 1.0, 0.05)
+    ranked, left = advise(rows, 16384, memory_mb=parse_memory("8GB"))
+    names = [a.mixer for a in ranked]
+    if len(MIXERS.names()) > 1:
+        assert names[0] != "softmax"
+        soft = next((a for a in ranked if a.mixer == "softmax"), None)
+        assert soft is None or "extrapolated" in soft.reason
+    ranked_small, left_small = advise(rows, 16384, memory_mb=1.0)
+    assert "softmax" not in [a.mixer for a in ranked_small]
+    assert any(line.startswith("softmax: needs") for line in left_small)
+
+
+def test_bench_and_advise_commands_end_to_end(tmp_path, capsys):
+    db, rep = str(tmp_path / "r.db"), str(tmp_path / "rep")
+    assert main(["bench", "--mixers", "softmax", "--lengths", "32", "64", "--modes", "fwdbwd", "--repeat", "1",
+                 "--d-model", "32", "--store", db, "--report", rep, "--peers"]) == 0
+    out = capsys.readouterr().out
+    assert "2/2 cells ok" in out and "peer torch-sdpa: available" in out
+    rows = ResultsStore(db).bench_rows()
+    assert {r["mixer"] for r in rows} == {"softmax", "peer:torch-sdpa"}
+    assert main(["advise", "--seq-len", "128", "--memory", "1GB", "--store", db]) == 0
+    assert "1. softmax" in capsys.readouterr().out.replace("  ", " ")
