@@ -76,7 +76,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train_config: TrainConfig | dict, train_data: Sequence,
                  eval_data: Sequence | None = None, store: ResultsStore | None = None, run_id: str | None = None,
-                 out_dir: str | Path = "runs/run", run_config: dict | None = None, progress_stream=None):
+                 out_dir: str | Path = "runs/run", run_config: dict | None = None, progress_stream=None,
+                 kind: str = "train"):
         from efformer.config import validate_options
 
         self.cfg = validate_options(TrainConfig, train_config, "train")
@@ -89,6 +90,7 @@ class Trainer:
         self.pad_id = self.raw.cfg.pad_id
         self.run_config = run_config or {"model": self.raw.cfg.model_dump(), "train": self.cfg.model_dump()}
         self.progress_stream = progress_stream
+        self.kind = kind  # the run's kind in the results store ("train", "arena", ...)
         per_rank, rem = divmod(self.cfg.batch_size, self.info.world_size * self.cfg.grad_accum)
         if rem or per_rank == 0:
             raise ConfigError("train.batch_size", self.cfg.batch_size,
@@ -268,7 +270,7 @@ class Trainer:
         """Train to ``train.steps`` (or early stop); returns the final train and eval metrics."""
         main, cfg = self.info.is_main, self.cfg
         if main and self.store is not None:
-            self.store.start_run(self.run_id, "train", self.run_config, name=self.out_dir.name,
+            self.store.start_run(self.run_id, self.kind, self.run_config, name=self.out_dir.name,
                                  device=str(self.info.device))
         progress = Progress(cfg.steps, self.step, enabled=main, log_every=cfg.log_every, stream=self.progress_stream)
         status, last, window = "done", {}, []
