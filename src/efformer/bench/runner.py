@@ -26,7 +26,9 @@ def _context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "efformer.bench.cells", "efformer.mixers", "efformer.nn"])
+        # torch._dynamo: the FLOP counter imports it on first use (about 2 s); import it once, in the server
+        _CTX.set_forkserver_preload(["torch", "torch._dynamo", "efformer.bench.cells", "efformer.mixers", "efformer.nn",
+                                     "efformer.bench.model_cells"])
     return _CTX
 
 
@@ -38,7 +40,13 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
-def _worker(cell: Cell, peak: float | None, mem_cap_gb: float | None, conn) -> None:
+def run_any(cell: Any, peak: float | None = None) -> dict[str, Any]:
+    """A cell's row in this process: its own ``run(peak)`` if it has one (model-level cells), else ``run_cell``."""
+    run = getattr(cell, "run", None)
+    return run(peak) if callable(run) else run_cell(cell, peak)
+
+
+def _worker(cell: Any, peak: float | None, mem_cap_gb: float | None, conn) -> None:
     try:
         if mem_cap_gb:
             cap = int(mem_cap_gb * 2**30)
@@ -54,7 +62,7 @@ def _worker(cell: Cell, peak: float | None, mem_cap_gb: float | None, conn) -> N
             pass
         if cell.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        row = run_cell(cell, peak)
+        row = run_any(cell, peak)
         if cell.device.startswith("cuda"):
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         else:
@@ -71,9 +79,13 @@ def _worker(cell: Cell, peak: float | None, mem_cap_gb: float | None, conn) -> N
 
 
 def measure_in_worker(
-    cell: Cell, peak: float | None = None, timeout_s: float = 120.0, mem_cap_gb: float | None = None
+    cell: Cell | Any, peak: float | None = None, timeout_s: float = 120.0, mem_cap_gb: float | None = None
 ) -> dict[str, Any]:
-    """Run one cell in a fresh process; timeouts and crashes become rows with a status."""
+    """Run one cell in a fresh process; timeouts and crashes become rows with a status.
+
+    ``cell`` is a :class:`Cell` or any picklable object with ``key()``, ``device`` and ``run(peak)``
+    (e.g. the model-level cells of ``efformer.bench.model_cells``).
+    """
     ctx = _context()
     recv, send = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_worker, args=(cell, peak, mem_cap_gb, send), daemon=True)
@@ -100,7 +112,7 @@ def measure_in_worker(
 
 
 def sweep(
-    cells: Iterable[Cell],
+    cells: Iterable[Cell | Any],
     store: ResultsStore | None = None,
     *,
     timeout_s: float = 120.0,
@@ -117,7 +129,7 @@ def sweep(
     bar = tqdm(cells, desc="bench", disable=not progress, mininterval=1.0)
     for cell in bar:
         bar.set_postfix_str(f"{cell.mixer} {cell.mode} N={cell.seq_len}")
-        row = run_cell(cell, peak) if in_process else measure_in_worker(cell, peak, timeout_s, mem_cap_gb)
+        row = run_any(cell, peak) if in_process else measure_in_worker(cell, peak, timeout_s, mem_cap_gb)
         row.update(sweep_id=sweep_id, matmul_peak_gflops=peak, device=device_name(device))
         rows.append(row)
         if store is not None:

@@ -1,0 +1,124 @@
+"""Model-level bench cells and the LRA-efficiency and recurrent-scaling scripts: complete, plausible
+rows through fresh workers, recorded failures, tables that agree with their rows, runs end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+from efformer.bench.model_cells import ModelCell
+from efformer.bench.runner import measure_in_worker
+from efformer.errors import ConfigError, UnknownNameError
+from efformer.results import ResultsStore
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_script_{name}", SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_step_cell_in_a_worker_gives_a_complete_plausible_row():
+    b, n, d, h, layers = 2, 32, 32, 4, 2
+    cell = ModelCell("softmax", n, batch=b, d_model=d, n_heads=h, n_layers=layers, repeat=2)
+    row = measure_in_worker(cell, peak=100.0)
+    assert row["status"] == "ok", row
+    assert row["mode"] == "train_step" and row["causal"] == 0 and row["n_layers"] == layers
+    assert row["time_ms"] > 0 and row["peak_mem_mb"] > 0 and row["n_params"] > 0
+    assert row["steps_per_s"] == pytest.approx(1e3 / row["time_ms"])
+    # Counted FLOPs of one step = forward + backward of every matmul of the model: linear layers 3x
+    # (output, input grad, weight grad), fused attention 3.5x (scores recomputed in the backward).
+    attn = 4 * b * h * n * n * (d // h)
+    per_layer_linear = 2 * b * n * d * (4 * d) + 2 * b * n * d * (4 * d) * 2  # q, k, v, out; MLP up and down
+    head = 2 * b * d * d + 2 * b * d * 2
+    expected = layers * (3 * per_layer_linear + 3.5 * attn) + 3 * head
+    assert math.isclose(row["flops"], expected, rel_tol=0.01), (row["flops"], expected)
+    assert row["gflops"] == pytest.approx(row["flops"] / row["time_ms"] / 1e6)
+    assert row["peak_fraction"] == pytest.approx(row["gflops"] / 100.0)
+
+
+def test_impossible_model_cells_are_rows_with_a_status_not_exceptions():
+    row = ModelCell("mamba", 64).run()  # a classifier needs a bidirectional mixer
+    assert row["status"] == "unsupported" and "causal only" in row["error"]
+    row = measure_in_worker(ModelCell("linformer", 16, d_model=32, n_layers=1, options={"k": 0}))
+    assert row["status"] == "error" and "k" in row["error"] and row["mixer"] == "linformer"
+    # reference softmax materialises (1, 4, 8192, 8192) fp32 scores (1 GiB each) under a 1.5 GB cap
+    row = measure_in_worker(ModelCell("softmax", 8192, batch=1, d_model=32, n_layers=1,
+                                      options={"form": "reference"}, flops=False), mem_cap_gb=1.5)
+    assert row["status"] == "oom", row
+    with pytest.raises(ConfigError, match="mode"):
+        ModelCell("softmax", 8, mode="fwd")
+    with pytest.raises(UnknownNameError, match="did you mean 'softmax'"):
+        ModelCell("sofmax", 8)
+
+
+def test_lra_paper_speedups_agree_with_the_paper_steps_per_second():
+    lra = _script("lra_efficiency")
+    base_steps = lra.PAPER_TABLE2["softmax"][1]
+    for mixer, (_, steps, speedups, mem) in lra.PAPER_TABLE2.items():
+        for s, b, x in zip(steps, base_steps, speedups, strict=True):
+            assert abs(s / b - x) < 0.06, (mixer, s, b, x)  # the paper rounds both to one decimal
+        assert len(mem) == 4 and all(m > 0 for m in mem)
+    speed, memory = lra.paper_ratios("performer")
+    assert speed == "1.2/1.9/3.8/5.7" and memory.startswith("0.44/")
+    assert lra.paper_ratios("longformer")[0] == "not timed" and lra.paper_ratios("s4d") == ("—", "—")
+
+
+def _fake(mixer, mode, n, t, mem, status="ok"):
+    return dict(mixer=mixer, mode=mode, seq_len=n, status=status, time_ms=t if status == "ok" else None,
+                steps_per_s=1e3 / t if status == "ok" else None, peak_mem_mb=mem, gflops=1.0, peak_fraction=0.01,
+                matmul_peak_gflops=100.0, error="exceeded 1s" if status != "ok" else None)
+
+
+def test_lra_tables_show_ratios_exponents_and_failures():
+    lra = _script("lra_efficiency")
+    ns = [1024, 2048, 4096]
+    rows = [_fake("softmax", "train_step", n, 1e-3 * n**2, 1e-4 * n**2) for n in ns]
+    rows += [_fake("linear", "train_step", n, 0.5 * n, 0.1 * n) for n in ns[:2]]
+    rows += [_fake("linear", "train_step", 4096, 0, 0, status="timeout")]
+    text = lra.tables(rows, ns)
+    soft = next(line for line in text.splitlines() if line.startswith("| softmax |"))
+    lin = next(line for line in text.splitlines() if line.startswith("| linear |"))
+    assert "| 2.00 |" in soft  # quadratic time exponent
+    assert f"({1e-3 * 1024**2 / (0.5 * 1024):.2f}x)" in lin and "timeout" in lin and "| 1.00 |" in lin
+    assert "1.1/1.9/3.7/5.6" in lin and "Cells that did not finish: linear N=4096: timeout" in text
+
+
+def test_decode_table_calls_flat_and_growing_latency():
+    rs = _script("recurrent_scaling")
+    rows = [_fake("softmax", "decode", 512, 1.0, 1), _fake("softmax", "decode", 8192, 3.0, 1),
+            _fake("gla", "decode", 512, 2.0, 1), _fake("gla", "decode", 8192, 2.2, 1)]
+    lines = rs.decode_table(rows, [512, 8192]).splitlines()
+    assert next(x for x in lines if x.startswith("| softmax |")).endswith("| 3.00 | grows |")
+    assert next(x for x in lines if x.startswith("| gla |")).endswith("| 1.10 | flat |")
+
+
+def test_lra_script_runs_end_to_end_in_workers(tmp_path, capsys):
+    db = tmp_path / "r.db"
+    rows = _script("lra_efficiency").main(["--quick", "--mixers", "linear", "--store", str(db)])
+    assert [r["status"] for r in rows] == ["ok"] * 4 and all(r["peak_mem_mb"] > 0 for r in rows)
+    stored = ResultsStore(db).bench_rows()
+    assert len(stored) == 4 and {r["mode"] for r in stored} == {"train_step"}
+    out = capsys.readouterr().out
+    by = {(r["mixer"], r["seq_len"]): r for r in rows}
+    ratio = by[("linear", 128)]["steps_per_s"] / by[("softmax", 128)]["steps_per_s"]
+    assert f"({ratio:.2f}x)" in out and "1.1/1.9/3.7/5.6" in out and "Peak memory" in out
+
+
+def test_recurrent_script_runs_end_to_end_in_workers(tmp_path, capsys):
+    db = tmp_path / "r.db"
+    rows = _script("recurrent_scaling").main(["--quick", "--mixers", "linear", "--store", str(db)])
+    assert {(r["mode"], r["status"]) for r in rows} == {("fwdbwd", "ok"), ("decode", "ok")} and len(rows) == 8
+    assert all(r["causal"] == 1 for r in rows) and len(ResultsStore(db).bench_rows()) == 8
+    out = capsys.readouterr().out
+    for title in ("(a) forward + backward time", "(b) decode latency", "(c) fwd+bwd GFLOP/s"):
+        assert title in out
+    assert "| linear | chunked |" in out
+    lin = {r["seq_len"]: r for r in rows if r["mixer"] == "linear" and r["mode"] == "decode"}
+    assert f"| {lin[64]['time_ms'] / lin[16]['time_ms']:.2f} |" in out
