@@ -73,6 +73,9 @@ class ModelConfig(StrictModel):
     pooling: Literal["cls", "mean"] = "mean"  # classifier / dual only
     dual_features: Literal["uv", "uv_prod_diff"] = "uv_prod_diff"  # [u, v] or [u, v, u*v, u-v]
     pad_id: int = pydantic.Field(0, ge=0)
+    # classifier / dual only: run the mixers causally, so causal-only mixers (Mamba, RetNet, ...) can
+    # encode; a CLS token then goes at the end, where it has seen the whole sequence.
+    encoder_causal: bool = False
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -86,8 +89,8 @@ class ModelConfig(StrictModel):
 
     @property
     def causal(self) -> bool:
-        """Whether the mixers run causally (true for language models)."""
-        return self.task == "lm"
+        """Whether the mixers run causally (language models, and causal encoders)."""
+        return self.task == "lm" or self.encoder_causal
 
     def layer_mixers(self) -> list[tuple[str, dict[str, Any]]]:
         """(mixer name, options) for each layer."""
@@ -145,7 +148,9 @@ def check_parts(cfg: ModelConfig) -> None:
                 f"(task='lm'); use task='classifier' or a causal mixer"
             )
         if not cfg.causal and not caps.bidirectional:
-            raise CapabilityError(f"{where}mixer {name!r} is causal only; it cannot run in an encoder")
+            raise CapabilityError(
+                f"{where}mixer {name!r} is causal only; set encoder_causal=True to run it as a causal encoder"
+            )
         if pos_cls.kind == "bias" and not caps.attention_bias:
             raise CapabilityError(
                 f"{where}positional {cfg.positional!r} adds a bias to attention scores, but mixer "

@@ -68,3 +68,22 @@ def test_every_bidirectional_mixer_trains_a_step_in_a_classifier(mixer):
     assert torch.isfinite(loss)
     changed = sum(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     assert changed >= len(before) // 2
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_causal_encoder_runs_causal_only_mixers_and_ignores_padding(pooling):
+    causal_only = [m for m in MIXERS.names() if not MIXERS.get(m).capabilities.bidirectional]
+    mixer = causal_only[0] if causal_only else "softmax"
+    model = _clf(mixer=mixer, encoder_causal=True, pooling=pooling, positional="none")
+    assert model.backbone.blocks[0].mixer.causal
+    ids = torch.randint(1, 32, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    ids2 = ids.clone()
+    ids2[1, 6:] = torch.randint(1, 32, (3,))
+    assert torch.allclose(model(ids, mask=mask), model(ids2, mask=mask), atol=1e-5)
+    assert torch.allclose(model(ids, mask=mask)[1], model(ids[1:, :6])[0], atol=1e-4)
+    if pooling == "cls":  # the CLS token sits last and sees every token: changing the first changes it
+        ids3 = ids.clone()
+        ids3[0, 0] = (ids3[0, 0] % 31) + 1
+        assert not torch.allclose(model(ids)[0], model(ids3)[0])

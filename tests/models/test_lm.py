@@ -127,3 +127,18 @@ def test_a_tiny_lm_learns():
         loss.backward()
         opt.step()
     assert loss.item() < 0.2
+
+
+def test_hybrid_stack_decodes_exactly():
+    """Mamba layers with full attention every third layer (as the hybrid papers do)."""
+    stack = ["mamba", "mamba", "softmax", "gated_deltanet", "mamba", "softmax"]
+    model = _lm(n_layers=6, mixer=stack, positional="none",
+                mixer_options={"mamba": MIXERS.get("mamba").test_options})
+    assert [b.mixer.name for b in model.backbone.blocks] == stack
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    assert model.generate(prompts, 6, use_cache=True) == model.generate(prompts, 6, use_cache=False)
+    ids = torch.randint(0, 64, (2, 9))
+    cache = model.new_cache(2)
+    steps = [model(ids[:, :4], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(4, 9)]
+    steps = torch.cat(steps, 1)
+    assert torch.allclose(model(ids), steps, atol=1e-4)

@@ -22,14 +22,19 @@ class _Encoder(nn.Module):
     def encode(self, input_ids: Tensor, mask: Tensor | None = None) -> Tensor:
         """Pooled representation (b, d): CLS vector or mean over kept tokens."""
         h = self.backbone.embed_tokens(input_ids)
-        if self.cfg.pooling == "cls":  # a learned CLS vector at position 0
+        # A learned CLS vector: first in a bidirectional encoder, last in a causal one (where only
+        # the last position has seen every token).
+        at_end = self.cfg.encoder_causal
+        if self.cfg.pooling == "cls":
             b = h.shape[0]
-            h = torch.cat([self.cls.expand(b, 1, -1).to(h.dtype), h], dim=1)
+            cls = self.cls.expand(b, 1, -1).to(h.dtype)
+            h = torch.cat([h, cls] if at_end else [cls, h], dim=1)
             if mask is not None:
-                mask = torch.cat([mask.new_ones(b, 1), mask], dim=1)
+                one = mask.new_ones(b, 1)
+                mask = torch.cat([mask, one] if at_end else [one, mask], dim=1)
         h = self.backbone(h, mask=mask)
         if self.cfg.pooling == "cls":
-            return h[:, 0]
+            return h[:, -1] if at_end else h[:, 0]
         if mask is None:
             return h.mean(1)
         w = mask[..., None].to(h.dtype)
