@@ -1,5 +1,8 @@
 """Pathfinder generator: marker placement, path connectivity, label balance, layout, reproducibility."""
 
+import math
+import time
+
 import numpy as np
 import pytest
 
@@ -39,10 +42,10 @@ def _component(paddles, owner, start: int, gap: float) -> set[int]:
     return seen
 
 
-@pytest.mark.parametrize("res,level", [(32, "hard"), (32, "easy"), (64, "easy")])
-def test_markers_connected_iff_positive(res, level):
+@pytest.mark.parametrize("res,level,n", [(32, "hard", 6), (32, "easy", 6), (64, "easy", 6), (128, "hard", 3)])
+def test_markers_connected_iff_positive(res, level, n):
     p = params_for(res, level)
-    for i in range(6):
+    for i in range(n):
         label = i % 2
         s = sample_image(p, label, image_rng(11, i))
         assert s.label == label and s.image.dtype == np.uint8 and s.image.shape == (res, res)
@@ -69,6 +72,42 @@ def test_markers_connected_iff_positive(res, level):
             assert window.max() > 25  # thin diagonal dashes at 32 px are faint
         for mk in s.markers:
             assert s.image[mk] > 100
+
+
+@pytest.mark.parametrize("res", [64, 128])
+def test_hard_target_snakes_follow_the_growth_rules(res):
+    """The batched pair sampler keeps every rule of reference §2.2 step 3 (checked from the output geometry)."""
+    p = params_for(res, "hard")
+    for i in range(2):
+        s = sample_image(p, i % 2, image_rng(4, i))
+        a, b = s.targets
+        t0 = np.asarray(a[0].tail)
+        assert np.all(t0 >= 2 * p.seed_distance) and np.all(t0 < res - 2 * p.seed_distance)  # central seed
+        assert abs(np.hypot(*(np.asarray(b[0].tail) - t0)) - p.seed_distance) <= 1  # second seed nearby
+        for snake in s.targets:
+            assert len(snake) == p.contour_length
+            for pd in snake:  # every paddle inside the image, off the padding band, L px long (integer rounding)
+                for q in (pd.tail, pd.head):
+                    assert p.padding <= min(q) and max(q) < res - p.padding
+                assert abs(math.dist(pd.tail, pd.head) - p.paddle_length) <= 1.5
+            for u, v in zip(snake, snake[1:], strict=False):
+                turn = abs((v.theta - u.theta + math.pi) % (2 * math.pi) - math.pi)
+                assert turn < math.pi / (2 * p.continuity) + 0.15  # + the angular step of the candidate circle
+                assert abs(math.dist(u.head, v.tail) - 2 * s.margin) <= 3  # consecutive paddles 2m apart
+        assert min(_seg_dist(u.tail, u.head, v.tail, v.head) for u in a for v in b) >= 1  # the targets never touch
+
+
+def test_hard_64_generates_quickly_and_reproducibly(tmp_path):
+    """64 px hard used to find no target pair at all; two images must now take seconds, identically in parallel."""
+    start = time.perf_counter()
+    r1 = generate_files(tmp_path / "a", 64, "hard", n=2, seed=3, batch_size=1, workers=1)
+    assert time.perf_counter() - start < 30
+    r2 = generate_files(tmp_path / "b", 64, "hard", n=2, seed=3, batch_size=1, workers=2)
+    files = sorted(p.relative_to(r1) for p in r1.rglob("*") if p.is_file())
+    assert len(files) == 4 and files == sorted(p.relative_to(r2) for p in r2.rglob("*") if p.is_file())
+    for f in files:
+        assert (r1 / f).read_bytes() == (r2 / f).read_bytes()
+    assert read_png(r1 / "imgs" / "0" / "sample_0.png").shape == (64, 64)
 
 
 def test_labels_balanced_and_seeded():
