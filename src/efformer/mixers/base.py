@@ -99,6 +99,9 @@ class Mixer(nn.Module):
     Options: ClassVar[type[MixerOptions]] = MixerOptions
     # Small options the contract tests use so that odd lengths hit block/chunk/window edges.
     test_options: ClassVar[dict[str, Any]] = {}
+    # On CPU, "auto" runs the reference form for sequences of at most this many tokens (cached ones
+    # included), where it was measured faster than the fast form's gather/scan overhead; 0 = never.
+    reference_below: ClassVar[int] = 0
 
     def __init__(
         self,
@@ -181,6 +184,9 @@ class Mixer(nn.Module):
         forms = self.capabilities.forms
         if state is not None and "recurrent" in forms and x.shape[1] == 1:
             return "recurrent"
+        total = x.shape[1] + (state.seen if state is not None else 0)
+        if not x.is_cuda and total <= self.reference_below:
+            return "reference"
         for f in _AUTO_ORDER:
             if f in forms and (f != "triton" or x.is_cuda):
                 return f
