@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/efformer demo
+	$(BIN)/efformer arena --preset quick
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

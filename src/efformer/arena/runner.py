@@ -1,0 +1,201 @@
+"""Run an LRA grid (mixers x tasks x seeds) with the trainer; every cell is a row in the results store.
+
+A cell's run id is deterministic (``arena-<preset>-<task>-<mixer>-s<seed>``), so a grid interrupted
+by a crash is resumed by running it again: cells with a stored test accuracy are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from efformer.arena.tasks import TaskSpec, build_datasets, get_task
+from efformer.config import build_config
+from efformer.errors import DataError, EfformerError
+from efformer.models import create_model
+from efformer.registry import MIXERS
+from efformer.results import ResultsStore
+from efformer.train.config import TrainConfig
+
+# The default grid's synthetic tasks. Quick Pathfinder (1024 tokens) takes minutes per mixer on 2 CPU
+# cores and stays near chance in that budget, so the quick default is ListOps; `--tasks` adds the rest.
+SYNTHETIC_DEFAULT = {"quick": ("listops",), "paper": ("listops", "pathfinder")}
+
+
+def cell_run_id(preset: str, task: str, mixer: str, seed: int) -> str:
+    """The results-store run id of one arena cell."""
+    return f"arena-{preset}-{task}-{mixer}-s{seed}"
+
+
+def train_config(spec: TaskSpec, seed: int, steps: int | None = None) -> TrainConfig:
+    """The TrainConfig of a task's optimizer settings (LRA's rsqrt becomes lr*sqrt(warmup/step))."""
+    o = spec.optim
+    total = steps or o["steps"]
+    lr, schedule = o["lr"], o["schedule"]
+    if schedule == "rsqrt":  # base * min(1, s/w) / sqrt(max(s, w)): peak base/sqrt(w), then ~1/sqrt(s)
+        lr, schedule = lr / math.sqrt(max(1, o["warmup"])), "inverse_sqrt"
+    return TrainConfig(
+        seed=seed, steps=total, batch_size=o["batch_size"], lr=lr, schedule=schedule,
+        warmup_steps=min(o["warmup"], total), weight_decay=o["weight_decay"], betas=tuple(o["betas"]),
+        eps=o["eps"], clip_grad=o["grad_clip"], min_lr_ratio=0.0, eval_every=0, checkpoint_every=0,
+        log_every=max(1, total // 20), eval_batch_size=max(64, o["batch_size"]),
+    )
+
+
+def model_config(spec: TaskSpec, mixer: str, mixer_options: dict | None = None):
+    """The task's model with ``mixer``; causal-only mixers run as causal encoders."""
+    caps = MIXERS.get(mixer).capabilities
+    return build_config(spec.model_config(mixer=mixer, mixer_options=mixer_options or {},
+                                          encoder_causal=not caps.bidirectional))
+
+
+@dataclass
+class CellResult:
+    """What one cell did: its run id, status and headline numbers (or the error)."""
+
+    run_id: str
+    status: str  # done, skipped, failed, missing-data
+    accuracy: float | None = None
+    seconds: float = 0.0
+    error: str = ""
+
+
+def _rss_kb(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def is_done(store: ResultsStore, run_id: str) -> bool:
+    """Whether a cell already has a stored test accuracy."""
+    return any(e["split"] == "test" and e["metric"] == "accuracy" for e in store.evals(run_id))
+
+
+def run_cell(spec: TaskSpec, mixer: str, seed: int, store: ResultsStore, out_root: str | Path = "runs/arena",
+             data_dir: str | Path | None = None, steps: int | None = None, datasets=None,
+             progress_stream=None) -> CellResult:
+    """Train and evaluate one (task, mixer, seed) cell; results go to ``store``."""
+    from efformer.train.trainer import Trainer
+
+    run_id = cell_run_id(spec.preset, spec.name, mixer, seed)
+    if is_done(store, run_id):
+        return CellResult(run_id, "skipped")
+    t0 = time.perf_counter()
+    try:
+        train, val, test = datasets or build_datasets(spec, spec.preset, data_dir=data_dir, seed=0)
+    except DataError as e:
+        return CellResult(run_id, "missing-data", error=str(e))
+    cfg = model_config(spec, mixer)
+    tcfg = train_config(spec, seed, steps)
+    model = create_model(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    run_config = {"arena": {"preset": spec.preset, "task": spec.name, "mixer": mixer, "seed": seed},
+                  "model": cfg.model_dump(), "train": tcfg.model_dump()}
+    trainer = Trainer(model, tcfg, train, eval_data=None, store=store, run_id=run_id,
+                      out_dir=Path(out_root) / run_id, run_config=run_config, progress_stream=progress_stream,
+                      kind="arena")
+    base = _rss_kb("VmRSS")
+    _reset_peak_rss()
+    try:
+        t_train = time.perf_counter()
+        trainer.fit()
+        train_s = time.perf_counter() - t_train
+        peak_mb = max(0, _rss_kb("VmHWM") - base) / 1024
+        val_m, test_m = trainer.evaluate(val), trainer.evaluate(test)
+    except (EfformerError, RuntimeError) as e:
+        return CellResult(run_id, "failed", seconds=time.perf_counter() - t0, error=str(e).splitlines()[0])
+    store.log_eval(run_id, "val", {"accuracy": val_m["accuracy"], "loss": val_m["loss"]}, step=tcfg.steps)
+    store.log_eval(run_id, "cost", {"params": n_params, "steps_per_s": tcfg.steps / train_s, "peak_mem_mb": peak_mb,
+                                    "train_seconds": train_s}, step=tcfg.steps)
+    store.log_eval(run_id, "test", {"accuracy": test_m["accuracy"], "loss": test_m["loss"]}, step=tcfg.steps)
+    return CellResult(run_id, "done", accuracy=test_m["accuracy"], seconds=time.perf_counter() - t0)
+
+
+def default_tasks(preset: str, data_dir: str | Path | None) -> list[str]:
+    """Synthetic tasks always; file-based tasks when ``data_dir`` holds their files."""
+    tasks = list(SYNTHETIC_DEFAULT[preset])
+    if data_dir is not None:
+        for name in ("text", "retrieval", "image"):
+            spec = get_task(name, preset)
+            try:
+                build_datasets(spec, preset, data_dir=data_dir)
+            except DataError:
+                continue
+            tasks.append(name)
+    return tasks
+
+
+def run_grid(preset: str = "quick", mixers: list[str] | None = None, tasks: list[str] | None = None,
+             seeds: list[int] | tuple[int, ...] = (0,), store: ResultsStore | None = None,
+             out_root: str | Path = "runs/arena", data_dir: str | Path | None = None, steps: int | None = None,
+             log=print) -> list[CellResult]:
+    """Run every (task, mixer, seed) cell not already done; returns one CellResult per cell."""
+    store = store or ResultsStore()
+    mixers = mixers or MIXERS.names()
+    for m in mixers:
+        MIXERS.get(m)  # unknown names fail before any training
+    tasks = tasks or default_tasks(preset, data_dir)
+    results: list[CellResult] = []
+    cells = [(t, m, s) for t in tasks for s in seeds for m in mixers]
+    for i, (task, mixer, seed) in enumerate(cells, 1):
+        spec = get_task(task, preset)
+        datasets = None
+        try:
+            datasets = build_datasets(spec, preset, data_dir=data_dir, seed=0)
+        except DataError as e:
+            results.append(CellResult(cell_run_id(preset, task, mixer, seed), "missing-data", error=str(e)))
+            continue
+        res = run_cell(spec, mixer, seed, store, out_root, data_dir, steps, datasets=datasets,
+                       progress_stream=_Quiet())
+        results.append(res)
+        acc = "" if res.accuracy is None else f" test acc {res.accuracy:.3f}"
+        log(f"[{i}/{len(cells)}] {preset}/{task}/{mixer}/seed{seed}: {res.status}{acc} "
+            f"({res.seconds:.0f}s){' — ' + res.error if res.error else ''}")
+    return results
+
+
+class _Quiet:
+    """A progress stream that drops the per-cell progress lines (the grid logs one line per cell)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def summary_rows(store: ResultsStore, preset: str) -> list[dict[str, Any]]:
+    """One dict per stored arena cell of ``preset``: task, mixer, seed, test accuracy and costs."""
+    import json
+
+    out = []
+    for run in store.runs("arena"):
+        cfg = json.loads(run["config"]).get("arena", {})
+        if cfg.get("preset") != preset:
+            continue
+        ev = {(e["split"], e["metric"]): e["value"] for e in store.evals(run["run_id"])}
+        if ("test", "accuracy") not in ev:
+            continue
+        out.append({"task": cfg["task"], "mixer": cfg["mixer"], "seed": cfg["seed"], "preset": preset,
+                    "accuracy": ev[("test", "accuracy")], "params": ev.get(("cost", "params")),
+                    "steps_per_s": ev.get(("cost", "steps_per_s")), "peak_mem_mb": ev.get(("cost", "peak_mem_mb"))})
+    return out

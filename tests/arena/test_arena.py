@@ -1,0 +1,97 @@
+"""The arena: a grid stores one row per cell, skips finished cells, and renders the leaderboard."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+import efformer.arena.runner as runner
+from efformer.arena.leaderboard import render
+from efformer.arena.tasks import get_task
+from efformer.cli import main
+from efformer.errors import UnknownNameError
+from efformer.registry import MIXERS
+from efformer.results import ResultsStore
+
+CAUSAL_ONLY = next((m for m in MIXERS.names() if not MIXERS.get(m).capabilities.bidirectional), "softmax")
+
+
+def _tiny(name="listops"):
+    spec = get_task(name, "quick")
+    if name == "listops":
+        data = dict(spec.data, min_len=8, max_len=32, max_depth=3, n_train=96, n_val=32, n_test=32)
+        return dataclasses.replace(spec, data=data, seq_len=32, preset="tiny",
+                                   optim=dict(spec.optim, steps=3, batch_size=16, warmup=1))
+    return dataclasses.replace(spec, preset="tiny")
+
+
+@pytest.fixture
+def tiny_tasks(monkeypatch):
+    monkeypatch.setattr(runner, "get_task", lambda name, preset="quick": _tiny(name))
+
+
+def test_grid_stores_every_cell_then_skips_them(tmp_path, tiny_tasks):
+    store = ResultsStore(tmp_path / "r.db")
+    mixers = ["softmax", CAUSAL_ONLY]
+    res = runner.run_grid("quick", mixers, ["listops"], [0, 1], store, tmp_path / "runs", tmp_path / "data",
+                          log=lambda s: None)
+    assert [r.status for r in res] == ["done"] * 4
+    rows = runner.summary_rows(store, "tiny")
+    assert sorted((r["mixer"], r["seed"]) for r in rows) == sorted((m, s) for m in mixers for s in (0, 1))
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and r["params"] > 0 and r["steps_per_s"] > 0 and r["peak_mem_mb"] >= 0
+    assert {run["kind"] for run in store.runs()} == {"arena"}
+    again = runner.run_grid("quick", mixers, ["listops"], [0, 1], store, tmp_path / "runs", tmp_path / "data",
+                            log=lambda s: None)
+    assert [r.status for r in again] == ["skipped"] * 4
+
+
+def test_file_tasks_without_files_are_reported_not_crashed(tmp_path, tiny_tasks):
+    res = runner.run_grid("quick", ["softmax"], ["text"], [0], ResultsStore(tmp_path / "r.db"), tmp_path,
+                          None, log=lambda s: None)
+    assert res[0].status == "missing-data" and "aclImdb" in res[0].error
+
+
+def test_unknown_mixer_fails_before_training(tmp_path):
+    with pytest.raises(UnknownNameError, match="did you mean 'softmax'"):
+        runner.run_grid("quick", ["sofmax"], ["listops"], [0], ResultsStore(tmp_path / "r.db"), tmp_path)
+
+
+def test_lra_rsqrt_schedule_maps_to_its_peak():
+    spec = get_task("listops", "paper")
+    cfg = runner.train_config(spec, seed=0)
+    assert cfg.schedule == "inverse_sqrt" and cfg.warmup_steps == 1000
+    assert cfg.lr == pytest.approx(0.05 / math.sqrt(1000))  # LRA's base 0.05 peaks at 0.05/sqrt(warmup)
+    causal_only_cfg = runner.model_config(get_task("listops", "quick"), CAUSAL_ONLY)
+    assert causal_only_cfg.encoder_causal == (not MIXERS.get(CAUSAL_ONLY).capabilities.bidirectional)
+
+
+def test_leaderboard_table_plot_and_paper_columns_come_from_the_store(tmp_path, tiny_tasks):
+    store = ResultsStore(tmp_path / "r.db")
+    runner.run_grid("quick", ["softmax", "linear"], ["listops"], [0], store, tmp_path / "runs", tmp_path / "data",
+                    log=lambda s: None)
+    md = render(store, "tiny", tmp_path / "board").read_text()
+    assert "| softmax |" in md and "| linear |" in md and "not comparable" in md
+    assert "| softmax | Transformer |" in md and "36.37" in md  # the paper's Table 1 beside ours
+    assert (tmp_path / "board" / "leaderboard.png").stat().st_size > 5000
+    empty = render(store, "paper", tmp_path / "board2").read_text()
+    assert "No finished arena cells" in empty
+
+
+def test_arena_command_end_to_end(tmp_path, tiny_tasks, capsys):
+    assert main(["arena", "--mixers", "softmax", "--tasks", "listops", "--store", str(tmp_path / "r.db"),
+                 "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")]) == 0
+    out = capsys.readouterr().out
+    assert "1 done" in out and "leaderboard:" in out
+
+
+@pytest.mark.slow
+def test_quick_listops_trains_softmax_clearly_above_chance(tmp_path):
+    spec = get_task("listops", "quick")
+    store = ResultsStore(tmp_path / "r.db")
+    res = runner.run_cell(spec, "softmax", 0, store, tmp_path / "runs", tmp_path / "data")
+    assert res.status == "done"
+    majority = 0.2  # the most frequent ListOps labels (0 and 9) each hold under 20% of examples
+    assert res.accuracy > majority + 0.1, res.accuracy
