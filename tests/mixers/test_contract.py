@@ -118,16 +118,18 @@ def test_decode_matches_full_forward(case):
     n = 11
     x = torch.randn(2, n, m.d_model)
     y_full, _ = m(x)
-    with_form(m, "auto")
-    for chunks in ([1] * n, [4, 1, 6], [n]):  # token by token, mixed prefill, one prefill
-        state = m.init_state(2, x.device, x.dtype)
-        ys, i = [], 0
-        for c in chunks:
-            y, state = m(x[:, i : i + c], state=state)
-            ys.append(y)
-            i += c
-        assert state.seen == n
-        assert rel_err(y_full, torch.cat(ys, 1)) < 1e-5, f"decode in chunks {chunks} differs"
+    # every form must consume and return a state ("auto" alone may pick the reference at short lengths)
+    for form in ("auto", *_forms(name)):
+        with_form(m, form)
+        for chunks in ([1] * n, [4, 1, 6], [n]):  # token by token, mixed prefill, one prefill
+            state = m.init_state(2, x.device, x.dtype)
+            ys, i = [], 0
+            for c in chunks:
+                y, state = m(x[:, i : i + c], state=state)
+                ys.append(y)
+                i += c
+            assert state.seen == n
+            assert rel_err(y_full, torch.cat(ys, 1)) < 1e-5, f"{form}: decode in chunks {chunks} differs"
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
