@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from efformer.arena.tasks import TaskSpec, build_datasets, get_task
 from efformer.config import build_config
 from efformer.errors import DataError, EfformerError
@@ -103,6 +105,7 @@ def run_cell(spec: TaskSpec, mixer: str, seed: int, store: ResultsStore, out_roo
         return CellResult(run_id, "missing-data", error=str(e))
     cfg = model_config(spec, mixer)
     tcfg = train_config(spec, seed, steps)
+    torch.manual_seed(seed)  # the initial weights depend on the cell's seed alone, not on earlier cells
     model = create_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     run_config = {"arena": {"preset": spec.preset, "task": spec.name, "mixer": mixer, "seed": seed},
