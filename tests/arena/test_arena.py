@@ -95,3 +95,17 @@ def test_quick_listops_trains_softmax_clearly_above_chance(tmp_path):
     assert res.status == "done"
     majority = 0.2  # the most frequent ListOps labels (0 and 9) each hold under 20% of examples
     assert res.accuracy > majority + 0.1, res.accuracy
+
+
+def test_a_cell_does_not_depend_on_the_cells_before_it(tmp_path, tiny_tasks):
+    alone = ResultsStore(tmp_path / "alone.db")
+    runner.run_grid("quick", ["linear"], ["listops"], [0], alone, tmp_path / "a", tmp_path / "data", log=lambda s: None)
+    after = ResultsStore(tmp_path / "after.db")
+    runner.run_grid("quick", ["softmax", "linear"], ["listops"], [0], after, tmp_path / "b", tmp_path / "data",
+                    log=lambda s: None)
+
+    def linear_test_loss(store):
+        run_id = runner.cell_run_id("tiny", "listops", "linear", 0)
+        return next(e["value"] for e in store.evals(run_id) if e["split"] == "test" and e["metric"] == "loss")
+
+    assert linear_test_loss(alone) == linear_test_loss(after)
