@@ -66,3 +66,18 @@ def test_quick_retrieval_from_files(tmp_path):
         (d / f"new_aan_pairs.{s}.tsv").write_bytes(b"1\ta\tb\thello\tworld\n0.0\tc\td\tfoo\tbar baz\n")
     train, val, test = build_datasets("retrieval", "quick", data_dir=tmp_path)
     assert len(train) == 2 and set(val[1]) == {"ids1", "ids2", "label"} and int(test[1]["label"]) == 0
+
+
+def test_generated_cache_is_keyed_by_the_generator_settings(tmp_path):
+    import dataclasses
+
+    from efformer.arena.tasks import build_datasets, get_task
+
+    spec = get_task("listops", "quick")
+    small = dataclasses.replace(spec, data=dict(spec.data, min_len=8, max_len=24, max_depth=3, n_train=40,
+                                                 n_val=10, n_test=10), seq_len=24)
+    longer = dataclasses.replace(small, data=dict(small.data, min_len=24, max_len=48), seq_len=48)
+    a = build_datasets(small, data_dir=tmp_path)[0]
+    b = build_datasets(longer, data_dir=tmp_path)[0]
+    assert max(len(a[i]["input_ids"]) for i in range(len(a))) < 24
+    assert min(len(b[i]["input_ids"]) for i in range(len(b))) > 24  # not served from the first folder

@@ -9,6 +9,8 @@ From "Long Range Arena: A Benchmark for Efficient Transformers" (Tay et al., ICL
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -163,10 +165,16 @@ def get_task(name: str, preset: str = "quick") -> TaskSpec:
     return TASKS[preset][name]
 
 
+def _settings_key(settings: dict[str, Any]) -> str:
+    """A short digest of generator settings, so a cache folder never serves data made with others."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
+
+
 def _listops(spec: TaskSpec, cache: Path, seed: int, workers: int):
     d = spec.data
     cfg = lo.ListOpsConfig(**{k: d[k] for k in ("min_len", "max_len", "max_depth", "n_train", "n_val", "n_test")})
-    folder = cache / f"listops-{spec.preset}-seed{seed}"
+    folder = cache / f"listops-{spec.preset}-{_settings_key(d)}-seed{seed}"  # new settings, new folder
     paths = {s: folder / f"{cfg.task}_{s}.tsv" for s in lo.SPLITS}
     if not all(p.exists() for p in paths.values()):
         lo.generate_files(folder, cfg, seed=seed, workers=workers)
@@ -175,7 +183,7 @@ def _listops(spec: TaskSpec, cache: Path, seed: int, workers: int):
 
 def _pathfinder(spec: TaskSpec, cache: Path, seed: int, workers: int):
     d = spec.data
-    folder = cache / f"pathfinder-{spec.preset}-n{d['n']}-seed{seed}"
+    folder = cache / f"pathfinder-{spec.preset}-{_settings_key(d)}-seed{seed}"
     root = folder / f"pathfinder{d['resolution']}" / pf.DIFFICULTIES[d["difficulty"]][0]
     if not (root / "done").exists():  # written last, so an interrupted run is regenerated
         pf.generate_files(folder, d["resolution"], d["difficulty"], n=d["n"], seed=seed, workers=workers)
