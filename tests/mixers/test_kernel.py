@@ -186,3 +186,34 @@ def test_kernel_options_are_validated():
         make_mixer("linear", True, chunk=0)
     with pytest.raises(ConfigError, match="cosformer.max_len"):
         make_mixer("cosformer", True, max_len=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_performer_with_rope_forms_agree_and_approach_rope_softmax(causal):
+    from efformer.mixers.kernel import Performer
+    from efformer.mixers.softmax import SoftmaxAttention
+    from efformer.nn.positional import build_positional
+    from tests.helpers import rel_err, with_form
+
+    rope = build_positional("rope", 32, 4, 256, causal)
+    x = torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    m = Performer(32, 4, causal=causal, options={"chunk": 4, "n_features": 64}, rotary=rope).eval()
+    y_ref, _ = with_form(m, "reference")(x)
+    for form in ("chunked", "recurrent"):
+        assert rel_err(y_ref, with_form(m, form)(x)[0]) < 1e-5
+    if causal:  # token-by-token decode with absolute positions == the full forward
+        st = m.init_state(2, "cpu", torch.float32)
+        ys = [with_form(m, "auto")(x[:, i : i + 1], state=st)[0] for i in range(13)]
+        assert rel_err(y_ref, torch.cat(ys, 1)) < 1e-5
+    # the estimate approaches RoPE softmax attention with the same weights as features grow
+    soft = SoftmaxAttention(32, 4, causal=causal, rotary=rope).eval()
+    errs = []
+    for n_features in (16, 256, 2048):
+        torch.manual_seed(1)
+        p = Performer(32, 4, causal=causal, options={"n_features": n_features}, rotary=rope).eval()
+        p.q_proj.load_state_dict(soft.q_proj.state_dict())
+        p.kv_proj.load_state_dict(soft.kv_proj.state_dict())
+        p.out_proj.load_state_dict(soft.out_proj.state_dict())
+        errs.append(rel_err(soft(x)[0], p(x)[0]))
+    assert errs[0] > errs[1] > errs[2], errs

@@ -235,6 +235,7 @@ class Performer(KernelAttention):
         time="O(N m d)",
         memory="O(N m + N m d / chunk) chunked, O(m d) decode state",
         forms=_FORMS,
+        rotary=True,  # FAVOR+ estimates exp(q.k) for any q, k: rotated ones give RoPE softmax attention
     )
     Options = PerformerOptions
     test_options = {"chunk": 4, "n_features": 16}
@@ -281,6 +282,8 @@ class Performer(KernelAttention):
         Both stabilisers (and the estimator's 1/sqrt(m)) cancel in the normalised ratio. The key one
         is shared by every key of a call and by the state, which is rescaled when it grows.
         """
+        if self.rotary is not None:  # rotate by absolute position before the features: decoding stays exact
+            q, k = self.rotary.rotate_queries(q, positions), self.rotary.rotate_keys(k, positions)
         aq, ak = self._log_features(q), self._log_features(k)
         fq = torch.exp(aq - aq.detach().amax(-1, keepdim=True))
         if mask is not None:
