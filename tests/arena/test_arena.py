@@ -40,8 +40,8 @@ def test_grid_stores_every_cell_then_skips_them(tmp_path, tiny_tasks):
     assert [r.status for r in res] == ["done"] * 4
     rows = runner.summary_rows(store, "tiny")
     assert sorted((r["mixer"], r["seed"]) for r in rows) == sorted((m, s) for m in mixers for s in (0, 1))
-    for r in rows:
-        assert 0 <= r["accuracy"] <= 1 and r["params"] > 0 and r["steps_per_s"] > 0 and r["peak_mem_mb"] >= 0
+    for r in rows:  # each cell ran in its own worker, so its memory is its own training's growth
+        assert 0 <= r["accuracy"] <= 1 and r["params"] > 0 and r["steps_per_s"] > 0 and r["peak_mem_mb"] > 0
     assert {run["kind"] for run in store.runs()} == {"arena"}
     again = runner.run_grid("quick", mixers, ["listops"], [0, 1], store, tmp_path / "runs", tmp_path / "data",
                             log=lambda s: None)
@@ -98,11 +98,13 @@ def test_quick_listops_trains_softmax_clearly_above_chance(tmp_path):
 
 
 def test_a_cell_does_not_depend_on_the_cells_before_it(tmp_path, tiny_tasks):
+    # in one process, where leftover global RNG state from earlier cells could leak into a cell
     alone = ResultsStore(tmp_path / "alone.db")
-    runner.run_grid("quick", ["linear"], ["listops"], [0], alone, tmp_path / "a", tmp_path / "data", log=lambda s: None)
+    runner.run_grid("quick", ["linear"], ["listops"], [0], alone, tmp_path / "a", tmp_path / "data", log=lambda s: None,
+                    in_process=True)
     after = ResultsStore(tmp_path / "after.db")
     runner.run_grid("quick", ["softmax", "linear"], ["listops"], [0], after, tmp_path / "b", tmp_path / "data",
-                    log=lambda s: None)
+                    log=lambda s: None, in_process=True)
 
     def linear_test_loss(store):
         run_id = runner.cell_run_id("tiny", "listops", "linear", 0)

@@ -6,6 +6,7 @@ by a crash is resumed by running it again: cells with a stored test accuracy are
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -130,6 +131,30 @@ def run_cell(spec: TaskSpec, mixer: str, seed: int, store: ResultsStore, out_roo
     return CellResult(run_id, "done", accuracy=test_m["accuracy"], seconds=time.perf_counter() - t0)
 
 
+@dataclass
+class ArenaCell:
+    """One cell as a picklable job for a fresh worker process (honest peak memory, crash isolation)."""
+
+    spec: TaskSpec
+    mixer: str
+    seed: int
+    store_path: str
+    out_root: str
+    data_dir: str | None
+    steps: int | None
+    device: str = "cpu"
+
+    def key(self) -> dict[str, Any]:
+        """Identifying fields of the cell (rows of failed workers carry them)."""
+        return {"run_id": cell_run_id(self.spec.preset, self.spec.name, self.mixer, self.seed)}
+
+    def run(self, peak: float | None = None) -> dict[str, Any]:
+        """Train and evaluate the cell in this process; a CellResult as a dict."""
+        res = run_cell(self.spec, self.mixer, self.seed, ResultsStore(self.store_path), self.out_root, self.data_dir,
+                       self.steps, progress_stream=_Quiet())
+        return dataclasses.asdict(res)
+
+
 def default_tasks(preset: str, data_dir: str | Path | None) -> list[str]:
     """Synthetic tasks always; file-based tasks when ``data_dir`` holds their files."""
     tasks = list(SYNTHETIC_DEFAULT[preset])
@@ -147,8 +172,14 @@ def default_tasks(preset: str, data_dir: str | Path | None) -> list[str]:
 def run_grid(preset: str = "quick", mixers: list[str] | None = None, tasks: list[str] | None = None,
              seeds: list[int] | tuple[int, ...] = (0,), store: ResultsStore | None = None,
              out_root: str | Path = "runs/arena", data_dir: str | Path | None = None, steps: int | None = None,
-             log=print) -> list[CellResult]:
-    """Run every (task, mixer, seed) cell not already done; returns one CellResult per cell."""
+             log=print, in_process: bool = False, cell_timeout_s: float = 3600.0) -> list[CellResult]:
+    """Run every (task, mixer, seed) cell not already done; returns one CellResult per cell.
+
+    Each cell trains in a fresh worker process (unless ``in_process``), so its peak memory is its own
+    and a crash or out-of-memory kill is recorded as a failed cell instead of ending the grid.
+    """
+    from efformer.bench.runner import measure_in_worker
+
     store = store or ResultsStore()
     mixers = mixers or MIXERS.names()
     for m in mixers:
@@ -158,14 +189,21 @@ def run_grid(preset: str = "quick", mixers: list[str] | None = None, tasks: list
     cells = [(t, m, s) for t in tasks for s in seeds for m in mixers]
     for i, (task, mixer, seed) in enumerate(cells, 1):
         spec = get_task(task, preset)
-        datasets = None
-        try:
-            datasets = build_datasets(spec, preset, data_dir=data_dir, seed=0)
+        run_id = cell_run_id(spec.preset, task, mixer, seed)
+        try:  # generate or check the data once, here, so workers only read the cache
+            build_datasets(spec, preset, data_dir=data_dir, seed=0)
         except DataError as e:
-            results.append(CellResult(cell_run_id(preset, task, mixer, seed), "missing-data", error=str(e)))
+            results.append(CellResult(run_id, "missing-data", error=str(e)))
             continue
-        res = run_cell(spec, mixer, seed, store, out_root, data_dir, steps, datasets=datasets,
-                       progress_stream=_Quiet())
+        if is_done(store, run_id):
+            res = CellResult(run_id, "skipped")
+        else:
+            folder = None if data_dir is None else str(data_dir)
+            cell = ArenaCell(spec, mixer, seed, str(store.path), str(out_root), folder, steps)
+            row = cell.run() if in_process else measure_in_worker(cell, timeout_s=cell_timeout_s)
+            res = CellResult(**{k: row[k] for k in ("run_id", "status", "accuracy", "seconds", "error") if k in row})
+            if "status" in row and row["status"] in ("timeout", "oom", "error"):
+                res = CellResult(run_id, "failed", error=f"{row['status']}: {row.get('error', '')}")
         results.append(res)
         acc = "" if res.accuracy is None else f" test acc {res.accuracy:.3f}"
         log(f"[{i}/{len(cells)}] {preset}/{task}/{mixer}/seed{seed}: {res.status}{acc} "
