@@ -180,7 +180,9 @@ class ResultsStore:
         return self.query("SELECT * FROM evals WHERE run_id=? ORDER BY time", (run_id,))
 
     def bench_rows(self, device: str | None = None) -> list[dict[str, Any]]:
-        """Benchmark rows (of one device, or all), oldest first."""
+        """Benchmark rows (of one device, or all), oldest first, with their ``extra`` fields merged in."""
         if device is None:
-            return self.query("SELECT * FROM bench ORDER BY id")
-        return self.query("SELECT * FROM bench WHERE device=? ORDER BY id", (device,))
+            rows = self.query("SELECT * FROM bench ORDER BY id")
+        else:
+            rows = self.query("SELECT * FROM bench WHERE device=? ORDER BY id", (device,))
+        return [{**json.loads(r.pop("extra") or "{}"), **r} for r in rows]

@@ -129,3 +129,14 @@ def test_bench_and_advise_commands_end_to_end(tmp_path, capsys):
     assert {r["mixer"] for r in rows} == {"softmax", "peer:torch-sdpa"}
     assert main(["advise", "--seq-len", "128", "--memory", "1GB", "--store", db]) == 0
     assert "1. softmax" in capsys.readouterr().out.replace("  ", " ")
+
+
+def test_mixers_sized_by_max_len_run_at_any_length_and_errors_keep_their_message(tmp_path):
+    sized = [m for m in MIXERS.names() if "max_len" in MIXERS.get(m).Options.model_fields]
+    for name in sized[:2]:
+        row = run_cell(Cell(name, "fwd", 3000, d_model=32, n_heads=4, repeat=1))
+        assert row["status"] == "ok", (name, row)
+    store = ResultsStore(tmp_path / "r.db")
+    store.add_bench_rows([dict(mixer="softmax", mode="fwd", seq_len=8, batch=1, device="cpu", status="error",
+                               error="boom: the reason")])
+    assert store.bench_rows()[0]["error"] == "boom: the reason"

@@ -107,6 +107,8 @@ def count_flops(fn) -> int:
 def _build(cell: Cell):
     cls = MIXERS.get(cell.mixer)
     opts = dict(cell.options)
+    if "max_len" in cls.Options.model_fields and "max_len" not in opts:
+        opts["max_len"] = cell.seq_len + 1  # as a model passes its max_len (Linformer E/F, Synthesizer tables)
     torch.manual_seed(0)
     m = cls(cell.d_model, cell.n_heads, causal=cell.resolved_causal(), options=opts)
     return m.to(device=cell.device, dtype=DTYPES[cell.dtype])
