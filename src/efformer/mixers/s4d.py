@@ -35,6 +35,12 @@ from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState
 from efformer.registry import register_mixer
 
 
+def cexp(z: Tensor) -> Tensor:
+    """exp of a complex tensor as exp(Re z) * (cos Im z + i sin Im z): real ops, ~10x faster than
+    complex exp on CPU (the Vandermonde kernel was 84% of S4D's time), same values and gradients."""
+    return torch.polar(torch.exp(z.real), z.imag)
+
+
 @dataclass
 class S4DState(MixerState):
     """Decode state: the complex diagonal state stored as a real view (batch, d_model, d_state // 2, 2)."""
@@ -123,7 +129,7 @@ class S4D(Mixer):
         )
         a = torch.complex(-torch.exp(log_a_real), a_imag)
         dt_a = a * torch.exp(log_dt)[:, None]
-        a_bar = torch.exp(dt_a)
+        a_bar = cexp(dt_a)
         return dt_a, a_bar, (a_bar - 1) / a * torch.view_as_complex(b), torch.view_as_complex(c)
 
     def _begin(self, x, mask, state):
@@ -155,7 +161,7 @@ class S4D(Mixer):
         u, h0 = self._begin(x, mask, state)
         dt_a, a_bar, b_bar, c = self._discretise()
         n = x.shape[1]
-        vander = torch.exp(dt_a[..., None] * torch.arange(n, device=x.device))  # (H, M, L): A_bar^l
+        vander = cexp(dt_a[..., None] * torch.arange(n, device=x.device))  # (H, M, L): A_bar^l
         k = 2 * torch.einsum("dhm,hml->dhl", c * b_bar, vander).real  # (directions, H, L)
         ut = u.transpose(1, 2)  # (b, H, L)
         y = fft_conv(ut, k[0])
@@ -166,7 +172,7 @@ class S4D(Mixer):
             # The carried state adds 2 Re(C A_bar^(l+1) h0) to step l and decays by A_bar^L over the call.
             y = y + 2 * torch.einsum("hm,bhm,hml->bhl", c[0], h0 * a_bar, vander).real
             written = torch.einsum("bhl,hml->bhm", ut.to(vander.dtype), vander.flip(-1)) * b_bar
-            h = h0 * torch.exp(dt_a * n) + written
+            h = h0 * cexp(dt_a * n) + written
         return self._end(y.transpose(1, 2), u, state, h)
 
     def forward_recurrent(self, x, *, mask, state, positions):
