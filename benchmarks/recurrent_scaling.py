@@ -44,7 +44,8 @@ def options_for(mixer: str, longest_position: int) -> dict[str, Any]:
 def training_form(cell: Cell) -> str:
     """The form the cell's mixer runs for a full-sequence training pass ("auto" resolved on its device)."""
     m = MIXERS.get(cell.mixer)(cell.d_model, cell.n_heads, causal=True, options=dict(cell.options))
-    return m.resolve_form(torch.zeros(1, 2, cell.d_model, device=cell.device), None)
+    # resolve at the cell's own length: "auto" runs the reference form below a mixer's reference_below
+    return m.resolve_form(torch.zeros(1, cell.seq_len, cell.d_model, device=cell.device), None)
 
 
 def _md(header: list[str], body: list[list[str]]) -> str:
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # the context plus every step the cell takes (first call, FLOP count, warm-up, timed) must fit max_len
         cells += [Cell(m, "decode", c, repeat=decode_repeat, options=options_for(m, c + decode_repeat + 8), **common)
                   for c in contexts for m in mixers]
-    forms = {m: training_form(Cell(m, "fwdbwd", 8, options=options_for(m, 8), **common)) for m in mixers}
+    n0 = min(lengths)
+    forms = {m: training_form(Cell(m, "fwdbwd", n0, options=options_for(m, n0), **common)) for m in mixers}
     print(f"recurrent scaling: {len(mixers)} mixers, N={lengths}, decode contexts {contexts}, d_model {d_model}, "
           f"{len(cells)} cells", file=sys.stderr)
     store = ResultsStore(args.store)
