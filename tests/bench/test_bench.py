@@ -140,3 +140,12 @@ def test_mixers_sized_by_max_len_run_at_any_length_and_errors_keep_their_message
     store.add_bench_rows([dict(mixer="softmax", mode="fwd", seq_len=8, batch=1, device="cpu", status="error",
                                error="boom: the reason")])
     assert store.bench_rows()[0]["error"] == "boom: the reason"
+
+
+def test_causal_advice_uses_only_causally_measured_rows():
+    bidir = [dict(r, causal=0) for r in _rows("softmax", 2.0, 1e-4)]
+    rows = bidir + [dict(r, causal=1) for r in _rows("softmax", 2.0, 1e-3)]
+    ranked, _ = advise(rows, 1024, memory_mb=1e6, causal=True)
+    assert ranked and ranked[0].time_ms == pytest.approx(1e-3 * 1024**2)  # causal rows, not the cheaper bidirectional
+    ranked, left = advise([dict(r, causal=0) for r in rows], 1024, memory_mb=1e6, causal=True)
+    assert not ranked and any("no causal fwdbwd rows" in line for line in left)

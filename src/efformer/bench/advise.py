@@ -40,6 +40,8 @@ def advise(
 ) -> tuple[list[Advice], list[str]]:
     """(ranked advice for mixers that fit, one-line reasons for those left out)."""
     mode = "decode" if decode else "fwdbwd"
+    if causal:  # a mixer's causal form can cost differently: only rows measured causally count
+        rows = [r for r in rows if r.get("causal") in (1, True)]
     times, mems = series(rows, mode, "time_ms"), series(rows, mode, "peak_mem_mb")
     ranked, left_out = [], []
     for name in MIXERS.names():
@@ -51,7 +53,8 @@ def advise(
             left_out.append(f"{name}: has no decode state")
             continue
         if name not in times:
-            left_out.append(f"{name}: no {mode} rows measured on this device (run `efformer bench`)")
+            how = "causal " if causal else ""
+            left_out.append(f"{name}: no {how}{mode} rows measured on this device (`efformer advise --run-missing`)")
             continue
         t = estimate(times[name], seq_len)
         m = estimate(mems[name], seq_len) if name in mems else None

@@ -82,9 +82,11 @@ def _cmd_advise(args) -> int:
     dev = device_name("cpu")
     mode = "decode" if args.decode else "fwdbwd"
     if args.run_missing:
-        have = {r["mixer"] for r in store.bench_rows(dev) if r["mode"] == mode and r["status"] == "ok"}
+        have = {r["mixer"] for r in store.bench_rows(dev) if r["mode"] == mode and r["status"] == "ok"
+                and (not args.causal or r.get("causal") in (1, True))}
         missing = [m for m in list_mixers() if m not in have]
-        cells = [Cell(m, mode, n) for m in missing for n in (512, 1024, 2048)]
+        causal = True if args.causal or args.decode else None
+        cells = [Cell(m, mode, n, causal=causal) for m in missing for n in (512, 1024, 2048)]
         cells = [c for c in cells if c.unsupported_reason() is None]
         if cells:
             sweep(cells, store)
