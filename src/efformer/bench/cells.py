@@ -147,6 +147,25 @@ def _workload(cell: Cell, m):
     return decode
 
 
+def measure(work, row: dict[str, Any], device: str, warmup: int, repeat: int, flops: bool = True) -> dict | None:
+    """Time ``work`` into ``row`` (first call, FLOPs, median time); an out-of-memory status dict, or None."""
+    try:
+        t0 = time.perf_counter()
+        work()  # the first call also compiles/allocates (optimizer state, caches); excluded from timing below
+        sync(device)
+        row["first_call_ms"] = (time.perf_counter() - t0) * 1e3
+        if flops:
+            row["flops"] = count_flops(work)
+        row["time_ms"] = time_ms(work, warmup=warmup, repeat=repeat, device=device)
+    except torch.OutOfMemoryError as e:
+        return {"status": "oom", "error": str(e).splitlines()[0]}
+    except RuntimeError as e:
+        if "out of memory" in str(e).lower() or "not enough memory" in str(e).lower():
+            return {"status": "oom", "error": str(e).splitlines()[0]}
+        raise
+    return None
+
+
 def run_cell(cell: Cell, peak_gflops: float | None = None) -> dict[str, Any]:
     """Measure ``cell`` in this process: median time, FLOPs, GFLOP/s; a complete result row."""
     row = cell.key() | {"status": "ok", "time_ms": None, "flops": None, "gflops": None, "peak_fraction": None}
@@ -156,18 +175,11 @@ def run_cell(cell: Cell, peak_gflops: float | None = None) -> dict[str, Any]:
     try:
         m = _build(cell).eval()
         work = _workload(cell, m)
-        t0 = time.perf_counter()
-        work()  # first call also compiles/initialises; excluded from timing below
-        sync(cell.device)
-        row["first_call_ms"] = (time.perf_counter() - t0) * 1e3
-        row["flops"] = count_flops(work)
-        row["time_ms"] = time_ms(work, warmup=cell.warmup, repeat=cell.repeat, device=cell.device)
     except torch.OutOfMemoryError as e:
         return row | {"status": "oom", "error": str(e).splitlines()[0]}
-    except RuntimeError as e:
-        if "out of memory" in str(e).lower() or "not enough memory" in str(e).lower():
-            return row | {"status": "oom", "error": str(e).splitlines()[0]}
-        raise
+    oom = measure(work, row, cell.device, cell.warmup, cell.repeat)
+    if oom:
+        return row | oom
     if row["flops"] and row["time_ms"]:
         row["gflops"] = row["flops"] / (row["time_ms"] * 1e-3) / 1e9
         if peak_gflops:

@@ -9,16 +9,14 @@ A ModelCell has ``key()``, ``device`` and ``run(peak)``, so ``efformer.bench.run
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from efformer.bench.cells import DTYPES, count_flops
+from efformer.bench.cells import DTYPES, measure
 from efformer.errors import ConfigError
-from efformer.perf import sync, time_ms
 from efformer.registry import MIXERS
 
 MODEL_MODES = ("train_step",)
@@ -98,19 +96,11 @@ class ModelCell:
             model = self.build().train()
             row["n_params"] = sum(p.numel() for p in model.parameters())
             step = self._step(model)
-            t0 = time.perf_counter()
-            step()  # first step also allocates the optimizer state; excluded from timing below
-            sync(self.device)
-            row["first_call_ms"] = (time.perf_counter() - t0) * 1e3
-            if self.flops:
-                row["flops"] = count_flops(step)
-            row["time_ms"] = time_ms(step, warmup=self.warmup, repeat=self.repeat, device=self.device)
         except torch.OutOfMemoryError as e:
             return row | {"status": "oom", "error": str(e).splitlines()[0]}
-        except RuntimeError as e:
-            if "out of memory" in str(e).lower() or "not enough memory" in str(e).lower():
-                return row | {"status": "oom", "error": str(e).splitlines()[0]}
-            raise
+        oom = measure(step, row, self.device, self.warmup, self.repeat, flops=self.flops)
+        if oom:
+            return row | oom
         row["steps_per_s"] = 1e3 / row["time_ms"]
         if row["flops"]:
             row["gflops"] = row["flops"] / (row["time_ms"] * 1e-3) / 1e9

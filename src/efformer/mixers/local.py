@@ -243,9 +243,10 @@ class PatternAttention(SoftmaxAttention):
         return num, top, total
 
 
-def _caps(paper: str, time: str, memory: str) -> Capabilities:
+def pattern_caps(paper: str, time: str, memory: str, family: str = "local") -> Capabilities:
+    """Capabilities shared by every pattern-restricted softmax attention."""
     return Capabilities(
-        family="local",
+        family=family,
         paper=paper,
         causal=True,
         bidirectional=True,
@@ -270,7 +271,7 @@ class LocalOptions(SoftmaxOptions):
 class LocalAttention(PatternAttention):
     """Block-local attention: query i sees key j iff i // block == j // block (and j <= i when causal)."""
 
-    capabilities = _caps(
+    capabilities = pattern_caps(
         "Long Range Arena: A Benchmark for Efficient Transformers", "O(N B d)", "O(N B) fast, O(N^2) reference"
     )
     Options = LocalOptions
@@ -301,7 +302,7 @@ class SlidingWindowOptions(SoftmaxOptions):
 class SlidingWindowAttention(PatternAttention):
     """Sliding-window attention: query i sees keys j with |i - j| < window (j <= i when causal)."""
 
-    capabilities = _caps(
+    capabilities = pattern_caps(
         "Longformer: The Long-Document Transformer", "O(N w d)", "O(N w) fast, O(w) decode state, O(N^2) reference"
     )
     Options = SlidingWindowOptions
@@ -336,7 +337,7 @@ class DilatedWindowOptions(SlidingWindowOptions):
 class DilatedWindowAttention(SlidingWindowAttention):
     """Dilated sliding window: keys j with (i - j) % dilation == 0 and |i - j| < window * dilation."""
 
-    capabilities = _caps(
+    capabilities = pattern_caps(
         "Longformer: The Long-Document Transformer",
         "O(N w d)",
         "O(N w) fast, O(w * dilation) decode state, O(N^2) reference",

@@ -21,26 +21,13 @@ from torch import Tensor
 
 from efformer.errors import ConfigError
 from efformer.mixers.base import Capabilities
-from efformer.mixers.local import Part, PatternAttention, block_part, window_part
+from efformer.mixers.local import Part, PatternAttention, block_part, pattern_caps, window_part
 from efformer.mixers.softmax import SoftmaxOptions
 from efformer.registry import register_mixer
 
 
 def _caps(paper: str, time: str, memory: str) -> Capabilities:
-    return Capabilities(
-        family="sparse",
-        paper=paper,
-        causal=True,
-        bidirectional=True,
-        padding_mask=True,
-        decode=True,
-        exact=False,
-        time=time,
-        memory=memory,
-        forms=("reference", "fast"),
-        attention_bias=True,
-        rotary=True,
-    )
+    return pattern_caps(paper, time, memory, family="sparse")
 
 
 def _all_rows(q0: int, n: int, end: int, length: int, device) -> Part | None:
