@@ -14,20 +14,15 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
+from efformer.benchmarks_raw import raw_sdpa_attention
 from efformer.mixers.softmax import SoftmaxAttention
 from efformer.perf import attention_flops, matmul_peak_gflops, time_ms
 
 
 def raw_attention(m: SoftmaxAttention, x: torch.Tensor, causal: bool) -> torch.Tensor:
     """Projections + SDPA + output projection written by hand with ``m``'s weights."""
-    b, n, d = x.shape
-    h = m.n_heads
-    q = F.linear(x, m.q_proj.weight).view(b, n, h, d // h).transpose(1, 2)
-    k, v = F.linear(x, m.kv_proj.weight).view(b, n, 2 * h, d // h).transpose(1, 2).chunk(2, dim=1)
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return F.linear(o.transpose(1, 2).reshape(b, n, d), m.out_proj.weight)
+    return raw_sdpa_attention(x, m.q_proj.weight, m.kv_proj.weight, m.out_proj.weight, m.n_heads, causal)
 
 
 def main() -> None:

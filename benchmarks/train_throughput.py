@@ -10,6 +10,7 @@ attention scores and values (the usual PaLM/nanoGPT accounting).
 from __future__ import annotations
 
 import argparse
+import io
 import time
 
 import torch
@@ -40,8 +41,8 @@ def main() -> None:
         matmul_params += model.backbone.embed.weight.numel()
     flops_per_token = 6 * matmul_params + 12 * cfg.n_layers * cfg.d_model * a.seq_len
     peak = matmul_peak_gflops()
-    trainer = Trainer(model, {"steps": a.steps + 2, "batch_size": a.batch, "eval_every": 0, "checkpoint_every": 0,
-                              "log_every": 1000}, data, out_dir="/tmp/efformer-throughput", progress_stream=_Null())
+    settings = {"steps": a.steps + 2, "batch_size": a.batch, "eval_every": 0, "checkpoint_every": 0, "log_every": 1000}
+    trainer = Trainer(model, settings, data, out_dir="/tmp/efformer-throughput", progress_stream=io.StringIO())
     trainer.train_step()
     trainer.train_step()  # warm-up
     t0 = time.perf_counter()
@@ -54,17 +55,6 @@ def main() -> None:
           f"{a.threads} threads")
     print(f"matmul peak (fp32 1024^3, same run): {peak:.1f} GFLOP/s")
     print(f"tokens/s: {tok_s:,.0f}   model GFLOP/s: {achieved:.1f}   MFU: {achieved / peak:.1%}")
-
-
-class _Null:
-    def write(self, s):
-        return len(s)
-
-    def flush(self):
-        pass
-
-    def isatty(self):
-        return False
 
 
 if __name__ == "__main__":

@@ -7,6 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def raw_sdpa_attention(x: torch.Tensor, wq: torch.Tensor, wkv: torch.Tensor, wo: torch.Tensor, heads: int,
+                       causal: bool) -> torch.Tensor:
+    """q/kv/out projections by the given weights around ``scaled_dot_product_attention``: (b, n, d) -> (b, n, d)."""
+    b, n, d = x.shape
+    q = F.linear(x, wq).view(b, n, heads, d // heads).transpose(1, 2)
+    k, v = F.linear(x, wkv).view(b, n, 2 * heads, d // heads).transpose(1, 2).chunk(2, dim=1)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return F.linear(o.transpose(1, 2).reshape(b, n, d), wo)
+
+
 class RawAttention(nn.Module):
     """q/kv/out projections around ``scaled_dot_product_attention``: (b, n, d) -> (b, n, d)."""
 
@@ -19,11 +29,7 @@ class RawAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(b, n, d) -> (b, n, d)."""
-        b, n, d = x.shape
-        q = self.q(x).view(b, n, self.h, d // self.h).transpose(1, 2)
-        k, v = self.kv(x).view(b, n, 2 * self.h, d // self.h).transpose(1, 2).chunk(2, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.out(o.transpose(1, 2).reshape(b, n, d))
+        return raw_sdpa_attention(x, self.q.weight, self.kv.weight, self.out.weight, self.h, self.causal)
 
 
 def raw_attention_layer(d_model: int, n_heads: int, causal: bool) -> RawAttention:

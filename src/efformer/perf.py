@@ -9,6 +9,27 @@ from collections.abc import Callable
 import torch
 
 
+def rss_kb(field: str = "VmRSS") -> int:
+    """A memory figure of this process from /proc/self/status in kB (VmRSS now, VmHWM peak); 0 if unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak-RSS counter (VmHWM) so that it measures from now on (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def sync(device: torch.device | str) -> None:
     """Wait for queued device work (no-op on CPU)."""
     if torch.device(device).type == "cuda":

@@ -7,6 +7,7 @@ by a crash is resumed by running it again: cells with a stored test accuracy are
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from efformer.arena.tasks import TaskSpec, build_datasets, get_task
 from efformer.config import build_config
 from efformer.errors import DataError, EfformerError
 from efformer.models import create_model
+from efformer.perf import reset_peak_rss, rss_kb
 from efformer.registry import MIXERS
 from efformer.results import ResultsStore
 from efformer.train.config import TrainConfig
@@ -66,32 +68,13 @@ class CellResult:
     error: str = ""
 
 
-def _rss_kb(field: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def is_done(store: ResultsStore, run_id: str) -> bool:
     """Whether a cell already has a stored test accuracy."""
     return any(e["split"] == "test" and e["metric"] == "accuracy" for e in store.evals(run_id))
 
 
 def run_cell(spec: TaskSpec, mixer: str, seed: int, store: ResultsStore, out_root: str | Path = "runs/arena",
-             data_dir: str | Path | None = None, steps: int | None = None, datasets=None,
+             data_dir: str | Path | None = None, steps: int | None = None,
              progress_stream=None) -> CellResult:
     """Train and evaluate one (task, mixer, seed) cell; results go to ``store``."""
     from efformer.train.trainer import Trainer
@@ -101,7 +84,7 @@ def run_cell(spec: TaskSpec, mixer: str, seed: int, store: ResultsStore, out_roo
         return CellResult(run_id, "skipped")
     t0 = time.perf_counter()
     try:
-        train, val, test = datasets or build_datasets(spec, spec.preset, data_dir=data_dir, seed=0)
+        train, val, test = build_datasets(spec, spec.preset, data_dir=data_dir, seed=0)
     except DataError as e:
         return CellResult(run_id, "missing-data", error=str(e))
     cfg = model_config(spec, mixer)
@@ -114,13 +97,13 @@ def run_cell(spec: TaskSpec, mixer: str, seed: int, store: ResultsStore, out_roo
     trainer = Trainer(model, tcfg, train, eval_data=None, store=store, run_id=run_id,
                       out_dir=Path(out_root) / run_id, run_config=run_config, progress_stream=progress_stream,
                       kind="arena")
-    base = _rss_kb("VmRSS")
-    _reset_peak_rss()
+    base = rss_kb("VmRSS")
+    reset_peak_rss()
     try:
         t_train = time.perf_counter()
         trainer.fit()
         train_s = time.perf_counter() - t_train
-        peak_mb = max(0, _rss_kb("VmHWM") - base) / 1024
+        peak_mb = max(0, rss_kb("VmHWM") - base) / 1024
         val_m, test_m = trainer.evaluate(val), trainer.evaluate(test)
     except (EfformerError, RuntimeError) as e:
         return CellResult(run_id, "failed", seconds=time.perf_counter() - t0, error=str(e).splitlines()[0])
@@ -151,7 +134,7 @@ class ArenaCell:
     def run(self, peak: float | None = None) -> dict[str, Any]:
         """Train and evaluate the cell in this process; a CellResult as a dict."""
         res = run_cell(self.spec, self.mixer, self.seed, ResultsStore(self.store_path), self.out_root, self.data_dir,
-                       self.steps, progress_stream=_Quiet())
+                       self.steps, progress_stream=io.StringIO())
         return dataclasses.asdict(res)
 
 
@@ -187,13 +170,17 @@ def run_grid(preset: str = "quick", mixers: list[str] | None = None, tasks: list
     tasks = tasks or default_tasks(preset, data_dir)
     results: list[CellResult] = []
     cells = [(t, m, s) for t in tasks for s in seeds for m in mixers]
+    missing: dict[str, str] = {}
+    for task in tasks:  # generate or check each task's data once, here, so workers only read the cache
+        try:
+            build_datasets(get_task(task, preset), preset, data_dir=data_dir, seed=0)
+        except DataError as e:
+            missing[task] = str(e)
     for i, (task, mixer, seed) in enumerate(cells, 1):
         spec = get_task(task, preset)
         run_id = cell_run_id(spec.preset, task, mixer, seed)
-        try:  # generate or check the data once, here, so workers only read the cache
-            build_datasets(spec, preset, data_dir=data_dir, seed=0)
-        except DataError as e:
-            results.append(CellResult(run_id, "missing-data", error=str(e)))
+        if task in missing:
+            results.append(CellResult(run_id, "missing-data", error=missing[task]))
             continue
         if is_done(store, run_id):
             res = CellResult(run_id, "skipped")
@@ -209,19 +196,6 @@ def run_grid(preset: str = "quick", mixers: list[str] | None = None, tasks: list
         log(f"[{i}/{len(cells)}] {preset}/{task}/{mixer}/seed{seed}: {res.status}{acc} "
             f"({res.seconds:.0f}s){' — ' + res.error if res.error else ''}")
     return results
-
-
-class _Quiet:
-    """A progress stream that drops the per-cell progress lines (the grid logs one line per cell)."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
 
 
 def summary_rows(store: ResultsStore, preset: str) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from efformer.errors import ConfigError
+from efformer.mixers.base import with_max_len
 from efformer.perf import sync, time_ms
 from efformer.registry import MIXERS
 
@@ -106,9 +107,7 @@ def count_flops(fn) -> int:
 
 def _build(cell: Cell):
     cls = MIXERS.get(cell.mixer)
-    opts = dict(cell.options)
-    if "max_len" in cls.Options.model_fields and "max_len" not in opts:
-        opts["max_len"] = cell.seq_len + 1  # as a model passes its max_len (Linformer E/F, Synthesizer tables)
+    opts = with_max_len(cls, dict(cell.options), cell.seq_len + 1)  # as a model passes its max_len
     torch.manual_seed(0)
     m = cls(cell.d_model, cell.n_heads, causal=cell.resolved_causal(), options=opts)
     return m.to(device=cell.device, dtype=DTYPES[cell.dtype])

@@ -15,7 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from efformer.bench.cells import Cell, run_cell
-from efformer.perf import matmul_peak_gflops
+from efformer.perf import matmul_peak_gflops, reset_peak_rss, rss_kb
 from efformer.results import ResultsStore
 
 _CTX = None
@@ -32,14 +32,6 @@ def _context():
     return _CTX
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def run_any(cell: Any, peak: float | None = None) -> dict[str, Any]:
     """A cell's row in this process: its own ``run(peak)`` if it has one (model-level cells), else ``run_cell``."""
     run = getattr(cell, "run", None)
@@ -54,19 +46,15 @@ def _worker(cell: Any, peak: float | None, mem_cap_gb: float | None, conn) -> No
         import torch
 
         torch.set_num_threads(int(os.environ.get("EFFORMER_BENCH_THREADS", torch.get_num_threads())))
-        base = _rss_kb("VmRSS")
-        try:  # reset the peak-RSS counter so VmHWM measures this cell alone
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
+        base = rss_kb("VmRSS")
+        reset_peak_rss()  # so VmHWM measures this cell alone
         if cell.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         row = run_any(cell, peak)
         if cell.device.startswith("cuda"):
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         else:
-            row["peak_mem_mb"] = max(0, _rss_kb("VmHWM") - base) / 1024
+            row["peak_mem_mb"] = max(0, rss_kb("VmHWM") - base) / 1024
         conn.send(row)
     except MemoryError:
         conn.send(cell.key() | {"status": "oom", "error": "MemoryError"})

@@ -232,6 +232,13 @@ class Mixer(nn.Module):
         return rearrange(t, "b h n d -> b n (h d)")
 
 
+def with_max_len(cls: type[Mixer], options: dict[str, Any], max_len: int) -> dict[str, Any]:
+    """``options`` plus ``max_len`` for mixers that size tables by it (Linformer E/F, cosFormer M, ...)."""
+    if "max_len" in cls.Options.model_fields and "max_len" not in options:
+        return {**options, "max_len": max_len}
+    return options
+
+
 def causal_keep(n_q: int, n_k: int, device: torch.device | str | None = None) -> Tensor:
     """Bool (n_q, n_k): query i (the last n_q of n_k positions) may see key j iff j <= i + n_k - n_q."""
     i = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)

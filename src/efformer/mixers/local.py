@@ -141,13 +141,7 @@ class PatternAttention(SoftmaxAttention):
     def _prepare(self, x, mask, state, positions) -> tuple[Tensor, Tensor, Tensor, Ctx]:
         """q (b, h, n, d); k, v (b, h, t, d) including the cache, heads repeated for GQA; the Ctx."""
         b, n, _ = x.shape
-        q = self.split_heads(self.q_proj(x))
-        k, v = self.split_heads(self.kv_proj(x), 2 * self.n_kv_heads).chunk(2, dim=1)
-        if self.opts.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rotary is not None:
-            q = self.rotary.rotate_queries(q, positions)
-            k = self.rotary.rotate_keys(k, positions)
+        q, k, v = self._qkv(x, positions)
         keep = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
         q0 = state.seen if state is not None else 0
         index = torch.arange(q0, q0 + n, device=x.device)

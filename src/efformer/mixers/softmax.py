@@ -111,9 +111,8 @@ class SoftmaxAttention(Mixer):
         )
 
     # ---- shared parts of both forms -------------------------------------------------------
-    def _project(self, x, mask, state, positions):
-        """q (b, h, n, d); k, v (b, kv, t, d) including the cache; key positions/keep (b, t)."""
-        b, n, _ = x.shape
+    def _qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (b, h, n, d) and k, v (b, kv, n, d) of the new tokens: projected, QK-normed, rotated."""
         q = self.split_heads(self.q_proj(x))
         k, v = self.split_heads(self.kv_proj(x), 2 * self.n_kv_heads).chunk(2, dim=1)
         if self.opts.qk_norm:
@@ -121,6 +120,12 @@ class SoftmaxAttention(Mixer):
         if self.rotary is not None:
             q = self.rotary.rotate_queries(q, positions)
             k = self.rotary.rotate_keys(k, positions)
+        return q, k, v
+
+    def _project(self, x, mask, state, positions):
+        """q (b, h, n, d); k, v (b, kv, t, d) including the cache; key positions/keep (b, t)."""
+        b, n, _ = x.shape
+        q, k, v = self._qkv(x, positions)
         keep = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
         k_pos, k_keep = positions, keep
         if state is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from efformer.config import ModelConfig
-from efformer.mixers.base import Mixer, MixerState
+from efformer.mixers.base import Mixer, MixerState, with_max_len
 from efformer.registry import FFNS, MIXERS, NORMS
 
 
@@ -24,13 +24,11 @@ class Block(nn.Module):
         super().__init__()
         self.placement = cfg.norm_placement
         mixer_cls = MIXERS.get(mixer_name)
-        if "max_len" in mixer_cls.Options.model_fields and "max_len" not in mixer_options:
-            mixer_options = {**mixer_options, "max_len": cfg.max_len}  # Linformer's E/F, cosFormer's M, ...
         self.mixer: Mixer = mixer_cls(
             cfg.d_model,
             cfg.n_heads,
             causal=cfg.causal,
-            options=mixer_options,
+            options=with_max_len(mixer_cls, mixer_options, cfg.max_len),
             rotary=rotary,
             attn_bias=attn_bias,
             dropout=cfg.attn_dropout,
