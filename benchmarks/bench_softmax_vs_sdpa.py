@@ -15,9 +15,9 @@ import argparse
 
 import torch
 
-from efformer.benchmarks_raw import raw_sdpa_attention
+from efformer.bench.peers import raw_sdpa_attention
+from efformer.bench.perf import attention_flops, matmul_peak_gflops, time_ms
 from efformer.mixers.softmax import SoftmaxAttention
-from efformer.perf import attention_flops, matmul_peak_gflops, time_ms
 
 
 def raw_attention(m: SoftmaxAttention, x: torch.Tensor, causal: bool) -> torch.Tensor:

@@ -15,8 +15,8 @@ import time
 
 import torch
 
+from efformer.bench.perf import matmul_peak_gflops
 from efformer.models import create_model
-from efformer.perf import matmul_peak_gflops
 from efformer.train.data import TensorExamples
 from efformer.train.trainer import Trainer
 

@@ -1,6 +1,8 @@
 """efformer: every efficient-Transformer mechanism as a tested, drop-in token mixer."""
 
-from efformer.config import ModelConfig, build_config
+# The parts register themselves on import: nn (norms, positional schemes, FFNs), then the mixers.
+import efformer.mixers  # noqa: F401
+import efformer.nn  # noqa: F401
 from efformer.errors import (
     CapabilityError,
     CheckpointError,
@@ -10,18 +12,21 @@ from efformer.errors import (
     ShapeError,
     UnknownNameError,
 )
-from efformer.models import CausalLM, DualEncoderClassifier, SequenceClassifier, create_model, list_presets, load
+from efformer.models import (
+    CausalLM,
+    DualEncoderClassifier,
+    ModelConfig,
+    SequenceClassifier,
+    build_config,
+    create_model,
+    list_presets,
+    load,
+    save,
+)
 from efformer.registry import FFNS, MIXERS, NORMS, POSITIONALS, describe_mixer, list_mixers, register_mixer
+from efformer.version import VERSION
 
-__version__ = "0.1.0"
-
-
-def save(model, directory):
-    """Save a model as ``config.json`` + ``model.safetensors`` in ``directory``."""
-    from efformer.models.factory import save as _save
-
-    return _save(model, directory)
-
+__version__ = VERSION
 
 __all__ = [
     "FFNS", "MIXERS", "NORMS", "POSITIONALS", "CapabilityError", "CausalLM", "CheckpointError",

@@ -1,19 +1,21 @@
-"""The ``efformer`` command: list, describe, generate, demo (later: train, arena, bench, advise)."""
+"""The ``efformer`` command: list, describe, generate; train, data, arena, bench and advise come from their packages."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import sys
 
+from efformer.arena import cli as arena_cli
+from efformer.bench import cli as bench_cli
+from efformer.data import cli as data_cli
 from efformer.errors import EfformerError
+from efformer.models import load
+from efformer.registry import FFNS, MIXERS, NORMS, POSITIONALS, describe_mixer
+from efformer.train import cli as train_cli
 
 
 def _cmd_list(args) -> int:
-    from efformer.registry import FFNS, MIXERS, NORMS, POSITIONALS
-
     rows = []
     for name in MIXERS.names():
         c = MIXERS.get(name).capabilities
@@ -31,29 +33,16 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_describe(args) -> int:
-    from efformer.registry import describe_mixer
-
     print(json.dumps(describe_mixer(args.name), indent=2))
     return 0
 
 
 def _cmd_generate(args) -> int:
-    from efformer.models import load
-
     model = load(args.model)
     prompt = list(args.prompt.encode("utf-8"))
     out = model.generate([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p)[0]
     print(bytes(t % 256 for t in out).decode("utf-8", errors="replace"))
-    return 0
-
-
-def _cmd_demo(args) -> int:
-    from efformer.demo import run_lm_demo
-
-    res = run_lm_demo(mixer=args.mixer, steps=args.steps)
-    print(f"loss {res['first_loss']:.3f} -> {res['last_loss']:.3f} in {res['seconds']:.1f}s")
-    print("sample:", res["sample"])
     return 0
 
 
@@ -63,12 +52,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
 
 
-# Subpackages that add their own subcommands: each module has ``register(subparsers)``.
-PLUGIN_MODULES = (
-    "efformer.train.cli",  # train, eval, runs, report
-    "efformer.data.cli",  # data listops | pathfinder
-    "efformer.arena.cli",  # arena
-    "efformer.bench.cli",  # bench, advise
+# Subpackages that add their own subcommands: each has ``register(subparsers)``.
+PLUGINS = (
+    train_cli,  # train, eval, runs, report
+    data_cli,  # data listops | pathfinder
+    arena_cli,  # arena
+    bench_cli,  # bench, advise
 )
 
 
@@ -88,13 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.set_defaults(fn=_cmd_generate)
-    m = sub.add_parser("demo", help="the built-in demo")
-    m.add_argument("--mixer", default="softmax")
-    m.add_argument("--steps", type=int, default=300)
-    m.set_defaults(fn=_cmd_demo)
-    for mod in PLUGIN_MODULES:
-        if importlib.util.find_spec(mod.rsplit(".", 1)[0]) and importlib.util.find_spec(mod):
-            importlib.import_module(mod).register(sub)
+    for plugin in PLUGINS:
+        plugin.register(sub)
     return p
 
 

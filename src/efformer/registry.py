@@ -1,4 +1,8 @@
-"""Name -> class registries for mixers, positional schemes, norms and feed-forward blocks."""
+"""Name -> class registries for mixers, positional schemes, norms and feed-forward blocks.
+
+The built-in parts register themselves when their modules are imported; ``import efformer``
+imports them all, so the registries are full before any lookup.
+"""
 
 from __future__ import annotations
 
@@ -31,18 +35,15 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """The class registered under ``name``; raises UnknownNameError with a suggestion."""
-        _load_builtins()
         if name not in self._entries:
             raise UnknownNameError(self.kind, name, self._entries)
         return self._entries[name]
 
     def names(self) -> list[str]:
         """Sorted names of every registered entry."""
-        _load_builtins()
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        _load_builtins()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
@@ -53,19 +54,6 @@ MIXERS: Registry = Registry("mixer")
 POSITIONALS: Registry = Registry("positional")
 NORMS: Registry = Registry("norm")
 FFNS: Registry = Registry("ffn")
-
-_loaded = False
-
-
-def _load_builtins() -> None:
-    """Import the built-in parts so that they register themselves (once, lazily)."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import efformer.mixers  # noqa: F401  (registers every mixer module)
-    import efformer.nn  # noqa: F401
-
 
 def register_mixer(name: str):
     """Decorator: register a token-mixer class (a subclass of ``efformer.mixers.Mixer``)."""

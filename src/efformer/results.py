@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from efformer.errors import EfformerError
+from efformer.version import VERSION
 
 SCHEMA_VERSION = 1
 DEFAULT_PATH = Path(os.environ.get("EFFORMER_RESULTS", "runs/results.db"))
@@ -57,10 +58,8 @@ def machine_info() -> dict[str, str]:
                              timeout=5, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
-    from efformer import __version__
-
     return {
-        "code_version": f"{__version__}+{rev}" if rev else __version__,
+        "code_version": f"{VERSION}+{rev}" if rev else VERSION,
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
     }
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from efformer.arena.tasks import PAPER_TABLE1, TASK_NAMES, TASKS, build_datasets, get_task
-from efformer.config import build_config
 from efformer.errors import DataError, UnknownNameError
+from efformer.models.config import build_config
 
 
 def test_every_task_has_both_presets_and_a_valid_model_config():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import efformer
-from efformer.config import ModelConfig, build_config
 from efformer.errors import CapabilityError, CheckpointError, ConfigError, UnknownNameError
+from efformer.models.config import ModelConfig, build_config
 from efformer.registry import MIXERS
 
 
@@ -60,7 +60,7 @@ def test_load_refuses_missing_truncated_and_mismatched_files(tmp_path):
 
 
 def test_failed_save_leaves_no_half_written_file(tmp_path, monkeypatch):
-    import efformer.models.factory as factory
+    import efformer.models.io as factory
 
     def boom(tensors, path, metadata=None):
         open(path, "wb").write(b"partial")

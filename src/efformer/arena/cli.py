@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from efformer.results import DEFAULT_PATH
+from efformer.arena.leaderboard import render
+from efformer.arena.runner import run_grid
+from efformer.results import DEFAULT_PATH, ResultsStore
 
 
 def register(sub) -> None:
@@ -24,9 +26,6 @@ def register(sub) -> None:
 def _cmd_arena(args) -> int:
     import time
 
-    from efformer.arena.leaderboard import render
-    from efformer.arena.runner import run_grid
-    from efformer.results import ResultsStore
 
     store = ResultsStore(args.store)
     t0 = time.perf_counter()

@@ -17,13 +17,15 @@ from typing import Any
 import torch
 
 from efformer.arena.tasks import TaskSpec, build_datasets, get_task
-from efformer.config import build_config
+from efformer.bench.perf import reset_peak_rss, rss_kb
+from efformer.bench.runner import measure_in_worker
 from efformer.errors import DataError, EfformerError
 from efformer.models import create_model
-from efformer.perf import reset_peak_rss, rss_kb
+from efformer.models.config import build_config
 from efformer.registry import MIXERS
 from efformer.results import ResultsStore
 from efformer.train.config import TrainConfig
+from efformer.train.trainer import Trainer
 
 # The default grid's synthetic tasks. Quick Pathfinder (1024 tokens) takes minutes per mixer on 2 CPU
 # cores and stays near chance in that budget, so the quick default is ListOps; `--tasks` adds the rest.
@@ -77,7 +79,6 @@ def run_cell(spec: TaskSpec, mixer: str, seed: int, store: ResultsStore, out_roo
              data_dir: str | Path | None = None, steps: int | None = None,
              progress_stream=None) -> CellResult:
     """Train and evaluate one (task, mixer, seed) cell; results go to ``store``."""
-    from efformer.train.trainer import Trainer
 
     run_id = cell_run_id(spec.preset, spec.name, mixer, seed)
     if is_done(store, run_id):
@@ -161,7 +162,6 @@ def run_grid(preset: str = "quick", mixers: list[str] | None = None, tasks: list
     Each cell trains in a fresh worker process (unless ``in_process``), so its peak memory is its own
     and a crash or out-of-memory kill is recorded as a failed cell instead of ending the grid.
     """
-    from efformer.bench.runner import measure_in_worker
 
     store = store or ResultsStore()
     mixers = mixers or MIXERS.names()

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from efformer.bench.perf import sync, time_ms
 from efformer.errors import ConfigError
 from efformer.mixers.base import with_max_len
-from efformer.perf import sync, time_ms
 from efformer.registry import MIXERS
 
 MODES = ("fwd", "fwdbwd", "prefill", "decode")

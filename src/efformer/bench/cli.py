@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from efformer.results import DEFAULT_PATH
+from efformer.bench.advise import advise, arena_accuracy, parse_memory
+from efformer.bench.analysis import report
+from efformer.bench.cells import Cell
+from efformer.bench.peers import peer_status, time_sdpa_peer
+from efformer.bench.runner import device_name, sweep
+from efformer.registry import list_mixers
+from efformer.results import DEFAULT_PATH, ResultsStore
 
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096]
 
@@ -40,13 +46,6 @@ def register(sub) -> None:
 
 
 def _cmd_bench(args) -> int:
-    from efformer.bench.analysis import report
-    from efformer.bench.cells import Cell
-    from efformer.bench.peers import peer_status, time_sdpa_peer
-    from efformer.bench.runner import device_name, sweep
-    from efformer.registry import list_mixers
-    from efformer.results import ResultsStore
-
     store = ResultsStore(args.store)
     if not args.report_only:
         mixers = args.mixers or list_mixers()
@@ -71,12 +70,6 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_advise(args) -> int:
-    from efformer.bench.advise import advise, arena_accuracy, parse_memory
-    from efformer.bench.cells import Cell
-    from efformer.bench.runner import device_name, sweep
-    from efformer.registry import list_mixers
-    from efformer.results import ResultsStore
-
     budget = parse_memory(args.memory)
     store = ResultsStore(args.store)
     dev = device_name("cpu")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from efformer.bench.cells import DTYPES, measure
 from efformer.errors import ConfigError
+from efformer.models import create_model
 from efformer.registry import MIXERS
 
 MODEL_MODES = ("train_step",)
@@ -76,8 +77,6 @@ class ModelCell:
 
     def build(self) -> torch.nn.Module:
         """The classifier, seeded, on the cell's device and dtype; max_len is the cell's length."""
-        from efformer.models import create_model
-
         torch.manual_seed(0)
         model = create_model(
             self.preset, task="classifier", mixer=self.mixer, mixer_options=dict(self.options), max_len=self.seq_len,

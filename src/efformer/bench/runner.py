@@ -15,7 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from efformer.bench.cells import Cell, run_cell
-from efformer.perf import matmul_peak_gflops, reset_peak_rss, rss_kb
+from efformer.bench.perf import matmul_peak_gflops, reset_peak_rss, rss_kb
 from efformer.results import ResultsStore
 
 _CTX = None

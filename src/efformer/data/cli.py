@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import os
 
+from efformer.data import listops, pathfinder
+
 
 def _listops(args) -> int:
-    from efformer.data.listops import ListOpsConfig, generate_files
-
     n_eval = args.n_eval if args.n_eval is not None else max(1, args.n // 48)  # LRA: 96K / 2K / 2K
-    cfg = ListOpsConfig(min_len=args.min_len, max_len=args.max_len, max_depth=args.depth, max_args=args.max_args,
-                        n_train=args.n, n_val=n_eval, n_test=n_eval)
-    paths = generate_files(args.out, cfg, seed=args.seed, workers=args.workers, progress=True)
+    cfg = listops.ListOpsConfig(min_len=args.min_len, max_len=args.max_len, max_depth=args.depth,
+                                max_args=args.max_args, n_train=args.n, n_val=n_eval, n_test=n_eval)
+    paths = listops.generate_files(args.out, cfg, seed=args.seed, workers=args.workers, progress=True)
     for split, p in paths.items():
         print(f"{split}: {p}")
     return 0
 
 
 def _pathfinder(args) -> int:
-    from efformer.data.pathfinder import generate_files
-
-    root = generate_files(args.out, args.resolution, args.difficulty, n=args.n, seed=args.seed,
+    root = pathfinder.generate_files(args.out, args.resolution, args.difficulty, n=args.n, seed=args.seed,
                           workers=args.workers, batch_size=args.batch_size, progress=True)
     print(f"wrote {args.n} images under {root}")
     return 0

@@ -17,8 +17,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from efformer.config import validate_options
 from efformer.errors import CapabilityError, ConfigError, ShapeError
+from efformer.options import validate_options
 
 FORMS = ("reference", "fast", "chunked", "recurrent", "triton")
 # "auto" picks the first available form in this order (triton only on CUDA).

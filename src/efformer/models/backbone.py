@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from efformer.config import ModelConfig
 from efformer.errors import ShapeError
+from efformer.models.block import Block
 from efformer.models.cache import Cache
-from efformer.nn.block import Block
+from efformer.models.config import ModelConfig
 from efformer.nn.positional import build_positional
 from efformer.registry import MIXERS, NORMS
 

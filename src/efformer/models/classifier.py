@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from efformer.config import ModelConfig
 from efformer.models.backbone import Backbone
+from efformer.models.config import ModelConfig
 
 
 class _Encoder(nn.Module):

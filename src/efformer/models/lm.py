@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efformer.config import ModelConfig
 from efformer.errors import ConfigError, ShapeError
 from efformer.models.backbone import Backbone
 from efformer.models.cache import Cache
+from efformer.models.config import ModelConfig
 
 
 class CausalLM(nn.Module):

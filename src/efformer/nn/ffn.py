@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efformer.config import StrictModel
+from efformer.options import StrictModel
 from efformer.registry import FFNS
 
 

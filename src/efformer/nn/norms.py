@@ -6,7 +6,7 @@ from __future__ import annotations
 import pydantic
 from torch import nn
 
-from efformer.config import StrictModel
+from efformer.options import StrictModel
 from efformer.registry import NORMS
 
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efformer.config import StrictModel, validate_options
 from efformer.errors import ShapeError
+from efformer.options import StrictModel, validate_options
 from efformer.registry import POSITIONALS
 
 Kind = Literal["none", "embedding", "rotary", "bias"]

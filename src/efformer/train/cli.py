@@ -10,18 +10,19 @@ from typing import Any
 import torch
 
 from efformer.errors import CheckpointError, ConfigError
+from efformer.models import create_model, load
 from efformer.results import DEFAULT_PATH, ResultsStore
+from efformer.train import distributed as D
+from efformer.train import report
+from efformer.train.checkpoint import list_checkpoints, load_checkpoint, model_tensors
 from efformer.train.config import RunConfig, build_run_config, load_config_file, load_run_config
+from efformer.train.data import build_datasets
+from efformer.train.report import write_report
+from efformer.train.trainer import Trainer
 
 
 def run_training(cfg: RunConfig, resume: bool | str = False, progress_stream=None) -> dict[str, float]:
     """Build the model and data of a run config and train it (under torchrun: on every rank)."""
-    from efformer.models import create_model
-    from efformer.train import distributed as D
-    from efformer.train.checkpoint import list_checkpoints
-    from efformer.train.data import build_datasets
-    from efformer.train.trainer import Trainer
-
     out = cfg.output_dir()
     if not resume and list_checkpoints(out / "checkpoints"):
         raise ConfigError("out_dir", str(out), "already holds checkpoints; pass --resume to continue that run "
@@ -57,11 +58,6 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from efformer.models import create_model, load
-    from efformer.train.checkpoint import load_checkpoint, model_tensors
-    from efformer.train.data import build_datasets
-    from efformer.train.trainer import Trainer
-
     path = Path(args.checkpoint)
     if (path / "config.json").is_file():  # a saved model folder: the data must come from --config
         model, raw_cfg = load(path), {}
@@ -99,8 +95,6 @@ def _store(args) -> ResultsStore:
 
 
 def _cmd_runs(args) -> int:
-    from efformer.train import report
-
     store = _store(args)
     if args.action == "list":
         print(report.runs_table(store, args.kind))
@@ -116,8 +110,6 @@ def _cmd_runs(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from efformer.train.report import write_report
-
     path = write_report(_store(args), args.out, args.runs or None)
     print(f"wrote {path}")
     return 0

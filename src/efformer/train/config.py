@@ -12,8 +12,11 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
-from efformer.config import ModelConfig, StrictModel, build_config
 from efformer.errors import ConfigError, UnknownNameError
+from efformer.models.config import ModelConfig, build_config
+from efformer.models.factory import PRESETS
+from efformer.options import StrictModel
+from efformer.train.data import check_data_config
 
 Schedule = Literal["cosine", "linear", "constant", "inverse_sqrt"]
 Precision = Literal["fp32", "bf16"]
@@ -87,8 +90,6 @@ _UNKNOWN_KIND_KEY = {"mixer": "model.mixer", "positional": "model.positional", "
 
 def resolve_model_config(section: dict[str, Any]) -> ModelConfig:
     """ModelConfig from a model section; a ``preset`` key supplies defaults that other keys override."""
-    from efformer.models.factory import PRESETS
-
     section = dict(section)
     preset = section.pop("preset", None)
     base: dict[str, Any] = {}
@@ -168,7 +169,6 @@ def build_run_config(data: dict[str, Any] | None = None, overrides: list[str] | 
     except pydantic.ValidationError as e:
         raise _run_config_error(e) from None
     cfg.build_model_config()
-    from efformer.train.data import check_data_config
 
     check_data_config(cfg.data)
     return cfg

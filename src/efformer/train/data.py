@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efformer.config import ModelConfig, StrictModel, validate_options
+from efformer.assets import bundled_text
 from efformer.errors import ConfigError, DataError, UnknownNameError
+from efformer.models.config import ModelConfig
+from efformer.options import StrictModel, validate_options
 
 Example = dict[str, Tensor]
 
@@ -155,7 +157,6 @@ DATASETS: dict[str, tuple[type[pydantic.BaseModel], Builder]] = {}
 
 def register_dataset(name: str, options: type[pydantic.BaseModel]) -> Callable[[Builder], Builder]:
     """Decorator: register ``builder(options, model_cfg) -> (train, eval)`` under ``name`` for configs."""
-
     def deco(fn: Builder) -> Builder:
         DATASETS[name] = (options, fn)
         return fn
@@ -203,8 +204,6 @@ class TextOptions(StrictModel):
 def text_dataset(opts: TextOptions, model_cfg: ModelConfig):
     """Overlapping byte windows of the head (train) and tail (eval) of a text file."""
     if opts.path is None:
-        from efformer.demo import bundled_text
-
         raw = bundled_text()
     else:
         p = Path(opts.path)

@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 from efformer.errors import CheckpointError, ConfigError, EfformerError
+from efformer.models import create_model, save
+from efformer.options import validate_options
+from efformer.registry import NORMS
 from efformer.results import ResultsStore
 from efformer.train import distributed as D
 from efformer.train.checkpoint import (
@@ -45,8 +48,6 @@ class DivergedError(EfformerError):
 
 
 def _norm_types() -> tuple[type, ...]:
-    from efformer.registry import NORMS
-
     return tuple(NORMS.get(n) for n in NORMS.names()) + (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 
 
@@ -78,7 +79,6 @@ class Trainer:
                  eval_data: Sequence | None = None, store: ResultsStore | None = None, run_id: str | None = None,
                  out_dir: str | Path = "runs/run", run_config: dict | None = None, progress_stream=None,
                  kind: str = "train"):
-        from efformer.config import validate_options
 
         self.cfg = validate_options(TrainConfig, train_config, "train")
         self.info = D.setup(self.cfg.device)
@@ -138,8 +138,6 @@ class Trainer:
 
     def save_model(self, directory: str | Path) -> None:
         """Save the trained model as a plain efformer model folder (gathered from shards under FSDP)."""
-        from efformer.models import create_model, save
-
         model = self.raw
         if self.cfg.parallel == "fsdp" and self.info.distributed:
             weights = D.full_model_state(self.model)  # collective: every rank takes part

@@ -7,41 +7,9 @@ from typing import Any, Literal
 
 import pydantic
 
-from efformer.errors import CapabilityError, ConfigError, EfformerError
-
-
-class StrictModel(pydantic.BaseModel):
-    """A pydantic model that refuses unknown keys."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-
-def validate_options(model: type[pydantic.BaseModel], options: Any, owner: str) -> Any:
-    """Validate ``options`` (dict or model) against ``model``; raise ConfigError naming the field."""
-    if isinstance(options, model):
-        return options
-    if options is None:
-        options = {}
-    if isinstance(options, pydantic.BaseModel):
-        options = options.model_dump()
-    if not isinstance(options, dict):
-        raise ConfigError(f"{owner}.options", options, "a dict of option names to values")
-    try:
-        return model.model_validate(options)
-    except pydantic.ValidationError as e:
-        raise _config_error(e, owner, model) from None
-
-
-def _config_error(e: pydantic.ValidationError, owner: str, model: type[pydantic.BaseModel]) -> ConfigError:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    field = f"{owner}.{loc}" if owner and loc else (owner or loc or "config")
-    if err["type"] == "extra_forbidden":
-        allowed = "unknown key; allowed: " + ", ".join(model.model_fields)
-    else:
-        allowed = err["msg"]
-    return ConfigError(field, err.get("input"), allowed)
-
+from efformer.errors import CapabilityError, ConfigError
+from efformer.options import StrictModel, config_error, validate_options
+from efformer.registry import FFNS, MIXERS, NORMS, POSITIONALS
 
 Task = Literal["lm", "classifier", "dual"]
 Placement = Literal["pre", "post", "peri", "sandwich", "deepnorm"]
@@ -124,14 +92,13 @@ def build_config(data: dict[str, Any] | ModelConfig | None = None, **overrides: 
         if err["type"] == "value_error":  # our own cross-field checks
             raise ConfigError("config", {k: merged.get(k) for k in ("d_model", "n_heads")},
                               str(err["ctx"]["error"])) from None
-        raise _config_error(e, "", ModelConfig) from None
+        raise config_error(e, "", ModelConfig) from None
     check_parts(cfg)
     return cfg
 
 
 def check_parts(cfg: ModelConfig) -> None:
     """Refuse unknown part names, bad part options and impossible combinations, with the reason."""
-    from efformer.registry import FFNS, MIXERS, NORMS, POSITIONALS
 
     pos_cls = POSITIONALS.get(cfg.positional)
     validate_options(pos_cls.Options, cfg.positional_options, f"positional_options[{cfg.positional}]")
@@ -164,4 +131,4 @@ def check_parts(cfg: ModelConfig) -> None:
             )
 
 
-__all__ = ["EfformerError", "ModelConfig", "StrictModel", "build_config", "validate_options"]
+__all__ = ["ModelConfig", "build_config", "check_parts"]

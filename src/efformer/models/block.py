@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from efformer.config import ModelConfig
 from efformer.mixers.base import Mixer, MixerState, with_max_len
+from efformer.models.config import ModelConfig
 from efformer.registry import FFNS, MIXERS, NORMS
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from efformer.config import build_config
-from efformer.nn.block import Block, deepnorm_constants
+from efformer.models.block import Block, deepnorm_constants
+from efformer.models.config import build_config
 
 
 def _block(placement):
