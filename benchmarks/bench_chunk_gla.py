@@ -71,7 +71,7 @@ def main() -> None:
         "chunked (torch)": lambda *a: chunk_gla(*a, chunk_size=args.chunk, backend="torch"),
         "recurrent (torch)": gla_recurrent,
     }
-    if triton_runs(torch.empty(0, device=dev)):
+    if triton_runs(dev):
         forms["triton"] = lambda *a: chunk_gla(*a, backend="triton")
     print(f"device={dev} dtype={args.dtype} B={args.batch} H={args.heads} K={args.dk} V={args.dv}")
     print(f"matmul peak: {peak:,.0f} GFLOP/s")

@@ -15,18 +15,41 @@ def rel_err(ref: Tensor, got: Tensor) -> float:
     return ((ref - got).square().mean().sqrt() / (ref.square().mean().sqrt() + 1e-12)).item()
 
 
-def make_mixer(name: str, causal: bool, d_model: int = 32, n_heads: int = 4, **options):
+def make_mixer(name: str, causal: bool, d_model: int = 32, n_heads: int = 4, max_len: int | None = None, **options):
     """A mixer with its class's small test options (plus ``options``), in float32, eval mode."""
     cls = MIXERS.get(name)
     opts = {**cls.test_options, **options}
     torch.manual_seed(0)
-    return cls(d_model, n_heads, causal=causal, options=opts).eval()
+    max_len = cls.test_max_len if max_len is None else max_len
+    return cls(d_model, n_heads, causal=causal, options=opts, max_len=max_len).eval()
 
 
 def with_form(mixer, form: str):
     """The same mixer (same weights) forced to run ``form``."""
-    mixer.opts = mixer.opts.model_copy(update={"form": form})
+    inner = mixer.mixer if isinstance(mixer, WithPositional) else mixer
+    inner.opts = inner.opts.model_copy(update={"form": form})
     return mixer
+
+
+class WithPositional(torch.nn.Module):
+    """A mixer called with a positional scheme's context, as a model's backbone calls it."""
+
+    def __init__(self, mixer, scheme):
+        super().__init__()
+        self.mixer, self.scheme = mixer, scheme
+
+    def forward(self, x, *, mask=None, state=None, positions=None):
+        """As the mixer's forward, with ``positions`` (default ``state.seen + arange``) turned into a context."""
+        if positions is None:
+            offset = state.seen if state is not None else 0
+            positions = torch.arange(offset, offset + x.shape[1]).expand(x.shape[0], -1)
+        return self.mixer(x, mask=mask, state=state, positions=self.scheme.context(positions, x.dtype))
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("mixer"), name)
 
 
 def mixer_cases() -> list[tuple[str, bool]]:

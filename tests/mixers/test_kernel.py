@@ -12,7 +12,7 @@ from efformer.errors import ConfigError, ShapeError
 from efformer.mixers.kernel import orthogonal_features
 from efformer.mixers.softmax import SoftmaxAttention
 from efformer.registry import MIXERS
-from tests.helpers import make_mixer, rel_err, with_form
+from tests.helpers import WithPositional, make_mixer, rel_err, with_form
 
 KERNELS = ("linear", "performer", "cosformer")
 
@@ -184,7 +184,7 @@ def test_kernel_options_are_validated():
         make_mixer("performer", True, n_features=0)
     with pytest.raises(ConfigError, match="linear.chunk"):
         make_mixer("linear", True, chunk=0)
-    with pytest.raises(ConfigError, match="cosformer.max_len"):
+    with pytest.raises(ConfigError, match="max_len"):
         make_mixer("cosformer", True, max_len=0)
 
 
@@ -198,7 +198,7 @@ def test_performer_with_rope_forms_agree_and_approach_rope_softmax(causal):
     rope = build_positional("rope", 32, 4, 256, causal)
     x = torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(5))
     torch.manual_seed(0)
-    m = Performer(32, 4, causal=causal, options={"chunk": 4, "n_features": 64}, rotary=rope).eval()
+    m = WithPositional(Performer(32, 4, causal=causal, options={"chunk": 4, "n_features": 64}).eval(), rope)
     y_ref, _ = with_form(m, "reference")(x)
     for form in ("chunked", "recurrent"):
         assert rel_err(y_ref, with_form(m, form)(x)[0]) < 1e-5
@@ -207,11 +207,11 @@ def test_performer_with_rope_forms_agree_and_approach_rope_softmax(causal):
         ys = [with_form(m, "auto")(x[:, i : i + 1], state=st)[0] for i in range(13)]
         assert rel_err(y_ref, torch.cat(ys, 1)) < 1e-5
     # the estimate approaches RoPE softmax attention with the same weights as features grow
-    soft = SoftmaxAttention(32, 4, causal=causal, rotary=rope).eval()
+    soft = WithPositional(SoftmaxAttention(32, 4, causal=causal).eval(), rope)
     errs = []
     for n_features in (16, 256, 2048):
         torch.manual_seed(1)
-        p = Performer(32, 4, causal=causal, options={"n_features": n_features}, rotary=rope).eval()
+        p = WithPositional(Performer(32, 4, causal=causal, options={"n_features": n_features}).eval(), rope)
         p.q_proj.load_state_dict(soft.q_proj.state_dict())
         p.kv_proj.load_state_dict(soft.kv_proj.state_dict())
         p.out_proj.load_state_dict(soft.out_proj.state_dict())

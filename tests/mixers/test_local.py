@@ -12,17 +12,29 @@ import torch
 
 from efformer.errors import ConfigError
 from efformer.mixers.local import Ctx
-from efformer.nn.positional import Fire, Rope
+from efformer.nn.positional import Fire, PositionalContext, Rope
 from efformer.registry import MIXERS
-from tests.helpers import make_mixer, rel_err, with_form
+from tests.helpers import WithPositional, make_mixer, rel_err, with_form
 
 
 # ---- helpers shared with test_sparse.py --------------------------------------------------
+class RopeAndBias(torch.nn.Module):
+    """A scheme giving both a rotation and a score bias (no model has both; the mixer must take both)."""
+
+    def __init__(self, rope, bias):
+        super().__init__()
+        self.rope, self.bias = rope, bias
+
+    def context(self, positions, dtype):
+        """Positions with the rope's rotation and the bias scheme."""
+        return PositionalContext(positions, rotation=self.rope.rotation(positions, dtype), bias=self.bias)
+
+
 def seen_keys(m, n: int, form: str) -> torch.Tensor:
     """Attention weights (n, n) with all scores equal: uniform over the keys each query may see."""
     zeros = torch.zeros(1, m.n_heads, n, 4)
     pos = torch.arange(n)[None]
-    ctx = Ctx(0, torch.arange(n), pos, pos, None, None)
+    ctx = Ctx(0, torch.arange(n), pos, pos, None, None, PositionalContext(pos))
     attend = m.attend_reference if form == "reference" else m.attend_fast
     return attend(zeros, zeros, torch.eye(n).expand(1, m.n_heads, n, n), ctx)[0, 0]
 
@@ -37,19 +49,22 @@ def check_pattern(m, n: int, expected) -> None:
         assert torch.allclose(got, uniform, atol=1e-6), f"{form} counts a key twice at n={n}"
 
 
-def softmax_twin(m, **kw):
-    """A SoftmaxAttention with the same weights, direction and positional schemes as ``m``."""
-    sm = MIXERS.get("softmax")(m.d_model, m.n_heads, causal=m.causal, options={"n_kv_heads": m.n_kv_heads}, **kw)
-    missing, unexpected = sm.load_state_dict(m.state_dict(), strict=False)
+def softmax_twin(m, scheme=None):
+    """A SoftmaxAttention with the same weights and direction as ``m`` (called with ``scheme``, if given)."""
+    inner = m.mixer if isinstance(m, WithPositional) else m
+    sm = MIXERS.get("softmax")(inner.d_model, inner.n_heads, causal=inner.causal,
+                               options={"n_kv_heads": inner.n_kv_heads})
+    missing, unexpected = sm.load_state_dict(inner.state_dict(), strict=False)
     assert not missing and set(unexpected) <= {"seed"}
-    return sm.eval()
+    sm = sm.eval()
+    return WithPositional(sm, scheme) if scheme is not None else sm
 
 
 def assert_equals_softmax(m, n: int = 11, rotary: bool = True) -> None:
     """Both forms of ``m`` equal softmax attention with the same weights (with rope and a padding mask)."""
     rope = Rope(m.d_model, m.n_heads, 64, m.causal) if rotary else None
-    object.__setattr__(m, "rotary", rope)
-    sm = softmax_twin(m, rotary=rope)
+    sm = softmax_twin(m, rope)
+    m = WithPositional(m, rope) if rope is not None else m
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, n, m.d_model, generator=gen)
     keep = torch.ones(2, n, dtype=torch.bool)
@@ -63,9 +78,9 @@ def assert_equals_softmax(m, n: int = 11, rotary: bool = True) -> None:
 
 def assert_forms_agree_with_positional(m, n: int = 13) -> None:
     """Fast == reference on outputs and gradients with rope and a learned bias (FIRE) and a mask."""
-    object.__setattr__(m, "rotary", Rope(m.d_model, m.n_heads, 64, m.causal))
+    rope = Rope(m.d_model, m.n_heads, 64, m.causal)
     fire = Fire(m.d_model, m.n_heads, 64, m.causal)
-    object.__setattr__(m, "attn_bias", fire)
+    m = WithPositional(m, RopeAndBias(rope, fire))
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(2, n, m.d_model, generator=gen)
     keep = torch.rand(2, n, generator=gen) > 0.3

@@ -13,9 +13,9 @@ from tests.helpers import LargestTensor, rel_err, with_form
 D, H = 32, 4
 
 
-def _mixer(**opts) -> SinkhornAttention:
+def _mixer(max_len: int = 256, **opts) -> SinkhornAttention:
     torch.manual_seed(0)
-    return SinkhornAttention(D, H, options={"block_size": 4, "max_len": 256, "sinkhorn_iters": 4, **opts}).eval()
+    return SinkhornAttention(D, H, options={"block_size": 4, "sinkhorn_iters": 4, **opts}, max_len=max_len).eval()
 
 
 @pytest.mark.parametrize("temperature", [0.75, 0.1])
@@ -98,8 +98,10 @@ def test_sequences_longer_than_max_len_are_refused():
     [{"block_size": 0}, {"temperature": 0.0}, {"sinkhorn_iters": -1}, {"max_len": 2, "block_size": 4}, {"max_len": 0}],
 )
 def test_bad_options_raise_config_error(opts):
-    with pytest.raises(ConfigError, match="sinkhorn"):
-        SinkhornAttention(D, H, options=opts)
+    opts = dict(opts)
+    max_len = opts.pop("max_len", 64)
+    with pytest.raises(ConfigError, match="sinkhorn|max_len"):
+        SinkhornAttention(D, H, options=opts, max_len=max_len)
 
 
 def test_causal_is_refused_with_a_reason():

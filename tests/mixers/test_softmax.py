@@ -7,23 +7,21 @@ import torch
 
 from efformer.mixers.softmax import SoftmaxAttention
 from efformer.nn.positional import build_positional
-from tests.helpers import rel_err, with_form
+from tests.helpers import WithPositional, rel_err, with_form
 
 D, H = 32, 4
 
 
 def _pair(causal, positional="none", **opts):
     pos = build_positional(positional, D, H, 256, causal)
-    rotary = pos if pos.kind == "rotary" else None
-    bias = pos if pos.kind == "bias" else None
     torch.manual_seed(0)
     if hasattr(pos, "mlp"):  # make FIRE's bias non-trivial
         for p in pos.parameters():
             torch.nn.init.normal_(p, std=0.5)
     if hasattr(pos, "table") and pos.kind == "bias":
         torch.nn.init.normal_(pos.table.weight)
-    m = SoftmaxAttention(D, H, causal=causal, options=opts, rotary=rotary, attn_bias=bias).eval()
-    return m
+    m = SoftmaxAttention(D, H, causal=causal, options=opts).eval()
+    return WithPositional(m, pos) if pos.kind in ("rotary", "bias") else m
 
 
 def _out_and_grads(m, x, mask):

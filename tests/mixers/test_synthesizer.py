@@ -15,12 +15,12 @@ D, H = 32, 4
 
 def _dense(**opts) -> DenseSynthesizer:
     torch.manual_seed(0)
-    return DenseSynthesizer(D, H, options={"max_len": 24, **opts}).eval()
+    return DenseSynthesizer(D, H, options=opts, max_len=24).eval()
 
 
 def _random(causal=False, **opts) -> RandomSynthesizer:
     torch.manual_seed(0)
-    return RandomSynthesizer(D, H, causal=causal, options={"max_len": 24, **opts}).eval()
+    return RandomSynthesizer(D, H, causal=causal, options=opts, max_len=24).eval()
 
 
 def _by_hand(m, x, logits):
@@ -81,7 +81,7 @@ def test_fixed_random_table_is_a_saved_buffer_and_learned_one_trains():
 @pytest.mark.parametrize("cls", [DenseSynthesizer, RandomSynthesizer])
 def test_logits_follow_absolute_positions(cls):
     torch.manual_seed(0)
-    m = cls(D, H, causal=True, options={"max_len": 24}).eval()
+    m = cls(D, H, causal=True, max_len=24).eval()
     x = torch.randn(1, 5, D)
     v = m.split_heads(m.v_proj(x))
     pos = torch.arange(10, 15)[None]
@@ -94,7 +94,7 @@ def test_logits_follow_absolute_positions(cls):
 @pytest.mark.parametrize("cls", [DenseSynthesizer, RandomSynthesizer])
 def test_inputs_beyond_max_len_are_refused(cls):
     torch.manual_seed(0)
-    m = cls(D, H, causal=True, options={"max_len": 8}).eval()
+    m = cls(D, H, causal=True, max_len=8).eval()
     m(torch.randn(1, 8, D))
     with pytest.raises(ShapeError, match="max_len=8"):
         m(torch.randn(1, 9, D))
@@ -119,12 +119,14 @@ def test_padded_keys_get_no_weight():
     [
         (DenseSynthesizer, {"factorized": 5}),  # does not divide max_len=24
         (DenseSynthesizer, {"factorized": 0}),
-        (DenseSynthesizer, {"max_len": 0}),
+        (DenseSynthesizer, {"max_len": 0}),  # not an option: the constructor's argument
         (RandomSynthesizer, {"factorized": 25}),  # rank above max_len=24
         (RandomSynthesizer, {"factorized": 0}),
         (RandomSynthesizer, {"trainable": "maybe"}),
     ],
 )
 def test_bad_options_raise_config_error(cls, opts):
-    with pytest.raises(ConfigError, match=cls.name):
-        cls(D, H, options={"max_len": 24, **opts})
+    opts = dict(opts)
+    max_len = opts.pop("max_len", 24)
+    with pytest.raises(ConfigError, match=f"{cls.name}|max_len"):
+        cls(D, H, options=opts, max_len=max_len)

@@ -63,11 +63,17 @@ def test_rope_preserves_norm_and_partial_rotary_keeps_the_rest():
 
 
 def test_xpos_scores_decay_with_distance():
+    """The q.k scale of xPos is zeta^((n - m) / scale_base): 1 at distance 0, falling with distance."""
     pos = build_positional("xpos", D, H, 64, True, {"scale_base": 8})
-    q = torch.ones(1, H, 1, D // H)
-    scale = [(pos._scale(_pos(1, 1, n), 1.0) * pos._scale(_pos(1, 1, 0), -1.0)).mean().item() for n in (0, 8, 16)]
-    assert scale[0] == pytest.approx(1.0) and scale[0] > scale[1] > scale[2]
-    assert q.shape[-1] == D // H
+
+    def scale(n, m):
+        rq, rk = pos.rotation(_pos(1, 1, n), torch.float64), pos.rotation(_pos(1, 1, m), torch.float64)
+        return ((rq.q_cos**2 + rq.q_sin**2).sqrt() * (rk.k_cos**2 + rk.k_sin**2).sqrt()).flatten()
+
+    assert torch.allclose(scale(0, 0), torch.ones(pos.rot_dim // 2, dtype=torch.float64))
+    assert torch.allclose(scale(8, 0), pos.zeta.double())  # exactly zeta^1 at distance scale_base
+    assert torch.allclose(scale(30, 22), scale(8, 0))  # depends on the distance only
+    assert bool((scale(16, 0) < scale(8, 0)).all())
 
 
 def test_alibi_values_and_slopes():

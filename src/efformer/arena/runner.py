@@ -54,9 +54,8 @@ def train_config(spec: TaskSpec, seed: int, steps: int | None = None) -> TrainCo
 
 def model_config(spec: TaskSpec, mixer: str, mixer_options: dict | None = None):
     """The task's model with ``mixer``; causal-only mixers run as causal encoders."""
-    caps = MIXERS.get(mixer).capabilities
-    return build_config(spec.model_config(mixer=mixer, mixer_options=mixer_options or {},
-                                          encoder_causal=not caps.bidirectional))
+    causal = bool(MIXERS.get(mixer).capabilities.why_not(mixer, causal=False))
+    return build_config(spec.model_config(mixer=mixer, mixer_options=mixer_options or {}, encoder_causal=causal))
 
 
 @dataclass

@@ -46,11 +46,9 @@ def advise(
     ranked, left_out = [], []
     for name in MIXERS.names():
         caps = MIXERS.get(name).capabilities
-        if causal and not caps.causal:
-            left_out.append(f"{name}: cannot be causal")
-            continue
-        if decode and not caps.decode:
-            left_out.append(f"{name}: has no decode state")
+        reasons = caps.why_not(name, causal=True if causal else None, decode=decode)
+        if reasons:
+            left_out.append(f"{name}: {reasons[0]}")
             continue
         if name not in times:
             how = "causal " if causal else ""

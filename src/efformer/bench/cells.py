@@ -16,7 +16,6 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from efformer.bench.perf import sync, time_ms
 from efformer.errors import ConfigError
-from efformer.mixers.base import with_max_len
 from efformer.registry import MIXERS
 
 MODES = ("fwd", "fwdbwd", "prefill", "decode")
@@ -59,13 +58,10 @@ class Cell:
     def unsupported_reason(self) -> str | None:
         """Why this cell cannot run, or None."""
         caps = MIXERS.get(self.mixer).capabilities
-        causal = self.resolved_causal()
-        if causal and not caps.causal:
-            return "mixer is bidirectional only"
-        if not causal and not caps.bidirectional:
-            return "mixer is causal only"
-        if self.mode in ("prefill", "decode") and not caps.decode:
-            return "mixer has no decode state"
+        reasons = caps.why_not(self.mixer, causal=self.resolved_causal(), decode=self.mode in ("prefill", "decode"),
+                               dtype=self.dtype)
+        if reasons:
+            return "; ".join(reasons)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             return "no CUDA device"
         return None
@@ -107,9 +103,9 @@ def count_flops(fn) -> int:
 
 def _build(cell: Cell):
     cls = MIXERS.get(cell.mixer)
-    opts = with_max_len(cls, dict(cell.options), cell.seq_len + 1)  # as a model passes its max_len
+    max_len = cell.seq_len + 1  # as a model passes its max_len
     torch.manual_seed(0)
-    m = cls(cell.d_model, cell.n_heads, causal=cell.resolved_causal(), options=opts)
+    m = cls(cell.d_model, cell.n_heads, causal=cell.resolved_causal(), options=dict(cell.options), max_len=max_len)
     return m.to(device=cell.device, dtype=DTYPES[cell.dtype])
 
 

@@ -63,8 +63,9 @@ class ModelCell:
 
     def unsupported_reason(self) -> str | None:
         """Why this cell cannot run (a classifier needs a bidirectional mixer), or None."""
-        if not MIXERS.get(self.mixer).capabilities.bidirectional:
-            return "mixer is causal only"
+        reasons = MIXERS.get(self.mixer).capabilities.why_not(self.mixer, causal=False)
+        if reasons:
+            return reasons[0]
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             return "no CUDA device"
         return None

@@ -369,9 +369,9 @@ class ChunkGLAFunction(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dh0 if ctx.has_h0 else None
 
 
-def triton_runs(x: Tensor) -> bool:
-    """Whether the Triton kernel can run on ``x``: triton installed, and CUDA or TRITON_INTERPRET=1."""
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+def triton_runs(device: torch.device | str) -> bool:
+    """Whether Triton kernels can run on ``device``: triton installed, and CUDA or TRITON_INTERPRET=1."""
+    return triton is not None and (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def chunk_gla(
@@ -393,12 +393,12 @@ def chunk_gla(
     _check(q, k, v, g, initial_state)
     fits = max(q.shape[-1], v.shape[-1]) <= TRITON_MAX_DIM
     if backend == "auto":
-        backend = "triton" if triton_runs(q) and fits else "torch"
+        backend = "triton" if triton_runs(q.device) and fits else "torch"
     if backend == "torch":
         return chunk_gla_torch(q, k, v, g, initial_state, chunk_size, sub_chunk)
     if backend != "triton":
         raise ConfigError("backend", backend, "one of 'auto', 'triton', 'torch'")
-    if not triton_runs(q):
+    if not triton_runs(q.device):
         raise CapabilityError(
             "chunk_gla: the Triton kernel needs triton and CUDA tensors (or TRITON_INTERPRET=1 set before "
             "importing efformer); use backend='torch' or 'auto'"

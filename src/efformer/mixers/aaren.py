@@ -88,6 +88,10 @@ class Aaren(Mixer):
         self.kv_proj = nn.Linear(d_model, 2 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
+    def init_roles(self) -> dict[str, list[Tensor]]:
+        """Value rows of the fused k|v projection, and the output projection."""
+        return {"value": [self.kv_proj.weight[self.d_model :]], "output": [self.out_proj.weight]}
+
     def init_state(self, batch, device, dtype) -> PrefixSoftmaxState:
         """The empty triple (m = -inf, u = 0, w = 0) per head."""
         h, d = self.n_heads, self.head_dim
@@ -111,7 +115,7 @@ class Aaren(Mixer):
     def _finish(self, o: Tensor) -> Tensor:
         return self.out_proj(self.merge_heads(o))
 
-    def forward_reference(self, x, *, mask, state, positions):
+    def forward_reference(self, x, *, mask, state, pos):
         """Explicit softmax of the query over each prefix; a carried state is one extra summarised key."""
         s_new, v_new, u1 = self._scores(x, mask)
         s, v, (b, h, n) = s_new, v_new, s_new.shape
@@ -134,7 +138,7 @@ class Aaren(Mixer):
             state.m, state.u, state.w = combine(state.m, state.u, state.w, m, e.sum(-1), (e[..., None] * v_new).sum(2))
         return self._finish(o), state
 
-    def forward_fast(self, x, *, mask, state, positions):
+    def forward_fast(self, x, *, mask, state, pos):
         """Parallel prefix scan of (m, u, w) triples, continued from the decode state if given."""
         s, v, u = self._scores(x, mask)
         m, u, w = prefix_scan(s, u, v * u[..., None])
@@ -143,7 +147,7 @@ class Aaren(Mixer):
             state.m, state.u, state.w = m[:, :, -1], u[:, :, -1], w[:, :, -1]
         return self._finish(read_out(u, w)), state
 
-    def forward_recurrent(self, x, *, mask, state, positions):
+    def forward_recurrent(self, x, *, mask, state, pos):
         """Fold one token at a time into the running triple (the RNN view)."""
         s, v, u = self._scores(x, mask)
         st = state if state is not None else self.init_state(x.shape[0], x.device, x.dtype)

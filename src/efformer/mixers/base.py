@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import pydantic
 import torch
@@ -18,10 +18,12 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from efformer.errors import CapabilityError, ConfigError, ShapeError
+from efformer.kernels import TRITON_MAX_DIM, triton_runs
+from efformer.nn.positional import PositionalContext
 from efformer.options import validate_options
 
 FORMS = ("reference", "fast", "chunked", "recurrent", "triton")
-# "auto" picks the first available form in this order (triton only on CUDA).
+# "auto" picks the first form in this order that can run here (see form_why_not).
 _AUTO_ORDER = ("triton", "fast", "chunked", "recurrent", "reference")
 
 
@@ -41,12 +43,68 @@ class Capabilities:
     forms: tuple[str, ...] = ("reference",)
     attention_bias: bool = False  # accepts an additive score bias (ALiBi, T5, FIRE)
     rotary: bool = False  # accepts a rotary transform of q and k (RoPE, xPos)
+    dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
+
+    def why_not(
+        self,
+        name: str,
+        *,
+        causal: bool | None = None,
+        mask: bool = False,
+        decode: bool = False,
+        positional: str = "none",
+        dtype: torch.dtype | str | None = None,
+        form: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> list[str]:
+        """Every reason mixer ``name`` cannot serve this request (empty when it can); one wording for all callers.
+
+        ``positional`` is the kind of positional scheme ("none", "embedding", "rotary", "bias").
+        """
+        reasons = []
+        if causal is True and not self.causal:
+            reasons.append(f"mixer {name!r} is bidirectional only, so it cannot run causally (a causal LM, "
+                           "a causal encoder or decoding); pick a causal mixer or a bidirectional task")
+        if causal is False and not self.bidirectional:
+            reasons.append(f"mixer {name!r} is causal only, so it cannot run bidirectionally; set "
+                           "causal=True (for classifiers: encoder_causal=True) or pick a bidirectional mixer")
+        if mask and not self.padding_mask:
+            reasons.append(f"mixer {name!r} does not honour a padding mask; give unpadded batches")
+        if decode and not self.decode:
+            reasons.append(f"mixer {name!r} has no decode state, so it cannot decode token by token; "
+                           "recompute the full sequence or pick a mixer with decode=True")
+        if positional == "bias" and not self.attention_bias:
+            reasons.append(f"mixer {name!r} never forms the score matrix, so it cannot take an additive "
+                           "attention bias (alibi, t5, fire); use rope, an embedding scheme (sinusoidal, "
+                           "learned) or none")
+        if positional == "rotary" and not self.rotary:
+            reasons.append(f"mixer {name!r} has no q.k product to rotate, so it cannot take a rotary scheme "
+                           "(rope, xpos); use an embedding scheme (sinusoidal, learned) or none")
+        if dtype is not None:
+            dt = str(dtype).removeprefix("torch.")
+            if dt not in self.dtypes:
+                reasons.append(f"mixer {name!r} does not run in {dt}; use one of {', '.join(self.dtypes)}")
+        if form is not None:
+            reasons.extend(form_why_not(name, self, form, device))
+        return reasons
 
     def as_dict(self) -> dict[str, Any]:
         """The capabilities as a JSON-ready dict."""
         d = dataclasses.asdict(self)
-        d["forms"] = list(self.forms)
+        d["forms"], d["dtypes"] = list(self.forms), list(self.dtypes)
         return d
+
+
+def form_why_not(name: str, caps: Capabilities, form: str, device: torch.device | str | None = None) -> list[str]:
+    """Why ``form`` cannot run for mixer ``name`` on ``device`` (None: any device): the one place that decides."""
+    if form == "auto":
+        return []
+    if form not in caps.forms:
+        return [f"mixer {name!r} has no form {form!r}; use 'auto' or one of {', '.join(map(repr, caps.forms))}"]
+    if form == "triton" and device is not None and not triton_runs(device):
+        return [f"mixer {name!r}: the triton form needs the triton package and a CUDA device (or "
+                f"TRITON_INTERPRET=1), not {torch.device(device).type}; use form='auto'"]
+    return []
 
 
 class MixerOptions(pydantic.BaseModel):
@@ -89,9 +147,12 @@ class Mixer(nn.Module):
         n_heads: number of heads (must divide ``d_model``).
         causal: run as an autoregressive mixer (position i sees only positions <= i).
         options: the mixer's own options (a dict or its ``Options`` model).
-        rotary: a rotary positional scheme applied to q and k (needs ``capabilities.rotary``).
-        attn_bias: an additive score-bias scheme (needs ``capabilities.attention_bias``).
         dropout: attention-probability dropout where the mechanism has probabilities.
+        max_len: the longest sequence (and largest position + 1) the mixer must handle; mixers that
+            size tables by it (Linformer's E/F, cosFormer's M, Sinkhorn's sorter, Synthesizers) use it.
+
+    Positional schemes are not owned by mixers: the model passes a :class:`PositionalContext`
+    (positions plus precomputed rotary tables or a score-bias scheme) as ``positions`` on every call.
     """
 
     name: ClassVar[str] = "?"
@@ -99,6 +160,7 @@ class Mixer(nn.Module):
     Options: ClassVar[type[MixerOptions]] = MixerOptions
     # Small options the contract tests use so that odd lengths hit block/chunk/window edges.
     test_options: ClassVar[dict[str, Any]] = {}
+    test_max_len: ClassVar[int] = 128
     # On CPU, "auto" runs the reference form for sequences of at most this many tokens (cached ones
     # included), where it was measured faster than the fast form's gather/scan overhead; 0 = never.
     reference_below: ClassVar[int] = 0
@@ -110,45 +172,21 @@ class Mixer(nn.Module):
         *,
         causal: bool = False,
         options: dict[str, Any] | MixerOptions | None = None,
-        rotary: nn.Module | None = None,
-        attn_bias: nn.Module | None = None,
         dropout: float = 0.0,
+        max_len: int = 2048,
     ):
         super().__init__()
         caps = self.capabilities
-        if causal and not caps.causal:
-            raise CapabilityError(
-                f"mixer {self.name!r} cannot be causal: it is bidirectional only; "
-                "use it in an encoder, or pick a causal mixer for a causal LM"
-            )
-        if not causal and not caps.bidirectional:
-            raise CapabilityError(
-                f"mixer {self.name!r} is causal only; set causal=True or pick a bidirectional mixer"
-            )
         if d_model <= 0 or n_heads <= 0 or d_model % n_heads:
             raise ConfigError("n_heads", n_heads, f"must be positive and divide d_model={d_model}")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+            raise ConfigError("max_len", max_len, "a positive integer (the longest sequence)")
         self.opts = validate_options(self.Options, options, self.name)
-        if self.opts.form != "auto" and self.opts.form not in caps.forms:
-            raise ConfigError(
-                f"{self.name}.form", self.opts.form, f"one of 'auto', {', '.join(map(repr, caps.forms))}"
-            )
-        if rotary is not None and not caps.rotary:
-            raise CapabilityError(
-                f"mixer {self.name!r} cannot take a rotary positional scheme (it has no explicit "
-                "q/k dot product to rotate); use an embedding scheme (sinusoidal, learned) or none"
-            )
-        if attn_bias is not None and not caps.attention_bias:
-            raise CapabilityError(
-                f"mixer {self.name!r} cannot take an additive attention bias (ALiBi, T5, FIRE): it "
-                "never forms the score matrix; use rope, an embedding scheme, or none"
-            )
+        reasons = caps.why_not(self.name, causal=causal, form=self.opts.form)
+        if reasons:
+            raise CapabilityError("; ".join(reasons))
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
-        self.causal = causal
-        # Positional schemes are owned (and registered) by the model and shared by every layer, as
-        # in T5 and ALiBi; holding them outside _modules keeps the state dict free of duplicates.
-        object.__setattr__(self, "rotary", rotary)
-        object.__setattr__(self, "attn_bias", attn_bias)
-        self.dropout = dropout
+        self.causal, self.dropout, self.max_len = causal, dropout, max_len
 
     # ---- the call -------------------------------------------------------------------------
     def forward(
@@ -157,29 +195,52 @@ class Mixer(nn.Module):
         *,
         mask: Tensor | None = None,
         state: MixerState | None = None,
-        positions: Tensor | None = None,
+        positions: Tensor | PositionalContext | None = None,
     ) -> tuple[Tensor, MixerState | None]:
         """Mix tokens of ``x`` (batch, seq, d_model); returns ``(y, state)`` (state None unless given).
 
         ``mask`` is a boolean keep-mask (batch, seq); outputs at dropped positions are zero.
         ``state`` is the decode state from :meth:`init_state` or the previous call.
-        ``positions`` are absolute positions (batch, seq); default ``state.seen + arange(seq)``.
+        ``positions``: absolute positions (batch, seq), or the model's :class:`PositionalContext`;
+        default ``state.seen + arange(seq)`` with no positional scheme.
         """
         b, n = self._check_inputs(x, mask, state, positions)
-        if positions is None:
-            offset = state.seen if state is not None else 0
-            positions = torch.arange(offset, offset + n, device=x.device).expand(b, n)
+        if not isinstance(positions, PositionalContext):
+            if positions is None:
+                offset = state.seen if state is not None else 0
+                positions = torch.arange(offset, offset + n, device=x.device).expand(b, n)
+            positions = PositionalContext(positions)
+        elif positions.kind != "none":
+            reasons = self.capabilities.why_not(self.name, positional=positions.kind)
+            if reasons:
+                raise CapabilityError(reasons[0])
         form = self.resolve_form(x, state)
-        y, state = getattr(self, f"forward_{form}")(x, mask=mask, state=state, positions=positions)
+        y, state = getattr(self, f"forward_{form}")(x, mask=mask, state=state, pos=positions)
         if state is not None:
             state.seen += n
         if mask is not None:
             y = y * mask[..., None].to(y.dtype)
         return y, state
 
+    def form_why_not(self, form: str, device: torch.device | str) -> list[str]:
+        """Why ``form`` cannot run here (the capability rule plus this layer's kernel limits)."""
+        reasons = form_why_not(self.name, self.capabilities, form, device)
+        if form == "triton" and not reasons and max(self.kernel_dims()) > TRITON_MAX_DIM:
+            reasons.append(f"mixer {self.name!r}: the triton kernel holds head dims <= {TRITON_MAX_DIM}, this "
+                           f"layer has {max(self.kernel_dims())}; use form='auto' or 'chunked'")
+        return reasons
+
+    def kernel_dims(self) -> tuple[int, ...]:
+        """Per-head dims a fused kernel must hold (key and value dims; the head dim by default)."""
+        return (self.head_dim,)
+
     def resolve_form(self, x: Tensor, state: MixerState | None) -> str:
-        """The form to run: the configured one, or for "auto" the fastest that runs here."""
+        """The form to run: the configured one (refused with the reason if it cannot run here), or for
+        "auto" the first of triton, fast, chunked, recurrent, reference that can."""
         if self.opts.form != "auto":
+            reasons = self.form_why_not(self.opts.form, x.device)
+            if reasons:
+                raise CapabilityError(reasons[0])
             return self.opts.form
         forms = self.capabilities.forms
         if state is not None and "recurrent" in forms and x.shape[1] == 1:
@@ -188,15 +249,20 @@ class Mixer(nn.Module):
         if not x.is_cuda and total <= self.reference_below:
             return "reference"
         for f in _AUTO_ORDER:
-            if f in forms and (f != "triton" or x.is_cuda):
+            if f in forms and not self.form_why_not(f, x.device):
                 return f
         return "reference"
 
+    def init_roles(self) -> dict[str, list[Tensor]]:
+        """Weights by initialisation role: "value" (value projections, or the value rows of a fused
+        one) and "output" (the output projection); DeepNorm scales exactly these. Every mixer declares it."""
+        raise NotImplementedError(f"mixer {self.name!r} must declare init_roles()")
+
     def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> MixerState:
         """An empty decode state for ``batch`` sequences (mixers with ``capabilities.decode``)."""
-        raise CapabilityError(f"mixer {self.name!r} has no decode state; recompute the full sequence")
+        raise CapabilityError(self.capabilities.why_not(self.name, decode=True)[0])
 
-    def forward_reference(self, x, *, mask, state, positions):  # pragma: no cover - abstract
+    def forward_reference(self, x, *, mask, state, pos):  # pragma: no cover - abstract
         """The plain, obviously-correct definition (may be quadratic or sequential)."""
         raise NotImplementedError
 
@@ -215,11 +281,13 @@ class Mixer(nn.Module):
                     f"got {mask.dtype} {tuple(mask.shape)}"
                 )
             if not self.capabilities.padding_mask:
-                raise CapabilityError(f"mixer {self.name!r} does not support a padding mask")
-        if positions is not None and tuple(positions.shape) != (b, n):
-            raise ShapeError(f"{self.name}: positions must be ({b}, {n}), got {tuple(positions.shape)}")
+                raise CapabilityError(self.capabilities.why_not(self.name, mask=True)[0])
+        pos = positions.positions if isinstance(positions, PositionalContext) else positions
+        if pos is not None and (not isinstance(pos, Tensor) or tuple(pos.shape) != (b, n)):
+            got = tuple(pos.shape) if isinstance(pos, Tensor) else type(pos).__name__
+            raise ShapeError(f"{self.name}: positions must be a ({b}, {n}) tensor, got {got}")
         if state is not None and not self.capabilities.decode:
-            raise CapabilityError(f"mixer {self.name!r} has no decode state; recompute the full sequence")
+            raise CapabilityError(self.capabilities.why_not(self.name, decode=True)[0])
         return b, n
 
     def split_heads(self, t: Tensor, heads: int | None = None) -> Tensor:
@@ -230,13 +298,6 @@ class Mixer(nn.Module):
     def merge_heads(t: Tensor) -> Tensor:
         """(batch, heads, seq, dim) -> (batch, seq, heads*dim)."""
         return rearrange(t, "b h n d -> b n (h d)")
-
-
-def with_max_len(cls: type[Mixer], options: dict[str, Any], max_len: int) -> dict[str, Any]:
-    """``options`` plus ``max_len`` for mixers that size tables by it (Linformer E/F, cosFormer M, ...)."""
-    if "max_len" in cls.Options.model_fields and "max_len" not in options:
-        return {**options, "max_len": max_len}
-    return options
 
 
 def causal_keep(n_q: int, n_k: int, device: torch.device | str | None = None) -> Tensor:
@@ -256,4 +317,3 @@ def pad_to_multiple(x: Tensor, multiple: int, dim: int = 1, value: float = 0.0) 
     return torch.cat([x, x.new_full(shape, value)], dim=dim), pad
 
 
-Direction = Literal["causal", "bidirectional"]

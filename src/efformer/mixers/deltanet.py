@@ -181,6 +181,10 @@ class DeltaNet(Mixer):
         self.out_norm = nn.RMSNorm(self.head_dim)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
+    def init_roles(self) -> dict[str, list[Tensor]]:
+        """Value rows of the fused q|k|v projection, and the output projection."""
+        return {"value": [self.qkv_proj.weight[2 * self.d_model :]], "output": [self.out_proj.weight]}
+
     def init_state(self, batch, device, dtype) -> DeltaState:
         """Zero fast weights (kept in at least fp32, as they accumulate) and a zero conv cache."""
         hd, w = self.head_dim, self.opts.conv_size
@@ -238,15 +242,15 @@ class DeltaNet(Mixer):
         return self.out_proj(o), state
 
     # ---- forms --------------------------------------------------------------------------------
-    def forward_reference(self, x, *, mask, state, positions):
+    def forward_reference(self, x, *, mask, state, pos):
         """The sequential recurrence with the explicit (I - beta k k^T) matrix product."""
         return self._run("reference", x, mask, state)
 
-    def forward_chunked(self, x, *, mask, state, positions):
+    def forward_chunked(self, x, *, mask, state, pos):
         """Chunkwise parallel training / prefill form (WY representation, triangular solve per chunk)."""
         return self._run("chunked", x, mask, state, chunk_size=self.opts.chunk_size)
 
-    def forward_recurrent(self, x, *, mask, state, positions):
+    def forward_recurrent(self, x, *, mask, state, pos):
         """O(d^2) per token recurrence; ``auto`` uses it for single-token decode steps."""
         return self._run("recurrent", x, mask, state)
 

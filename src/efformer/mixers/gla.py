@@ -23,8 +23,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from efformer.errors import ConfigError
-from efformer.kernels.chunk_gla import TRITON_MAX_DIM, chunk_gla, gla_parallel, gla_recurrent
+from efformer.kernels.chunk_gla import chunk_gla, gla_parallel, gla_recurrent
 from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState
+from efformer.nn.positional import PositionalContext
 from efformer.registry import register_mixer
 
 
@@ -74,19 +75,20 @@ class GatedLinearMixer(Mixer):
         shape = (batch, self.n_heads, self.key_dim, self.value_dim)
         return MatrixState(s=torch.zeros(shape, device=device, dtype=torch.promote_types(dtype, torch.float32)))
 
-    def resolve_form(self, x, state):
-        """As the base, but "auto" avoids the Triton kernel for head dims it cannot hold."""
-        form = super().resolve_form(x, state)
-        if form == "triton" and self.opts.form == "auto" and max(self.key_dim, self.value_dim) > TRITON_MAX_DIM:
-            return "chunked"
-        return form
+    def kernel_dims(self) -> tuple[int, ...]:
+        """The Triton kernel holds a (key_dim, value_dim) state per head."""
+        return (self.key_dim, self.value_dim)
 
-    def _project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def init_roles(self) -> dict[str, list[Tensor]]:
+        """The value projection and the output projection."""
+        return {"value": [self.v_proj.weight], "output": [self.out_proj.weight]}
+
+    def _project(self, x: Tensor, pos: PositionalContext) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q (scaled, rotated), k, g (b, h, n, key_dim | 1) and v (b, h, n, value_dim)."""
         raise NotImplementedError
 
-    def _inputs(self, x, mask, positions):
-        q, k, v, g = self._project(x, positions)
+    def _inputs(self, x, mask, pos):
+        q, k, v, g = self._project(x, pos)
         if mask is not None:
             # A padded step must leave the state unchanged: gate 1 (log-gate 0) and no k v^T added.
             keep = mask[:, None, :, None].to(k.dtype)
@@ -103,30 +105,30 @@ class GatedLinearMixer(Mixer):
         o = o.view(b, n, -1).to(x.dtype)
         return self.out_proj(F.silu(self.gate_proj(x)) * o)
 
-    def _run(self, fn, x, mask, state, positions):
-        q, k, v, g = self._inputs(x, mask, positions)
+    def _run(self, fn, x, mask, state, pos):
+        q, k, v, g = self._inputs(x, mask, pos)
         o, s = fn(q, k, v, g, state.s if state is not None else None)
         if state is not None:
             state.s = s.to(state.s.dtype)
         return self._finish(x, o), state
 
     # ---- forms ----------------------------------------------------------------------------
-    def forward_reference(self, x, *, mask, state, positions):
+    def forward_reference(self, x, *, mask, state, pos):
         """Parallel quadratic form: scores (q k^T) * D, D[t, s] = exp(G_t - G_s) for s <= t."""
-        return self._run(gla_parallel, x, mask, state, positions)
+        return self._run(gla_parallel, x, mask, state, pos)
 
-    def forward_chunked(self, x, *, mask, state, positions):
+    def forward_chunked(self, x, *, mask, state, pos):
         """Chunked torch form: O(N C d) time, O(N d) memory beyond the (C, C) chunk scores."""
         fn = partial(chunk_gla, chunk_size=self.opts.chunk_size, sub_chunk=self.opts.sub_chunk_size, backend="torch")
-        return self._run(fn, x, mask, state, positions)
+        return self._run(fn, x, mask, state, pos)
 
-    def forward_recurrent(self, x, *, mask, state, positions):
+    def forward_recurrent(self, x, *, mask, state, pos):
         """Step loop over the matrix state (the decode form)."""
-        return self._run(gla_recurrent, x, mask, state, positions)
+        return self._run(gla_recurrent, x, mask, state, pos)
 
-    def forward_triton(self, x, *, mask, state, positions):
+    def forward_triton(self, x, *, mask, state, pos):
         """The chunkwise Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
-        return self._run(partial(chunk_gla, backend="triton"), x, mask, state, positions)
+        return self._run(partial(chunk_gla, backend="triton"), x, mask, state, pos)
 
 
 _FORMS = ("reference", "chunked", "recurrent", "triton")
@@ -178,7 +180,7 @@ class GatedLinearAttention(GatedLinearMixer):
         self.gate_down = nn.Linear(d_model, o.gate_low_rank, bias=False)
         self.gate_up = nn.Linear(o.gate_low_rank, n_heads * self.key_dim, bias=True)
 
-    def _project(self, x, positions):
+    def _project(self, x, pos):
         q = self.split_heads(self.q_proj(x)) * self.key_dim**-0.5
         k, v = self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
         g = F.logsigmoid(self.gate_up(self.gate_down(x))) / self.opts.gate_logit_normalizer
@@ -219,9 +221,8 @@ class SimpleGLA(GatedLinearMixer):
         self._build(_head_dim(self, "expand_k", o.expand_k), _head_dim(self, "expand_v", o.expand_v))
         self.gate = nn.Linear(d_model, n_heads, bias=True)
 
-    def _project(self, x, positions):
+    def _project(self, x, pos):
         q, k = self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(x))
-        if self.rotary is not None:
-            q, k = self.rotary.rotate_queries(q, positions), self.rotary.rotate_keys(k, positions)
+        q, k = pos.rotate_queries(q), pos.rotate_keys(k)
         g = F.logsigmoid(self.gate(x)) / self.opts.gate_logit_normalizer  # (b, n, h)
         return q * self.key_dim**-0.5, k, self.split_heads(self.v_proj(x)), rearrange(g, "b n h -> b h n 1")

@@ -77,6 +77,10 @@ class ReformerAttention(Mixer):
         self.register_buffer("rotations", torch.randn(self.opts.n_hashes, self.head_dim, max(nb // 2, 1)))
 
     @torch.no_grad()
+    def init_roles(self) -> dict[str, list[Tensor]]:
+        """The value projection and the output projection."""
+        return {"value": [self.v_proj.weight], "output": [self.out_proj.weight]}
+
     def redraw_rotations(self) -> None:
         """Draw new random rotations (n_hashes, head_dim, n_buckets/2) from the global torch seed."""
         self.rotations.copy_(torch.randn_like(self.rotations))
@@ -111,7 +115,7 @@ class ReformerAttention(Mixer):
         return self.out_proj(self.merge_heads((w[..., None] * o).sum(dim=2)))
 
     # ---- forms ----------------------------------------------------------------------------
-    def forward_reference(self, x, *, mask, state, positions):
+    def forward_reference(self, x, *, mask, state, pos):
         """Per round an explicit N x N pattern from bucket ranks, masked softmax, then the lse combination."""
         qk, k, v, ids = self._project(x, mask)
         n, m = x.shape[1], self.opts.chunk_size
@@ -133,7 +137,7 @@ class ReformerAttention(Mixer):
         p = F.dropout((logits - lse[..., None]).exp(), self.dropout, self.training)
         return self._combine(p @ v[:, :, None], lse), state
 
-    def forward_fast(self, x, *, mask, state, positions):
+    def forward_fast(self, x, *, mask, state, pos):
         """Sort by (bucket, position), attend chunk-wise with one chunk back: O(N chunk) memory."""
         qk, k, v, ids = self._project(x, mask)
         b, h, R, n = ids.shape

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from efformer.errors import ShapeError
 from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState, causal_keep, pad_to_multiple
+from efformer.nn.positional import PositionalContext
 from efformer.registry import register_mixer
 
 
@@ -57,12 +58,6 @@ class PerformerOptions(KernelOptions):
 
     n_features: int = pydantic.Field(256, gt=0)  # random features m per head (paper: m ~ d log d)
     redraw_every: int = pydantic.Field(0, ge=0)  # in training, redraw the features every this many calls; 0 = never
-
-
-class CosformerOptions(KernelOptions):
-    """Options of cosFormer."""
-
-    max_len: int = pydantic.Field(2048, gt=0)  # M of the re-weighting cos(pi/2 (i-j)/M); positions must be < M
 
 
 def _chunked_causal(fq: Tensor, fk: Tensor, v: Tensor, s: Tensor, z: Tensor, chunk: int):
@@ -98,11 +93,17 @@ class KernelAttention(Mixer):
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def features(self, q: Tensor, k: Tensor, mask: Tensor | None, state, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def init_roles(self) -> dict[str, list[Tensor]]:
+        """Value rows of the fused k|v projection, and the output projection."""
+        return {"value": [self.kv_proj.weight[self.d_model :]], "output": [self.out_proj.weight]}
+
+    def features(
+        self, q: Tensor, k: Tensor, mask: Tensor | None, state, pos: PositionalContext
+    ) -> tuple[Tensor, Tensor]:
         """phi(q), phi(k) (batch, heads, seq, m) from q, k (batch, heads, seq, head_dim); phi(k) = 0 at pads."""
         raise NotImplementedError
 
-    def scores(self, q, k, fq, fk, mask, positions) -> Tensor:
+    def scores(self, q, k, fq, fk, mask, pos) -> Tensor:
         """The explicit matrix A (batch, heads, n, n) of the reference form: phi(q_i) . phi(k_j)."""
         return fq @ fk.transpose(-1, -2)
 
@@ -115,12 +116,12 @@ class KernelAttention(Mixer):
         )
 
     # ---- shared parts of every form -------------------------------------------------------
-    def _project(self, x, mask, state, positions):
+    def _project(self, x, mask, state, pos):
         """q, k (raw), v, phi(q), phi(k) (b, h, n, .) and the carried-in sums s (b, h, m, d), z (b, h, m)."""
         b, h = x.shape[0], self.n_heads
         q = self.split_heads(self.q_proj(x))
         k, v = self.split_heads(self.kv_proj(x), 2 * h).chunk(2, dim=1)
-        fq, fk = self.features(q, k, mask, state, positions)
+        fq, fk = self.features(q, k, mask, state, pos)
         if mask is not None:  # phi(k) is already zero there; zero v too so that huge pad values cannot make inf*0
             v = v * mask[:, None, :, None].to(v.dtype)
         if state is None:
@@ -137,28 +138,28 @@ class KernelAttention(Mixer):
         return self.out_proj(self.merge_heads(o)), state
 
     # ---- forms ----------------------------------------------------------------------------
-    def forward_reference(self, x, *, mask, state, positions):
+    def forward_reference(self, x, *, mask, state, pos):
         """Explicit A (b, h, n, n), causal mask, row normalisation; a carried-in state adds phi(q) s, phi(q) z."""
-        q, k, v, fq, fk, s, z = self._project(x, mask, state, positions)
-        a = self.scores(q, k, fq, fk, mask, positions)
+        q, k, v, fq, fk, s, z = self._project(x, mask, state, pos)
+        a = self.scores(q, k, fq, fk, mask, pos)
         if self.causal:
             a = a.masked_fill(~causal_keep(a.shape[-2], a.shape[-1], x.device), 0.0)
         num = a @ v + fq @ s
         den = a.sum(-1) + (fq @ z[..., None]).squeeze(-1)
         return self._finish(num, den, state, s + fk.transpose(-1, -2) @ v, z + fk.sum(2))
 
-    def forward_chunked(self, x, *, mask, state, positions):
+    def forward_chunked(self, x, *, mask, state, pos):
         """Linear time: phi(Q) (phi(K)^T V) when bidirectional; chunkwise prefix sums when causal."""
-        q, k, v, fq, fk, s, z = self._project(x, mask, state, positions)
+        q, k, v, fq, fk, s, z = self._project(x, mask, state, pos)
         if self.causal:
             num, den, s, z = _chunked_causal(fq, fk, v, s, z, self.opts.chunk)
             return self._finish(num, den, state, s, z)
         s, z = s + fk.transpose(-1, -2) @ v, z + fk.sum(2)
         return self._finish(fq @ s, (fq @ z[..., None]).squeeze(-1), state, s, z)
 
-    def forward_recurrent(self, x, *, mask, state, positions):
+    def forward_recurrent(self, x, *, mask, state, pos):
         """Token-by-token scan of the running sums (read out after each token when causal, at the end if not)."""
-        q, k, v, fq, fk, s, z = self._project(x, mask, state, positions)
+        q, k, v, fq, fk, s, z = self._project(x, mask, state, pos)
         nums, dens = [], []
         for t in range(x.shape[1]):
             s = s + fk[:, :, t, :, None] * v[:, :, t, None, :]
@@ -198,7 +199,7 @@ class LinearAttention(KernelAttention):
         """m = head_dim."""
         return self.head_dim
 
-    def features(self, q, k, mask, state, positions):
+    def features(self, q, k, mask, state, pos):
         """elu + 1 on q and k; phi(k) is zeroed at pads (elu(0) + 1 = 1, so zeroing k is not enough)."""
         fq, fk = F.elu(q) + 1, F.elu(k) + 1
         if mask is not None:
@@ -276,14 +277,14 @@ class Performer(KernelAttention):
         x = x * self.head_dim**-0.25
         return x @ self.projection.to(x.dtype).T - x.square().sum(-1, keepdim=True) / 2
 
-    def features(self, q, k, mask, state, positions):
+    def features(self, q, k, mask, state, pos):
         """exp of the log-features, stabilised: per query by its own max, for keys by one max per (batch, head).
 
         Both stabilisers (and the estimator's 1/sqrt(m)) cancel in the normalised ratio. The key one
         is shared by every key of a call and by the state, which is rescaled when it grows.
         """
-        if self.rotary is not None:  # rotate by absolute position before the features: decoding stays exact
-            q, k = self.rotary.rotate_queries(q, positions), self.rotary.rotate_keys(k, positions)
+        # Rotate by absolute position before the features, so decoding stays exact.
+        q, k = pos.rotate_queries(q), pos.rotate_keys(k)
         aq, ak = self._log_features(q), self._log_features(k)
         fq = torch.exp(aq - aq.detach().amax(-1, keepdim=True))
         if mask is not None:
@@ -315,8 +316,9 @@ class Cosformer(KernelAttention):
         memory="O(N d + N d^2 / chunk) chunked, O(d^2) decode state",
         forms=_FORMS,
     )
-    Options = CosformerOptions
-    test_options = {"chunk": 4, "max_len": 64}
+    Options = KernelOptions
+    test_options = {"chunk": 4}
+    test_max_len = 64
 
     @property
     def n_features(self) -> int:
@@ -325,27 +327,27 @@ class Cosformer(KernelAttention):
 
     def _angles(self, positions: Tensor, dtype) -> Tensor:
         """pi/2 * position / M as (batch, 1, seq, 1); refuses positions >= M (the weights would turn negative)."""
-        m = self.opts.max_len
+        m = self.max_len
         if int(positions.max()) >= m:
             raise ShapeError(
-                f"cosformer: position {int(positions.max())} >= max_len={m}; raise the cosformer option "
-                "max_len (the M of cos(pi/2 (i-j)/M)) to at least the longest sequence"
+                f"cosformer: position {int(positions.max())} >= max_len={m}; raise the model's max_len "
+                "(the M of cos(pi/2 (i-j)/M)) to at least the longest sequence"
             )
         return (positions.to(torch.float32) * (math.pi / (2 * m)))[:, None, :, None].to(dtype)
 
-    def features(self, q, k, mask, state, positions):
+    def features(self, q, k, mask, state, pos):
         """[relu(x) cos(theta_i), relu(x) sin(theta_i)] for x = q, k; theta_i = pi/2 * i / M."""
-        theta = self._angles(positions, q.dtype)
+        theta = self._angles(pos.positions, q.dtype)
         cos, sin = theta.cos(), theta.sin()
         rq, rk = F.relu(q), F.relu(k)
         if mask is not None:
             rk = rk * mask[:, None, :, None].to(rk.dtype)
         return torch.cat([rq * cos, rq * sin], -1), torch.cat([rk * cos, rk * sin], -1)
 
-    def scores(self, q, k, fq, fk, mask, positions):
+    def scores(self, q, k, fq, fk, mask, pos):
         """The definition written out: relu(q_i) . relu(k_j) * cos(pi/2 (i - j) / M)."""
         rk = F.relu(k)
         if mask is not None:
             rk = rk * mask[:, None, :, None].to(rk.dtype)
-        theta = self._angles(positions, q.dtype)[..., 0]  # (b, 1, n)
+        theta = self._angles(pos.positions, q.dtype)[..., 0]  # (b, 1, n)
         return (F.relu(q) @ rk.transpose(-1, -2)) * torch.cos(theta[..., :, None] - theta[..., None, :])

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from efformer.mixers.base import Capabilities
 from efformer.mixers.softmax import KVState, SoftmaxAttention, SoftmaxOptions
+from efformer.nn.positional import PositionalContext
 from efformer.registry import register_mixer
 
 Rule = Callable[[Tensor, Tensor], Tensor]  # (query index, key index) long tensors -> bool, broadcast
@@ -60,6 +61,7 @@ class Ctx:
     k_pos: Tensor  # (b, t)
     q_keep: Tensor | None  # (b, n), None when nothing is padded
     k_keep: Tensor | None  # (b, t)
+    pos: PositionalContext  # the model's positional context (score bias, if any)
 
 
 @dataclass
@@ -138,10 +140,11 @@ class PatternAttention(SoftmaxAttention):
         )
 
     # ---- shared parts of both forms -------------------------------------------------------
-    def _prepare(self, x, mask, state, positions) -> tuple[Tensor, Tensor, Tensor, Ctx]:
+    def _prepare(self, x, mask, state, pos: PositionalContext) -> tuple[Tensor, Tensor, Tensor, Ctx]:
         """q (b, h, n, d); k, v (b, h, t, d) including the cache, heads repeated for GQA; the Ctx."""
         b, n, _ = x.shape
-        q, k, v = self._qkv(x, positions)
+        positions = pos.positions
+        q, k, v = self._qkv(x, pos)
         keep = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
         q0 = state.seen if state is not None else 0
         index = torch.arange(q0, q0 + n, device=x.device)
@@ -153,7 +156,7 @@ class PatternAttention(SoftmaxAttention):
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         has_pad = mask is not None or not bool(k_keep.all())
-        ctx = Ctx(q0, k_index, positions, k_pos, keep if has_pad else None, k_keep if has_pad else None)
+        ctx = Ctx(q0, k_index, positions, k_pos, keep if has_pad else None, k_keep if has_pad else None, pos)
         return q, k, v, ctx
 
     def _done(self, o: Tensor, state, ctx: Ctx):
@@ -162,14 +165,14 @@ class PatternAttention(SoftmaxAttention):
         return self._finish(o), state
 
     # ---- forms ----------------------------------------------------------------------------
-    def forward_reference(self, x, *, mask, state, positions):
+    def forward_reference(self, x, *, mask, state, pos):
         """Dense scores masked to the pattern, softmax, times V: O(N^2) memory."""
-        q, k, v, ctx = self._prepare(x, mask, state, positions)
+        q, k, v, ctx = self._prepare(x, mask, state, pos)
         return self._done(self.attend_reference(q, k, v, ctx), state, ctx)
 
-    def forward_fast(self, x, *, mask, state, positions):
+    def forward_fast(self, x, *, mask, state, pos):
         """Only the gathered key groups of each query group: O(N K) memory, no N x N matrix."""
-        q, k, v, ctx = self._prepare(x, mask, state, positions)
+        q, k, v, ctx = self._prepare(x, mask, state, pos)
         return self._done(self.attend_fast(q, k, v, ctx), state, ctx)
 
     def attend_reference(self, q: Tensor, k: Tensor, v: Tensor, ctx: Ctx) -> Tensor:
@@ -180,8 +183,8 @@ class PatternAttention(SoftmaxAttention):
         if ctx.k_keep is not None:  # real queries never see padded keys; padded queries see their pattern
             allowed = allowed & (ctx.k_keep[:, None, :] | ~ctx.q_keep[:, :, None])
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        if self.attn_bias is not None:
-            scores = scores + self.attn_bias(ctx.q_pos, ctx.k_pos)
+        if ctx.pos.bias is not None:
+            scores = scores + ctx.pos.score_bias(ctx.q_pos, ctx.k_pos)
         p = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
         return F.dropout(p, self.dropout, self.training) @ v
 
@@ -218,10 +221,10 @@ class PatternAttention(SoftmaxAttention):
             qk = _append_row(ctx.q_keep, 1, True)[:, qs]  # (b, G, B)
             allowed = allowed & (kk[:, :, None, :] | ~qk[..., None])
         s = torch.einsum("bhgid,bhgjd->bhgij", q[:, :, qs], k[:, :, ks]) / math.sqrt(d)
-        if self.attn_bias is not None:
+        if ctx.pos.bias is not None:
             qp = _append_row(ctx.q_pos, 1)[:, qs].flatten(0, 1)
             kp = _append_row(ctx.k_pos, 1)[:, ks].flatten(0, 1)
-            s = s + self.attn_bias(qp, kp).unflatten(0, (b, -1)).transpose(1, 2)
+            s = s + ctx.pos.score_bias(qp, kp).unflatten(0, (b, -1)).transpose(1, 2)
         s = s.masked_fill(~allowed[:, None], float("-inf"))
         top = s.amax(-1).detach()  # the result does not depend on it, so no gradient is needed
         p = torch.exp(s - torch.where(torch.isfinite(top), top, 0.0)[..., None])

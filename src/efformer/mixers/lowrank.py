@@ -26,7 +26,6 @@ class LinformerOptions(MixerOptions):
     """Options of Linformer."""
 
     k: int = pydantic.Field(256, gt=0)  # projected length of keys and values
-    max_len: int = pydantic.Field(2048, gt=0)  # longest sequence: E and F have max_len columns
     # "none": E, F per head; "headwise": one E and one F shared by the heads; "kv": one E = F shared by all.
     sharing: Literal["none", "headwise", "kv"] = "headwise"
 
@@ -47,6 +46,10 @@ class _Projections(Mixer):
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def init_roles(self) -> dict[str, list[Tensor]]:
+        """Value rows of the fused k|v projection, and the output projection."""
+        return {"value": [self.kv_proj.weight[self.d_model :]], "output": [self.out_proj.weight]}
 
     def _qkv(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (b, h, n, head_dim), with k and v zeroed at padded positions."""
@@ -78,38 +81,39 @@ class Linformer(_Projections):
         forms=("reference", "fast"),
     )
     Options = LinformerOptions
-    test_options = {"k": 5, "max_len": 16, "sharing": "none"}
+    test_options = {"k": 5, "sharing": "none"}
+    test_max_len = 16
 
     def __init__(self, d_model: int, n_heads: int, **kw):
         super().__init__(d_model, n_heads, **kw)
         o = self.opts
         heads = n_heads if o.sharing == "none" else 1
         # std 1/sqrt(max_len): at full length a projected key has the scale of a single key.
-        self.e_proj = nn.Parameter(torch.randn(heads, o.k, o.max_len) / math.sqrt(o.max_len))
+        self.e_proj = nn.Parameter(torch.randn(heads, o.k, self.max_len) / math.sqrt(self.max_len))
         if o.sharing != "kv":
-            self.f_proj = nn.Parameter(torch.randn(heads, o.k, o.max_len) / math.sqrt(o.max_len))
+            self.f_proj = nn.Parameter(torch.randn(heads, o.k, self.max_len) / math.sqrt(self.max_len))
 
     def _project(self, x, mask):
         """q (b, h, n, d) and the projected keys/values (b, h, k, d); padded keys are zeroed first."""
-        n, max_len = x.shape[1], self.opts.max_len
+        n, max_len = x.shape[1], self.max_len
         if n > max_len:
             raise ShapeError(
                 f"linformer: sequence length {n} exceeds max_len={max_len} (E and F have max_len columns); "
-                "raise the linformer option max_len or shorten the input"
+                "raise the model's max_len or shorten the input"
             )
         q, k, v = self._qkv(x, mask)
         e = self.e_proj[..., :n]  # a shorter sequence uses the first n columns
         f = e if self.opts.sharing == "kv" else self.f_proj[..., :n]
         return q, e @ k, f @ v
 
-    def forward_reference(self, x, *, mask, state, positions):
+    def forward_reference(self, x, *, mask, state, pos):
         """Explicit projected attention: scores (b, h, n, k), softmax, dropout, times F V."""
         q, kp, vp = self._project(x, mask)
         p = ((q @ kp.transpose(-1, -2)) / math.sqrt(self.head_dim)).softmax(-1)
         p = F.dropout(p, self.dropout, self.training)
         return self._finish(p @ vp), state
 
-    def forward_fast(self, x, *, mask, state, positions):
+    def forward_fast(self, x, *, mask, state, pos):
         """The projected attention by ``scaled_dot_product_attention`` (fused kernel)."""
         q, kp, vp = self._project(x, mask)
         o = F.scaled_dot_product_attention(q, kp, vp, dropout_p=self.dropout if self.training else 0.0)
@@ -190,7 +194,7 @@ class Nystromformer(_Projections):
         """The depthwise conv of the (pad-zeroed) values, or 0 when off."""
         return self.conv(v) if self.opts.conv_kernel else 0.0
 
-    def forward_reference(self, x, *, mask, state, positions):
+    def forward_reference(self, x, *, mask, state, pos):
         """The three kernel matrices written out: (b,h,n,m), (b,h,m,m) pseudo-inverted, (b,h,m,n)."""
         q, k, v = self._qkv(x, mask)
         lq, lk, valid = self._landmarks(q, k, mask)
@@ -203,7 +207,7 @@ class Nystromformer(_Projections):
         o = (k1 @ self._kernel2_pinv(lq, lk, valid)) @ (k3 @ v)
         return self._finish(o + self._skip(v)), state
 
-    def forward_fast(self, x, *, mask, state, positions):
+    def forward_fast(self, x, *, mask, state, pos):
         """Kernels 1 and 3 by ``scaled_dot_product_attention``: L_q attends to K, then Q attends to L_k."""
         q, k, v = self._qkv(x, mask)
         lq, lk, valid = self._landmarks(q, k, mask)

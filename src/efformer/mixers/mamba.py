@@ -176,15 +176,15 @@ class _Selective(Mixer):
             state.conv, state.ssm = window, h
         return self._output(y, inputs, gate), state
 
-    def forward_reference(self, x, *, mask, state, positions):
+    def forward_reference(self, x, *, mask, state, pos):
         """The recurrence one step at a time (the definition)."""
         return self._forward(x, mask, state, self._scan_reference)
 
-    def forward_chunked(self, x, *, mask, state, positions):
+    def forward_chunked(self, x, *, mask, state, pos):
         """Chunk-parallel scan: matrix products inside chunks of ``chunk_size``, state passed between."""
         return self._forward(x, mask, state, self._scan_chunked)
 
-    def forward_recurrent(self, x, *, mask, state, positions):
+    def forward_recurrent(self, x, *, mask, state, pos):
         """Token-by-token decode: a rolling convolution window and one state update per token."""
         st = state if state is not None else self.init_state(x.shape[0], x.device, x.dtype)
 
@@ -244,6 +244,10 @@ class Mamba(_Selective):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def init_roles(self) -> dict[str, list[Tensor]]:
+        """The x-branch rows of the input projection (the stream the scan carries), and the output projection."""
+        return {"value": [self.in_proj.weight[: self.d_inner]], "output": [self.out_proj.weight]}
 
     def _project(self, x):
         u, z = self.in_proj(x).chunk(2, dim=-1)
@@ -316,6 +320,10 @@ class Mamba2(_Selective):
         self.D = nn.Parameter(torch.ones(heads))
         self.norm_weight = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def init_roles(self) -> dict[str, list[Tensor]]:
+        """The x rows of the fused z|x|B|C|dt input projection, and the output projection."""
+        return {"value": [self.in_proj.weight[self.d_inner : 2 * self.d_inner]], "output": [self.out_proj.weight]}
 
     def _project(self, x):
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_channels, self.ssd_heads], dim=-1)

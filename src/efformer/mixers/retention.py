@@ -74,11 +74,11 @@ class MultiScaleRetention(GatedLinearMixer):
         if o.rotate and self.head_dim >= 2:
             self.theta = Rope(d_model, n_heads, 0, True, {"base": o.rotary_base})
 
-    def _project(self, x, positions):
+    def _project(self, x, pos):
         q, k = self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(x))
-        rot = self.rotary if self.rotary is not None else self.theta
-        if rot is not None:
-            q, k = rot.rotate_queries(q, positions), rot.rotate_keys(k, positions)
+        if pos.rotation is None and self.theta is not None:  # the built-in rotation, when the model has none
+            pos = self.theta.context(pos.positions, q.dtype)
+        q, k = pos.rotate_queries(q), pos.rotate_keys(k)
         b, n = x.shape[:2]
         g = self.log_decay.to(q.dtype)[None, :, None, None].expand(b, -1, n, 1)
         v = self.split_heads(self.v_proj(x))

@@ -114,6 +114,10 @@ class S4D(Mixer):
         self.D = nn.Parameter(torch.randn(h))
         self.out_proj = nn.Linear(h, 2 * h)
 
+    def init_roles(self) -> dict[str, list[Tensor]]:
+        """No value projection (the SSM reads x itself); the GLU output projection."""
+        return {"value": [], "output": [self.out_proj.weight]}
+
     def init_state(self, batch, device, dtype) -> S4DState:
         """A zero state (causal layers only: a bidirectional layer reads the future)."""
         if not self.causal:
@@ -146,7 +150,7 @@ class S4D(Mixer):
         return F.glu(self.out_proj(y), dim=-1), state
 
     # ---- forms ----------------------------------------------------------------------------
-    def forward_reference(self, x, *, mask, state, positions):
+    def forward_reference(self, x, *, mask, state, pos):
         """The discretised recurrence one step at a time (and over the reversed sequence if bidirectional)."""
         u, h0 = self._begin(x, mask, state)
         _, a_bar, b_bar, c = self._discretise()
@@ -156,7 +160,7 @@ class S4D(Mixer):
             y = y + recurrence(u.flip(1), a_bar, b_bar, c[1], zero)[0].flip(1)
         return self._end(y, u, state, h)
 
-    def forward_fast(self, x, *, mask, state, positions):
+    def forward_fast(self, x, *, mask, state, pos):
         """Kernel K by a Vandermonde product, convolution by FFT; a decode state enters in closed form."""
         u, h0 = self._begin(x, mask, state)
         dt_a, a_bar, b_bar, c = self._discretise()
@@ -175,10 +179,10 @@ class S4D(Mixer):
             h = h0 * cexp(dt_a * n) + written
         return self._end(y.transpose(1, 2), u, state, h)
 
-    def forward_recurrent(self, x, *, mask, state, positions):
+    def forward_recurrent(self, x, *, mask, state, pos):
         """Token by token through the decode state (a bidirectional layer has none: it runs the reference)."""
         if not self.causal:
-            return self.forward_reference(x, mask=mask, state=state, positions=positions)
+            return self.forward_reference(x, mask=mask, state=state, pos=pos)
         u, h = self._begin(x, mask, state)
         _, a_bar, b_bar, c = self._discretise()
         if h is None:

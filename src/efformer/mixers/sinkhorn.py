@@ -36,7 +36,6 @@ class SinkhornOptions(MixerOptions):
     """Options of Sparse Sinkhorn attention."""
 
     block_size: int = Field(64, ge=1)  # tokens per block; each block sees its own and one sorted block
-    max_len: int = Field(4096, ge=1)  # longest sequence; fixes the sorting network's output width
     sinkhorn_iters: int = Field(8, ge=0)  # row+column normalisation rounds (0 = row softmax only)
     temperature: float = Field(0.75, gt=0)  # lower = closer to a hard permutation
 
@@ -71,13 +70,14 @@ class SinkhornAttention(Mixer):
         forms=("reference", "fast"),
     )
     Options = SinkhornOptions
-    test_options = {"block_size": 4, "max_len": 32, "sinkhorn_iters": 4}
+    test_options = {"block_size": 4, "sinkhorn_iters": 4}
+    test_max_len = 32
 
     def __init__(self, d_model: int, n_heads: int, **kw):
         super().__init__(d_model, n_heads, **kw)
-        bs, max_len = self.opts.block_size, self.opts.max_len
+        bs, max_len = self.opts.block_size, self.max_len
         if max_len < bs:
-            raise ConfigError("sinkhorn.max_len", max_len, f"must be at least block_size={bs}")
+            raise ConfigError("max_len", max_len, f"must be at least block_size={bs}")
         self.max_blocks = -(-max_len // bs)
         self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
@@ -85,6 +85,10 @@ class SinkhornAttention(Mixer):
         self.sort_net = nn.Sequential(
             nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, n_heads * self.max_blocks, bias=False)
         )
+
+    def init_roles(self) -> dict[str, list[Tensor]]:
+        """Value rows of the fused q|k|v projection, and the output projection."""
+        return {"value": [self.qkv_proj.weight[2 * self.d_model :]], "output": [self.out_proj.weight]}
 
     def sort_matrix(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """The soft block permutation S (batch, heads, N_B, N_B) of x (batch, seq, d_model)."""
@@ -98,10 +102,10 @@ class SinkhornAttention(Mixer):
     # ---- shared parts ---------------------------------------------------------------------
     def _pad(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """x right-padded to whole blocks (b, n_pad, d) and its keep-mask (b, n_pad)."""
-        if x.shape[1] > self.opts.max_len:
+        if x.shape[1] > self.max_len:
             raise ShapeError(
-                f"sinkhorn: sequence length {x.shape[1]} exceeds max_len={self.opts.max_len}; "
-                "raise the mixer option max_len (the sorting network's width) or use shorter inputs"
+                f"sinkhorn: sequence length {x.shape[1]} exceeds max_len={self.max_len}; "
+                "raise the model's max_len (the sorting network's width) or use shorter inputs"
             )
         keep = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         x, _ = pad_to_multiple(x, self.opts.block_size)
@@ -125,7 +129,7 @@ class SinkhornAttention(Mixer):
         return self.out_proj(self.merge_heads(o[:, :, :n]))
 
     # ---- forms ----------------------------------------------------------------------------
-    def forward_reference(self, x, *, mask, state, positions):
+    def forward_reference(self, x, *, mask, state, pos):
         """Full N x N scores; sorted-block scores and weights as S-weighted sums over original tokens."""
         n, bs = x.shape[1], self.opts.block_size
         q, k, v, keep, s = self._project(x, mask)
@@ -152,7 +156,7 @@ class SinkhornAttention(Mixer):
         through_sorted = (s_q[..., :, None] * p_sorted[..., None, :]).reshape(b, h, n_pad, n_pad)
         return self._finish((p_local + through_sorted) @ v, n), state
 
-    def forward_fast(self, x, *, mask, state, positions):
+    def forward_fast(self, x, *, mask, state, pos):
         """Sort whole blocks of keys/values by S, then per-block attention over 2 blocks: no N x N."""
         n, bs = x.shape[1], self.opts.block_size
         q, k, v, keep, s = self._project(x, mask)

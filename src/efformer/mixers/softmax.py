@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from efformer.errors import ConfigError
 from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState, causal_keep
+from efformer.nn.positional import PositionalContext
 from efformer.registry import register_mixer
 
 
@@ -111,21 +112,23 @@ class SoftmaxAttention(Mixer):
         )
 
     # ---- shared parts of both forms -------------------------------------------------------
-    def _qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, pos: PositionalContext) -> tuple[Tensor, Tensor, Tensor]:
         """q (b, h, n, d) and k, v (b, kv, n, d) of the new tokens: projected, QK-normed, rotated."""
         q = self.split_heads(self.q_proj(x))
         k, v = self.split_heads(self.kv_proj(x), 2 * self.n_kv_heads).chunk(2, dim=1)
         if self.opts.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rotary is not None:
-            q = self.rotary.rotate_queries(q, positions)
-            k = self.rotary.rotate_keys(k, positions)
-        return q, k, v
+        return pos.rotate_queries(q), pos.rotate_keys(k), v
 
-    def _project(self, x, mask, state, positions):
+    def init_roles(self) -> dict[str, list[Tensor]]:
+        """Value rows of the fused k|v projection, and the output projection."""
+        return {"value": [self.kv_proj.weight[self.n_kv_heads * self.head_dim :]], "output": [self.out_proj.weight]}
+
+    def _project(self, x, mask, state, pos):
         """q (b, h, n, d); k, v (b, kv, t, d) including the cache; key positions/keep (b, t)."""
         b, n, _ = x.shape
-        q, k, v = self._qkv(x, positions)
+        positions = pos.positions
+        q, k, v = self._qkv(x, pos)
         keep = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
         k_pos, k_keep = positions, keep
         if state is not None:
@@ -135,16 +138,16 @@ class SoftmaxAttention(Mixer):
         allowed = attention_keep(
             keep if has_pad else None, k_keep if has_pad else None, n, k.shape[2], self.causal, x.device
         )
-        bias = self.attn_bias(positions, k_pos) if self.attn_bias is not None else None
+        bias = pos.score_bias(positions, k_pos)
         return q, k, v, allowed, bias
 
     def _finish(self, o: Tensor) -> Tensor:
         return self.out_proj(self.merge_heads(o))
 
     # ---- forms ----------------------------------------------------------------------------
-    def forward_reference(self, x, *, mask, state, positions):
+    def forward_reference(self, x, *, mask, state, pos):
         """Explicit QK^T, bias, mask, softmax, dropout, times V."""
-        q, k, v, allowed, bias = self._project(x, mask, state, positions)
+        q, k, v, allowed, bias = self._project(x, mask, state, pos)
         group = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (b, h, n, t)
@@ -156,9 +159,9 @@ class SoftmaxAttention(Mixer):
         p = F.dropout(p, self.dropout, self.training)
         return self._finish(p @ v), state
 
-    def forward_fast(self, x, *, mask, state, positions):
+    def forward_fast(self, x, *, mask, state, pos):
         """``scaled_dot_product_attention``: FlashAttention on GPUs, a fused kernel on CPUs."""
-        q, k, v, allowed, bias = self._project(x, mask, state, positions)
+        q, k, v, allowed, bias = self._project(x, mask, state, pos)
         n, t = q.shape[2], k.shape[2]
         is_causal = self.causal and allowed is not None and bias is None and n == t and mask is None
         attn_mask = None

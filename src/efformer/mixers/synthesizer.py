@@ -38,19 +38,13 @@ class ValueState(MixerState):
     keep: Tensor
 
 
-class SynthesizerOptions(MixerOptions):
-    """Options shared by the dense and random Synthesizers."""
-
-    max_len: int = Field(512, ge=1)  # longest sequence (and largest position + 1): the logits' width
-
-
-class DenseOptions(SynthesizerOptions):
+class DenseOptions(MixerOptions):
     """Options of the dense Synthesizer."""
 
     factorized: int | None = Field(None, ge=1)  # size a of the first factor (must divide max_len); None = full
 
 
-class RandomOptions(SynthesizerOptions):
+class RandomOptions(MixerOptions):
     """Options of the random Synthesizer."""
 
     factorized: int | None = Field(None, ge=1)  # rank k of R = R1 R2^T (at most max_len); None = full matrix
@@ -77,9 +71,12 @@ class _Synthesizer(Mixer):
 
     def __init__(self, d_model: int, n_heads: int, **kw):
         super().__init__(d_model, n_heads, **kw)
-        self.max_len = self.opts.max_len
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def init_roles(self) -> dict[str, list[Tensor]]:
+        """The value projection and the output projection."""
+        return {"value": [self.v_proj.weight], "output": [self.out_proj.weight]}
 
     def logits(self, x: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Synthetic logits (batch, heads, n, t) for queries x (batch, n, d) at q_pos against k_pos."""
@@ -93,14 +90,15 @@ class _Synthesizer(Mixer):
             keep=torch.zeros(batch, 0, dtype=torch.bool, device=device),
         )
 
-    def _prepare(self, x, mask, state, positions):
+    def _prepare(self, x, mask, state, pos):
         """Masked logits (b, h, n, t) (-inf where not allowed) and values (b, h, t, d) including the cache."""
         b, n, _ = x.shape
+        positions = pos.positions
         if n > self.max_len or int(positions.max()) >= self.max_len:
             raise ShapeError(
                 f"{self.name}: sequence of {n} tokens at positions up to {int(positions.max())} does not fit "
                 f"max_len={self.max_len} (logits exist for positions 0..{self.max_len - 1}); "
-                "raise the mixer option max_len or use shorter inputs"
+                "raise the model's max_len or use shorter inputs"
             )
         v = self.split_heads(self.v_proj(x))
         keep = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
@@ -114,15 +112,15 @@ class _Synthesizer(Mixer):
         allowed = attention_keep(keep, k_keep, n, v.shape[2], self.causal, x.device)
         return logits.masked_fill(~allowed, float("-inf")), v
 
-    def forward_reference(self, x, *, mask, state, positions):
+    def forward_reference(self, x, *, mask, state, pos):
         """softmax(masked synthetic logits) V, written out."""
-        logits, v = self._prepare(x, mask, state, positions)
+        logits, v = self._prepare(x, mask, state, pos)
         p = F.dropout(logits.softmax(dim=-1), self.dropout, self.training)
         return self.out_proj(self.merge_heads(p @ v)), state
 
-    def forward_fast(self, x, *, mask, state, positions):
+    def forward_fast(self, x, *, mask, state, pos):
         """Fused SDPA: width-1 zero q/k make every dot product 0, so its additive mask (the logits) is the score."""
-        logits, v = self._prepare(x, mask, state, positions)
+        logits, v = self._prepare(x, mask, state, pos)
         b, h, n, t = logits.shape
         zeros_q, zeros_k = v.new_zeros(b, h, n, 1), v.new_zeros(b, h, t, 1)
         o = F.scaled_dot_product_attention(
@@ -137,7 +135,7 @@ class DenseSynthesizer(_Synthesizer):
 
     capabilities = _capabilities("dense")
     Options = DenseOptions
-    test_options = {"max_len": 32}
+    test_max_len = 32
 
     def __init__(self, d_model: int, n_heads: int, **kw):
         super().__init__(d_model, n_heads, **kw)
@@ -172,7 +170,8 @@ class RandomSynthesizer(_Synthesizer):
 
     capabilities = _capabilities("random")
     Options = RandomOptions
-    test_options = {"max_len": 32, "factorized": 4}
+    test_options = {"factorized": 4}
+    test_max_len = 32
 
     def __init__(self, d_model: int, n_heads: int, **kw):
         super().__init__(d_model, n_heads, **kw)

@@ -10,7 +10,7 @@ from efformer.models.block import Block
 from efformer.models.cache import Cache
 from efformer.models.config import ModelConfig
 from efformer.nn.positional import build_positional
-from efformer.registry import MIXERS, NORMS
+from efformer.registry import NORMS
 
 
 class Backbone(nn.Module):
@@ -23,11 +23,7 @@ class Backbone(nn.Module):
         self.pos = build_positional(
             cfg.positional, cfg.d_model, cfg.n_heads, cfg.max_len, cfg.causal, cfg.positional_options
         )
-        rotary = self.pos if self.pos.kind == "rotary" else None
-        bias = self.pos if self.pos.kind == "bias" else None
-        self.blocks = nn.ModuleList(
-            Block(cfg, name, opts, rotary=rotary, attn_bias=bias) for name, opts in cfg.layer_mixers()
-        )
+        self.blocks = nn.ModuleList(Block(cfg, name, opts) for name, opts in cfg.layer_mixers())
         norm = NORMS.get(cfg.norm)
         # post-LN and DeepNorm end every block with a norm already; Peri-LN also normalises embeddings
         self.final_norm = nn.Identity() if cfg.norm_placement in ("post", "deepnorm") else norm(cfg.d_model)
@@ -38,7 +34,7 @@ class Backbone(nn.Module):
     @property
     def can_decode(self) -> bool:
         """Whether every layer's mixer has a decode state (else generation recomputes)."""
-        return all(MIXERS.get(b.mixer.name).capabilities.decode for b in self.blocks)
+        return all(b.mixer.capabilities.decode for b in self.blocks)
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         """Token ids (b, n) -> embeddings (b, n, d)."""
@@ -67,9 +63,11 @@ class Backbone(nn.Module):
         h = self.drop(self.embed_norm(h))
         mask_all_true = mask is not None and bool(mask.all())
         layer_mask = None if mask_all_true else mask
+        # Once per forward: rotary tables or the bias scheme, shared by every layer.
+        context = self.pos.context(positions, h.dtype)
         for i, block in enumerate(self.blocks):
             state = cache.states[i] if cache is not None else None
-            h, state = block(h, mask=layer_mask, state=state, positions=positions)
+            h, state = block(h, mask=layer_mask, state=state, positions=context)
         if cache is not None:
             step = mask.sum(1) if mask is not None else torch.full((b,), n, device=h.device)
             cache.next_position = cache.next_position + step

@@ -5,10 +5,12 @@ Architecture") and DeepNorm ("DeepNet: Scaling Transformers to 1,000 Layers").""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from efformer.mixers.base import Mixer, MixerState, with_max_len
+from efformer.mixers.base import Mixer, MixerState
 from efformer.models.config import ModelConfig
+from efformer.nn.positional import PositionalContext
 from efformer.registry import FFNS, MIXERS, NORMS
 
 
@@ -20,18 +22,16 @@ def deepnorm_constants(n_layers: int) -> tuple[float, float]:
 class Block(nn.Module):
     """One layer: token mixer and feed-forward, each a residual branch with its norms."""
 
-    def __init__(self, cfg: ModelConfig, mixer_name: str, mixer_options: dict, rotary=None, attn_bias=None):
+    def __init__(self, cfg: ModelConfig, mixer_name: str, mixer_options: dict):
         super().__init__()
         self.placement = cfg.norm_placement
-        mixer_cls = MIXERS.get(mixer_name)
-        self.mixer: Mixer = mixer_cls(
+        self.mixer: Mixer = MIXERS.get(mixer_name)(
             cfg.d_model,
             cfg.n_heads,
             causal=cfg.causal,
-            options=with_max_len(mixer_cls, mixer_options, cfg.max_len),
-            rotary=rotary,
-            attn_bias=attn_bias,
+            options=mixer_options,
             dropout=cfg.attn_dropout,
+            max_len=cfg.max_len,
         )
         self.ffn = FFNS.get(cfg.ffn)(cfg.d_model, cfg.ffn_mult, cfg.dropout)
         norm = NORMS.get(cfg.norm)
@@ -42,11 +42,10 @@ class Block(nn.Module):
         self.alpha = 1.0
         if self.placement == "deepnorm":
             self.alpha, beta = deepnorm_constants(cfg.n_layers)
-            _scale_branch_init(self.mixer, beta)
-            _scale_branch_init(self.ffn, beta)
+            scale_deepnorm_init(self.mixer, self.ffn, beta)
 
     def forward(
-        self, x: Tensor, *, mask: Tensor | None, state: MixerState | None, positions: Tensor
+        self, x: Tensor, *, mask: Tensor | None, state: MixerState | None, positions: PositionalContext
     ) -> tuple[Tensor, MixerState | None]:
         """(b, n, d) -> (b, n, d), threading the mixer's decode state."""
 
@@ -68,13 +67,12 @@ class Block(nn.Module):
         return self.norm2(self.alpha * x + self.drop(self.ffn(x))), state
 
 
-def _scale_branch_init(module: nn.Module, beta: float) -> None:
-    """DeepNet init: scale value/output/FFN weights by beta; query and key projections keep theirs."""
-    for name, sub in module.named_modules():
-        if not isinstance(sub, nn.Linear) or name.split(".")[-1].startswith(("q_", "k_", "qk")):
-            continue
-        w = sub.weight.data
-        if name.split(".")[-1] == "kv_proj":  # fused k|v: only the value half is scaled
-            w[w.shape[0] // 2 :].mul_(beta)
-        else:
-            w.mul_(beta)
+@torch.no_grad()
+def scale_deepnorm_init(mixer: Mixer, ffn: nn.Module, beta: float) -> None:
+    """DeepNet init: scale the mixer's declared value/output weights and every FFN weight by beta."""
+    roles = mixer.init_roles()
+    for w in roles["value"] + roles["output"]:
+        w.mul_(beta)
+    for sub in ffn.modules():
+        if isinstance(sub, nn.Linear):
+            sub.weight.mul_(beta)

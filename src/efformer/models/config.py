@@ -25,8 +25,9 @@ class ModelConfig(StrictModel):
     n_heads: int = pydantic.Field(4, gt=0)
     # One mixer name for every layer, or one per layer (hybrid stacks).
     mixer: str | list[str] = "softmax"
-    # Options of the mixer; with a per-layer list, a dict keyed by mixer name.
-    mixer_options: dict[str, Any] = {}
+    # Options of the mixer: one dict for one mixer; with a per-layer list of mixers, a list of dicts
+    # aligned with it, or a dict keyed by mixer name (every key a mixer of the list).
+    mixer_options: dict[str, Any] | list[dict[str, Any]] = {}
     positional: str = "rope"
     positional_options: dict[str, Any] = {}
     norm: str = "rmsnorm"
@@ -51,6 +52,19 @@ class ModelConfig(StrictModel):
             raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
         if isinstance(self.mixer, list) and len(self.mixer) != self.n_layers:
             raise ValueError(f"mixer list has {len(self.mixer)} entries but n_layers={self.n_layers}")
+        opts = self.mixer_options
+        if isinstance(self.mixer, str) and isinstance(opts, list):
+            raise ValueError(f"mixer_options is a list but mixer={self.mixer!r} is one name; give one dict of "
+                             "its options, or a list of mixers (one per layer)")
+        if isinstance(self.mixer, list) and isinstance(opts, list) and len(opts) != len(self.mixer):
+            raise ValueError(f"mixer_options has {len(opts)} entries but mixer has {len(self.mixer)}; give one "
+                             "dict per layer")
+        if isinstance(self.mixer, list) and isinstance(opts, dict):
+            stray = sorted(k for k, v in opts.items() if k not in self.mixer or not isinstance(v, dict))
+            if stray:
+                raise ValueError(f"with a list of mixers, mixer_options must be a list of dicts (one per layer) or "
+                                 f"a dict keyed by mixer name; {stray} are not mixers of {self.mixer} with a dict "
+                                 "of options (a flat dict would be ambiguous)")
         if self.pad_id >= self.vocab_size:
             raise ValueError(f"pad_id={self.pad_id} must be < vocab_size={self.vocab_size}")
         return self
@@ -62,9 +76,12 @@ class ModelConfig(StrictModel):
 
     def layer_mixers(self) -> list[tuple[str, dict[str, Any]]]:
         """(mixer name, options) for each layer."""
+        opts = self.mixer_options
         if isinstance(self.mixer, str):
-            return [(self.mixer, dict(self.mixer_options))] * self.n_layers
-        return [(m, dict(self.mixer_options.get(m, {}))) for m in self.mixer]
+            return [(self.mixer, dict(opts))] * self.n_layers  # type: ignore[arg-type]
+        if isinstance(opts, list):
+            return [(m, dict(o)) for m, o in zip(self.mixer, opts, strict=True)]
+        return [(m, dict(opts.get(m, {}))) for m in self.mixer]
 
     def to_json(self) -> str:
         """The config as a JSON string."""
@@ -99,36 +116,16 @@ def build_config(data: dict[str, Any] | ModelConfig | None = None, **overrides: 
 
 def check_parts(cfg: ModelConfig) -> None:
     """Refuse unknown part names, bad part options and impossible combinations, with the reason."""
-
     pos_cls = POSITIONALS.get(cfg.positional)
     validate_options(pos_cls.Options, cfg.positional_options, f"positional_options[{cfg.positional}]")
     NORMS.get(cfg.norm)
     FFNS.get(cfg.ffn)
+    per_layer = isinstance(cfg.mixer, list)
     for i, (name, opts) in enumerate(cfg.layer_mixers()):
         cls = MIXERS.get(name)
-        caps = cls.capabilities
-        validate_options(cls.Options, opts, f"mixer_options[{name}]")
-        where = f"layer {i}: " if isinstance(cfg.mixer, list) else ""
-        if cfg.causal and not caps.causal:
-            raise CapabilityError(
-                f"{where}mixer {name!r} cannot be causal, so it cannot run in a causal LM "
-                f"(task='lm'); use task='classifier' or a causal mixer"
-            )
-        if not cfg.causal and not caps.bidirectional:
-            raise CapabilityError(
-                f"{where}mixer {name!r} is causal only; set encoder_causal=True to run it as a causal encoder"
-            )
-        if pos_cls.kind == "bias" and not caps.attention_bias:
-            raise CapabilityError(
-                f"{where}positional {cfg.positional!r} adds a bias to attention scores, but mixer "
-                f"{name!r} never forms the score matrix; use positional='rope', 'sinusoidal', "
-                "'learned' or 'none'"
-            )
-        if pos_cls.kind == "rotary" and not caps.rotary:
-            raise CapabilityError(
-                f"{where}positional {cfg.positional!r} rotates q and k, but mixer {name!r} cannot take a "
-                "rotary transform; use positional='sinusoidal', 'learned' or 'none'"
-            )
-
-
-__all__ = ["ModelConfig", "build_config", "check_parts"]
+        where = f"mixer_options[{i}]" if per_layer and isinstance(cfg.mixer_options, list) else f"mixer_options[{name}]"
+        validated = validate_options(cls.Options, opts, where)
+        reasons = cls.capabilities.why_not(name, causal=cfg.causal, positional=pos_cls.kind, form=validated.form)
+        if reasons:
+            layer = f"layer {i}: " if per_layer else ""
+            raise CapabilityError(layer + "; ".join(reasons))

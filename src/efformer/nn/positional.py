@@ -14,6 +14,7 @@ All take absolute positions (batch, seq), so cached decoding with an offset is e
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import pydantic
@@ -28,6 +29,72 @@ from efformer.registry import POSITIONALS
 Kind = Literal["none", "embedding", "rotary", "bias"]
 
 
+@dataclass(frozen=True)
+class Rotation:
+    """Precomputed rotary tables for one forward: q and k cos/sin (b, 1, n, rot_dim/2), model dtype."""
+
+    rot_dim: int
+    q_cos: Tensor
+    q_sin: Tensor
+    k_cos: Tensor
+    k_sin: Tensor
+
+    def queries(self, q: Tensor) -> Tensor:
+        """q (b, h, n, d) rotated (and scaled, for xPos)."""
+        return self._apply(q, self.q_cos, self.q_sin)
+
+    def keys(self, k: Tensor) -> Tensor:
+        """k (b, h, n, d) rotated (and scaled down, for xPos)."""
+        return self._apply(k, self.k_cos, self.k_sin)
+
+    def _apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        r = self.rot_dim
+        x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+        return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
+
+
+@dataclass
+class PositionalContext:
+    """What a mixer needs to know about positions in one forward pass, computed once by the backbone.
+
+    ``positions`` (b, n) are absolute; ``rotation`` holds rotary tables for q/k of these positions;
+    ``bias`` is the score-bias scheme, whose tables are memoised per (query, key) positions pair, so
+    the layers of a forward without a cache share one table.
+    """
+
+    positions: Tensor
+    rotation: Rotation | None = None
+    bias: nn.Module | None = None
+    _bias_memo: dict = field(default_factory=dict, repr=False)
+
+    def rotate_queries(self, q: Tensor) -> Tensor:
+        """q (b, h, n, d), rotated when the model has a rotary scheme."""
+        return q if self.rotation is None else self.rotation.queries(q)
+
+    def rotate_keys(self, k: Tensor) -> Tensor:
+        """k (b, h, n, d), rotated when the model has a rotary scheme."""
+        return k if self.rotation is None else self.rotation.keys(k)
+
+    def score_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
+        """Additive bias (b, h, n, t) for query positions (b, n) and key positions (b, t), or None."""
+        if self.bias is None:
+            return None
+        key = (id(q_pos), id(k_pos))
+        hit = self._bias_memo.get(key)
+        if hit is not None and hit[0] is q_pos and hit[1] is k_pos:
+            return hit[2]
+        table = self.bias(q_pos, k_pos)
+        self._bias_memo[key] = (q_pos, k_pos, table)
+        return table
+
+    @property
+    def kind(self) -> Kind:
+        """Which in-mixer scheme this context carries: rotary, bias or none."""
+        return "rotary" if self.rotation is not None else "bias" if self.bias is not None else "none"
+
+
 class PositionalScheme(nn.Module):
     """Base class; built with ``(d_model, n_heads, max_len, causal, options)``."""
 
@@ -39,6 +106,10 @@ class PositionalScheme(nn.Module):
         self.opts = validate_options(self.Options, options, f"positional_options[{self.name}]")
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.max_len, self.causal = max_len, causal
+
+    def context(self, positions: Tensor, dtype: torch.dtype) -> PositionalContext:
+        """The positional context of one forward pass (schemes acting inside mixers add their part)."""
+        return PositionalContext(positions, bias=self if self.kind == "bias" else None)
 
 
 @POSITIONALS.register("none")
@@ -107,24 +178,28 @@ class Rope(PositionalScheme):
         inv = 1.0 / self.opts.base ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
         self.register_buffer("inv_freq", inv.float(), persistent=False)
 
-    def _rotate(self, x: Tensor, positions: Tensor, scale: Tensor | None = None) -> Tensor:
-        """x (b, h, n, d), positions (b, n) -> rotated x (and scaled, for xPos)."""
-        ang = positions[:, None, :, None].float() * self.inv_freq  # (b, 1, n, rot/2)
-        cos, sin = ang.cos(), ang.sin()
-        if scale is not None:
-            cos, sin = cos * scale, sin * scale
-        xr, xp = x[..., : self.rot_dim].float(), x[..., self.rot_dim :]
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-        return torch.cat([out.to(x.dtype), xp], dim=-1)
+    def rotation(self, positions: Tensor, dtype: torch.dtype) -> Rotation:
+        """The rotation for absolute positions (b, n): cos/sin tables (b, 1, n, rot/2) in ``dtype``."""
+        cos, sin = self._angles(positions, dtype)
+        return Rotation(self.rot_dim, cos, sin, cos, sin)
+
+    def _angles(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # Angles in at least fp32 (fp64 for an fp64 model); the tables are then cast to the model's dtype.
+        work = torch.promote_types(dtype, torch.float32)
+        ang = positions[:, None, :, None].to(work) * self.inv_freq.to(work)
+        return ang.cos(), ang.sin()
+
+    def context(self, positions: Tensor, dtype: torch.dtype) -> PositionalContext:
+        """Positions plus this rotation, for every layer of one forward pass."""
+        return PositionalContext(positions, rotation=self.rotation(positions, dtype))
 
     def rotate_queries(self, q: Tensor, positions: Tensor) -> Tensor:
-        """q (b, h, n, d) rotated by positions (b, n)."""
-        return self._rotate(q, positions)
+        """q (b, h, n, d) rotated by positions (b, n) (a convenience; models pass a context instead)."""
+        return self.rotation(positions, q.dtype).queries(q)
 
     def rotate_keys(self, k: Tensor, positions: Tensor) -> Tensor:
         """k (b, h, n, d) rotated by positions (b, n)."""
-        return self._rotate(k, positions)
+        return self.rotation(positions, k.dtype).keys(k)
 
 
 class XposOptions(RopeOptions):
@@ -145,17 +220,11 @@ class XPos(Rope):
         zeta = (torch.arange(0, r, 2, dtype=torch.float32) + 0.4 * r) / (1.4 * r)
         self.register_buffer("zeta", zeta, persistent=False)
 
-    def _scale(self, positions: Tensor, sign: float) -> Tensor:
-        power = positions[:, None, :, None].float() / self.opts.scale_base
-        return self.zeta ** (sign * power)
-
-    def rotate_queries(self, q, positions):
-        """q rotated and scaled up by zeta^(n/scale_base)."""
-        return self._rotate(q, positions, self._scale(positions, 1.0))
-
-    def rotate_keys(self, k, positions):
-        """k rotated and scaled down by zeta^(-m/scale_base), so q.k decays with distance."""
-        return self._rotate(k, positions, self._scale(positions, -1.0))
+    def rotation(self, positions: Tensor, dtype: torch.dtype) -> Rotation:
+        """RoPE tables with q scaled by zeta^(n/scale_base) and k by zeta^(-m/scale_base)."""
+        cos, sin = self._angles(positions, dtype)
+        scale = self.zeta.to(cos.dtype) ** (positions[:, None, :, None].to(cos.dtype) / self.opts.scale_base)
+        return Rotation(self.rot_dim, cos * scale, sin * scale, cos / scale, sin / scale)
 
 
 @POSITIONALS.register("alibi")
