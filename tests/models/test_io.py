@@ -3,9 +3,15 @@ that cannot tear: a SIGKILL at any moment of a save leaves the old model or the 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
+import shutil
+import signal
+import sys
+import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -16,6 +22,8 @@ import efformer
 import efformer.models.io as io_mod
 from efformer.errors import CheckpointError, ConfigError, EfformerError
 from efformer.models.io import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork a saving child")
 
 
 def _model(seed: int, preset: str = "lm-tiny", **kw) -> nn.Module:
@@ -413,3 +421,193 @@ def test_a_stale_old_folder_without_its_partner_is_never_loaded(tmp_path):
     os.rename(tmp_path / "m", tmp_path / ".m.old-0123")  # e.g. the user deleted m after a kill mid-cleanup
     with pytest.raises(CheckpointError, match="is missing"):
         efformer.load(tmp_path / "m")
+
+
+# ---- SIGKILL at any moment -------------------------------------------------------------------
+def _fork(fn) -> int:
+    """Run ``fn`` in a forked child that never returns into pytest: exit 0, or 3 after printing the traceback."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 3
+    try:
+        fn()
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    os._exit(code)
+
+
+def _wait(pid: int) -> int:
+    return os.waitpid(pid, 0)[1]
+
+
+def _killed(status: int) -> bool:
+    if os.WIFEXITED(status):
+        assert os.WEXITSTATUS(status) == 0, "the save in the child raised (its traceback is above)"
+        return False
+    assert os.WTERMSIG(status) == signal.SIGKILL
+    return True
+
+
+def _which(model: nn.Module, known: dict[str, dict]) -> str:
+    """The name of the known model ``model`` equals bit-for-bit; a mix fails the test, naming the odd tensors."""
+    bits = _bits(model)
+    for name, other in known.items():
+        if bits == other:
+            return name
+    odd = {k: [n for n, o in known.items() if o.get(k) == v] for k, v in bits.items()}
+    raise AssertionError(f"loaded a mix of models: tensor -> models it matches: {odd}")
+
+
+PRE_INSTALL = {"writing files", "written, before the rename", "target missing (between the renames)"}
+
+
+def _phase(parent: Path, before: set[str], target_before: bool) -> str:
+    """Where the save was killed, read from what it left in ``parent`` (its temporaries have fresh names)."""
+    now = set(os.listdir(parent))
+    new = now - before
+    new_tmp = sorted(n for n in new if ".tmp-" in n)
+    if "m" not in now:
+        return "target missing (between the renames)" if target_before else "target missing before and after"
+    if any(".old-" in n for n in new):
+        return "deleting the old folder"
+    if new_tmp:
+        try:
+            json.loads((parent / new_tmp[0] / MANIFEST_FILE).read_text())
+            return "written, before the rename"
+        except (OSError, ValueError):
+            return "writing files"
+    return "not started, or finished"
+
+
+def _timed_save(model: nn.Module, target: Path) -> float:
+    """Seconds from the fork's return in the parent (where a kill delay starts) to the end of the child's save."""
+    read, write = os.pipe()
+    pid = _fork(lambda: (efformer.save(model, target), os.write(write, str(time.perf_counter()).encode())))
+    start = time.perf_counter()  # CLOCK_MONOTONIC: one clock for parent and child
+    assert not _killed(_wait(pid))
+    end = float(os.read(read, 64))
+    os.close(read)
+    os.close(write)
+    return end - start
+
+
+def _kill_saves(tmp_path: Path, kills: int, seed: int) -> tuple[collections.Counter, collections.Counter]:
+    """SIGKILL a child's save at random moments, alternating two models into one folder; check each result."""
+    models = {"A": _model(1, d_model=256), "B": _model(2, d_model=256)}  # same shapes, ~6.5 MB of weights
+    known = {k: _bits(m) for k, m in models.items()}
+    parent = tmp_path / "models"
+    target = parent / "m"
+    efformer.save(models["A"], target)
+    # Whole saves of B in forked children set the range of the kill delays (the median of three).
+    duration = sorted(_timed_save(models["B"], target) for _ in range(3))[1]
+    prev = "B"
+    rng = random.Random(seed)
+    phases: collections.Counter = collections.Counter()
+    outcomes: collections.Counter = collections.Counter()
+    for i in range(kills):
+        new = "B" if prev == "A" else "A"  # always the other model, so each outcome tells old from new
+        before, target_before = set(os.listdir(parent)), target.is_dir()
+        # The child saves once and then waits, so every kill lands in at most one save.
+        pid = _fork(lambda m=models[new]: (efformer.save(m, target), time.sleep(60)))
+        time.sleep(rng.uniform(0, 1.2 * duration))
+        os.kill(pid, signal.SIGKILL)
+        assert _killed(_wait(pid))
+        phase = _phase(parent, before, target_before)
+        try:
+            got = _which(efformer.load(target), known)
+        except CheckpointError as e:  # allowed by the contract, but this scheme always leaves a model
+            outcomes["CheckpointError"] += 1
+            pytest.fail(f"kill {i} ({phase}): {e}")
+        outcomes[got] += 1
+        assert got in {prev, new}, (i, phase)
+        if phase == "not started, or finished" and prev != new:
+            phase = "not started" if got == prev else "finished"
+        phases[phase] += 1
+        if phase in PRE_INSTALL:
+            assert got == prev, f"kill {i} ({phase}) loaded the model of an unfinished save"
+        if phase == "deleting the old folder":
+            assert got == new, f"kill {i} ({phase}) loaded the old model after the swap"
+        prev = got
+        if rng.random() < 0.3:  # now and then a clean save, which must tidy every leftover
+            efformer.save(models[new], target)
+            prev = new
+            assert os.listdir(parent) == ["m"]
+    efformer.save(models["A"], target)
+    assert os.listdir(parent) == ["m"]
+    assert _which(efformer.load(target), known) == "A"
+    print(f"\n{kills} kills over saves of {duration * 1000:.0f} ms: phases {dict(phases)}; outcomes {dict(outcomes)}")
+    return phases, outcomes
+
+
+@needs_fork
+def test_a_save_killed_at_random_moments_leaves_one_whole_model(tmp_path):
+    phases, outcomes = _kill_saves(tmp_path, kills=40, seed=0)
+    assert outcomes["A"] and outcomes["B"]
+    # The delays span the whole save: kills landed while writing and at or after the install.
+    assert "writing files" in phases and {"deleting the old folder", "finished"} & set(phases)
+
+
+@needs_fork
+@pytest.mark.slow
+def test_many_saves_killed_at_random_moments_leave_one_whole_model(tmp_path):
+    phases, _ = _kill_saves(tmp_path, kills=200, seed=1)
+    assert len(phases) >= 4
+
+
+_FS_CALLS = ("mkdir", "rename", "replace", "unlink", "rmdir", "fsync", "chmod")
+
+
+def _die_before_call(n: int) -> None:
+    """In a child: SIGKILL this process just before its n-th file-system call of the kinds in _FS_CALLS."""
+    count = [0]
+
+    def deadly(real):
+        def call(*args, **kwargs):
+            count[0] += 1
+            if count[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in _FS_CALLS:
+        setattr(os, name, deadly(getattr(os, name)))
+
+
+@needs_fork
+@pytest.mark.parametrize("first", [False, True], ids=["replace", "first-save"])
+def test_a_save_killed_before_each_file_system_step_leaves_one_whole_model(tmp_path, first):
+    a, b = _model(1), _model(2)
+    known = {"A": _bits(a), "B": _bits(b)}
+    parent = tmp_path / "models"
+    results = []
+    for n in range(1, 100):
+        shutil.rmtree(parent, ignore_errors=True)
+        parent.mkdir()
+        if not first:
+            efformer.save(a, parent / "m")
+        before, target_before = set(os.listdir(parent)), (parent / "m").is_dir()
+        if not _killed(_wait(_fork(lambda n=n: (_die_before_call(n), efformer.save(b, parent / "m"))))):
+            break  # n is past the last step: the save completed
+        phase = _phase(parent, before, target_before)
+        try:
+            results.append((phase, _which(efformer.load(parent / "m"), known)))
+        except CheckpointError as e:
+            assert first and "is missing" in str(e), (n, phase, e)  # a first save not yet renamed into place
+            results.append((phase, "missing"))
+    else:
+        pytest.fail("the save never completed")
+    print(f"\n{len(results)} kill points: {results}")
+    outcome = [r for _, r in results]
+    old = "missing" if first else "A"
+    # Old until the one rename that installs the new folder, new from then on: never back, never a mix.
+    switch = outcome.index("B") if "B" in outcome else len(outcome)
+    assert outcome == [old] * switch + ["B"] * (len(outcome) - switch), results
+    assert 0 < switch < len(outcome), results
+    if not first:  # the kill between the two renames happened, and it loaded the old model
+        assert ("target missing (between the renames)", "A") in results, results
+        assert ("deleting the old folder", "B") in results, results
