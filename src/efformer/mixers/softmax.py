@@ -89,7 +89,7 @@ class SoftmaxAttention(Mixer):
 
     def __init__(self, d_model: int, n_heads: int, **kw):
         super().__init__(d_model, n_heads, **kw)
-        kv = self.opts.n_kv_heads or n_heads
+        kv = n_heads if self.opts.n_kv_heads is None else self.opts.n_kv_heads  # 0 is refused, not MHA
         if kv <= 0 or n_heads % kv:
             raise ConfigError(f"{self.name}.n_kv_heads", kv, f"must be positive and divide n_heads={n_heads}")
         self.n_kv_heads = kv

@@ -38,6 +38,9 @@ class Backbone(nn.Module):
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         """Token ids (b, n) -> embeddings (b, n, d)."""
+        if not isinstance(ids, Tensor):
+            raise ShapeError(f"input ids must be an integer tensor (batch, seq), got a {type(ids).__name__}; "
+                             "wrap token lists with torch.tensor(ids) (or pass lists to generate)")
         if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2:
             raise ShapeError(f"input ids must be an integer tensor (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
@@ -52,8 +55,17 @@ class Backbone(nn.Module):
     ) -> Tensor:
         """Embeddings (b, n, d) -> hidden states (b, n, d); ``cache`` is updated in place."""
         b, n, _ = h.shape
-        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, n)):
-            raise ShapeError(f"mask must be a bool keep-mask ({b}, {n}), got {mask.dtype} {tuple(mask.shape)}")
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (b, n):
+                got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+                raise ShapeError(f"mask must be a bool keep-mask ({b}, {n}), got {got}")
+            empty = (~mask.any(1)).nonzero().flatten().tolist()
+            if empty and cache is None:
+                raise ShapeError(f"mask keeps no token in batch row(s) {empty[:8]}: every row needs at least one "
+                                 "real token; drop empty rows before calling the model")
+        if positions is not None and (not isinstance(positions, Tensor) or tuple(positions.shape) != (b, n)):
+            got = tuple(positions.shape) if isinstance(positions, Tensor) else type(positions).__name__
+            raise ShapeError(f"positions must be a ({b}, {n}) integer tensor of absolute positions, got {got}")
         if positions is None:
             positions = default_positions(b, n, mask, h.device)
             if cache is not None:

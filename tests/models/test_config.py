@@ -1,0 +1,55 @@
+"""Model configs: mixer options per layer, forms checked at config time, max_len reaching every mixer."""
+
+from __future__ import annotations
+
+import pytest
+
+import efformer
+from efformer.errors import ConfigError
+from efformer.models.config import build_config
+
+
+def test_one_dict_for_one_mixer_reaches_every_layer():
+    m = efformer.create_model("lm-tiny", n_layers=3, mixer="sliding_window", mixer_options={"window": 3})
+    assert [b.mixer.opts.window for b in m.backbone.blocks] == [3, 3, 3]
+
+
+def test_a_list_of_options_aligns_with_the_list_of_mixers():
+    m = efformer.create_model("lm-tiny", n_layers=3, mixer=["sliding_window", "softmax", "sliding_window"],
+                              mixer_options=[{"window": 3}, {"n_kv_heads": 1}, {"window": 5}])
+    blocks = m.backbone.blocks
+    assert (blocks[0].mixer.opts.window, blocks[1].mixer.n_kv_heads, blocks[2].mixer.opts.window) == (3, 1, 5)
+
+
+def test_a_dict_keyed_by_mixer_name_applies_to_each_layer_of_that_mixer():
+    m = efformer.create_model("lm-tiny", n_layers=3, mixer=["sliding_window", "softmax", "sliding_window"],
+                              mixer_options={"sliding_window": {"window": 3}})
+    assert [getattr(b.mixer.opts, "window", None) for b in m.backbone.blocks] == [3, None, 3]
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        # the case that was silently ignored: a flat dict with a list of mixers
+        (dict(mixer=["sliding_window", "softmax"], mixer_options={"window": 3}), r"\['window'\] are not mixers"),
+        (dict(mixer=["sliding_window", "softmax"], mixer_options=[{"window": 3}]), "has 1 entries but mixer has 2"),
+        (dict(mixer="softmax", mixer_options=[{}, {}]), "mixer_options is a list but mixer='softmax'"),
+        (dict(mixer=["sliding_window", "softmax"], mixer_options=[{"window": 3}, {"window": 3}]),
+         r"mixer_options\[1\].window"),
+        (dict(mixer="softmax", mixer_options={"form": "chunked"}), "has no form 'chunked'"),
+        (dict(mixer="gla", mixer_options={"form": 3}), r"mixer_options\[gla\].form"),
+    ],
+)
+def test_options_that_cannot_apply_are_refused_with_the_field(kwargs, pattern):
+    with pytest.raises(efformer.EfformerError, match=pattern):
+        build_config(n_layers=2, **kwargs)
+
+
+def test_model_max_len_is_the_mixers_max_len():
+    m = efformer.create_model("classifier-tiny", mixer="linformer", max_len=96)
+    mixer = m.backbone.blocks[0].mixer
+    assert mixer.max_len == 96 and mixer.e_proj.shape[-1] == 96
+    with pytest.raises(ConfigError, match="max_len"):
+        type(mixer)(32, 4, max_len=0)
+    with pytest.raises(ConfigError, match="max_len"):
+        build_config(mixer="linformer", task="classifier", mixer_options={"max_len": 64})
