@@ -125,7 +125,8 @@ class SoftmaxAttention(Mixer):
         return {"value": [self.kv_proj.weight[self.n_kv_heads * self.head_dim :]], "output": [self.out_proj.weight]}
 
     def _project(self, x, mask, state, pos):
-        """q (b, h, n, d); k, v (b, kv, t, d) including the cache; key positions/keep (b, t)."""
+        """q (b, h, n, d); k, v (b, kv, t, d) with the cache; allowed pairs (or None); the score bias;
+        whether the call is a plain causal square (no padding, no cache offset), which needs no mask."""
         b, n, _ = x.shape
         positions = pos.positions
         q, k, v = self._qkv(x, pos)
@@ -135,11 +136,15 @@ class SoftmaxAttention(Mixer):
             state.append(k, v, positions, keep)
             k, v, k_pos, k_keep = state.k, state.v, state.positions, state.keep
         has_pad = mask is not None or (state is not None and not bool(k_keep.all()))
-        allowed = attention_keep(
-            keep if has_pad else None, k_keep if has_pad else None, n, k.shape[2], self.causal, x.device
-        )
+        # A plain causal square needs no mask at all in the fast form (is_causal), so none is built here.
+        plain_causal = self.causal and not has_pad and n == k.shape[2]
+        allowed = None
+        if has_pad or (self.causal and not plain_causal):
+            allowed = attention_keep(
+                keep if has_pad else None, k_keep if has_pad else None, n, k.shape[2], self.causal, x.device
+            )
         bias = pos.score_bias(positions, k_pos)
-        return q, k, v, allowed, bias
+        return q, k, v, allowed, bias, plain_causal
 
     def _finish(self, o: Tensor) -> Tensor:
         return self.out_proj(self.merge_heads(o))
@@ -147,7 +152,9 @@ class SoftmaxAttention(Mixer):
     # ---- forms ----------------------------------------------------------------------------
     def forward_reference(self, x, *, mask, state, pos):
         """Explicit QK^T, bias, mask, softmax, dropout, times V."""
-        q, k, v, allowed, bias = self._project(x, mask, state, pos)
+        q, k, v, allowed, bias, plain_causal = self._project(x, mask, state, pos)
+        if plain_causal:
+            allowed = causal_keep(q.shape[2], k.shape[2], x.device)
         group = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (b, h, n, t)
@@ -161,14 +168,13 @@ class SoftmaxAttention(Mixer):
 
     def forward_fast(self, x, *, mask, state, pos):
         """``scaled_dot_product_attention``: FlashAttention on GPUs, a fused kernel on CPUs."""
-        q, k, v, allowed, bias = self._project(x, mask, state, pos)
-        n, t = q.shape[2], k.shape[2]
-        is_causal = self.causal and allowed is not None and bias is None and n == t and mask is None
-        attn_mask = None
-        if not is_causal:
-            attn_mask = allowed
-            if bias is not None:
-                attn_mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+        q, k, v, allowed, bias, plain_causal = self._project(x, mask, state, pos)
+        is_causal = plain_causal and bias is None
+        if plain_causal and bias is not None:
+            allowed = causal_keep(q.shape[2], k.shape[2], x.device)
+        attn_mask = allowed
+        if bias is not None:
+            attn_mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
         o = F.scaled_dot_product_attention(
             q,
             k,
