@@ -122,6 +122,14 @@ class MixerState:
 
     seen: int = 0
 
+    def batch_size(self) -> int | None:
+        """Rows the state holds (dim 0 of its first tensor), or None if it holds no tensor."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                return value.shape[0]
+        return None
+
     def select(self, index: Tensor) -> MixerState:
         """The state of the batch rows in ``index`` (drops finished rows in batched generation)."""
         new = dataclasses.replace(
@@ -177,10 +185,15 @@ class Mixer(nn.Module):
     ):
         super().__init__()
         caps = self.capabilities
-        if d_model <= 0 or n_heads <= 0 or d_model % n_heads:
+        for field_name, value in (("d_model", d_model), ("n_heads", n_heads), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(field_name, value, "a positive integer")
+        if d_model % n_heads:
             raise ConfigError("n_heads", n_heads, f"must be positive and divide d_model={d_model}")
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
-            raise ConfigError("max_len", max_len, "a positive integer (the longest sequence)")
+        if not isinstance(causal, bool):
+            raise ConfigError("causal", causal, "True or False")
+        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+            raise ConfigError("dropout", dropout, "a probability in [0, 1)")
         self.opts = validate_options(self.Options, options, self.name)
         reasons = caps.why_not(self.name, causal=causal, form=self.opts.form)
         if reasons:
@@ -271,6 +284,8 @@ class Mixer(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ShapeError(f"{self.name}: x must be (batch, seq, {self.d_model}), got {got}")
+        if not x.is_floating_point():
+            raise ShapeError(f"{self.name}: x must be a floating-point tensor, got {x.dtype}; embed token ids first")
         b, n = x.shape[:2]
         if n == 0:
             raise ShapeError(f"{self.name}: x has an empty sequence (seq=0); pass at least one token")
@@ -283,12 +298,26 @@ class Mixer(nn.Module):
             if not self.capabilities.padding_mask:
                 raise CapabilityError(self.capabilities.why_not(self.name, mask=True)[0])
         pos = positions.positions if isinstance(positions, PositionalContext) else positions
-        if pos is not None and (not isinstance(pos, Tensor) or tuple(pos.shape) != (b, n)):
-            got = tuple(pos.shape) if isinstance(pos, Tensor) else type(pos).__name__
-            raise ShapeError(f"{self.name}: positions must be a ({b}, {n}) tensor, got {got}")
-        if state is not None and not self.capabilities.decode:
-            raise CapabilityError(self.capabilities.why_not(self.name, decode=True)[0])
+        if pos is not None and (not isinstance(pos, Tensor) or tuple(pos.shape) != (b, n)
+                                or pos.is_floating_point() or pos.dtype == torch.bool):
+            got = f"{pos.dtype} {tuple(pos.shape)}" if isinstance(pos, Tensor) else type(pos).__name__
+            raise ShapeError(f"{self.name}: positions must be a ({b}, {n}) integer tensor, got {got}")
+        if state is not None:
+            self._check_state(state, b)
         return b, n
+
+    def _check_state(self, state: MixerState, b: int) -> None:
+        if not self.capabilities.decode:
+            raise CapabilityError(self.capabilities.why_not(self.name, decode=True)[0])
+        if "_state_type" not in self.__dict__:  # what init_state makes, found once per layer
+            self._state_type = type(self.init_state(1, "cpu", torch.float32))
+        if type(state) is not self._state_type:
+            raise ShapeError(f"{self.name}: state must be the {self._state_type.__name__} from this mixer's "
+                             f"init_state(), got {type(state).__name__}")
+        rows = state.batch_size()
+        if rows is not None and rows != b:
+            raise ShapeError(f"{self.name}: the state holds {rows} rows but x has batch {b}; "
+                             "use state.select(rows) or a new init_state(batch)")
 
     def split_heads(self, t: Tensor, heads: int | None = None) -> Tensor:
         """(batch, seq, heads*dim) -> (batch, heads, seq, dim)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 
@@ -13,16 +13,18 @@ from efformer.registry import FFNS, MIXERS, NORMS, POSITIONALS
 
 Task = Literal["lm", "classifier", "dual"]
 Placement = Literal["pre", "post", "peri", "sandwich", "deepnorm"]
+# Integers stay integers: True is not 1 layer, 3.0 is not 3 heads (JSON and YAML give real ints).
+StrictInt = Annotated[int, pydantic.Strict()]
 
 
 class ModelConfig(StrictModel):
     """Everything needed to build a model; round-trips through JSON."""
 
     task: Task = "lm"  # lm: causal LM; classifier: sequence classifier; dual: dual-encoder matcher
-    vocab_size: int = pydantic.Field(256, gt=0)
-    d_model: int = pydantic.Field(128, gt=0)
-    n_layers: int = pydantic.Field(2, gt=0)
-    n_heads: int = pydantic.Field(4, gt=0)
+    vocab_size: StrictInt = pydantic.Field(256, gt=0)
+    d_model: StrictInt = pydantic.Field(128, gt=0)
+    n_layers: StrictInt = pydantic.Field(2, gt=0)
+    n_heads: StrictInt = pydantic.Field(4, gt=0)
     # One mixer name for every layer, or one per layer (hybrid stacks).
     mixer: str | list[str] = "softmax"
     # Options of the mixer: one dict for one mixer; with a per-layer list of mixers, a list of dicts
@@ -36,12 +38,12 @@ class ModelConfig(StrictModel):
     ffn_mult: float = pydantic.Field(4.0, gt=0)
     dropout: float = pydantic.Field(0.0, ge=0, lt=1)
     attn_dropout: float = pydantic.Field(0.0, ge=0, lt=1)
-    max_len: int = pydantic.Field(2048, gt=0)
+    max_len: StrictInt = pydantic.Field(2048, gt=0)
     tie_embeddings: bool = True
-    n_classes: int = pydantic.Field(2, gt=1)  # classifier / dual only
+    n_classes: StrictInt = pydantic.Field(2, gt=1)  # classifier / dual only
     pooling: Literal["cls", "mean"] = "mean"  # classifier / dual only
     dual_features: Literal["uv", "uv_prod_diff"] = "uv_prod_diff"  # [u, v] or [u, v, u*v, u-v]
-    pad_id: int = pydantic.Field(0, ge=0)
+    pad_id: StrictInt = pydantic.Field(0, ge=0)
     # classifier / dual only: run the mixers causally, so causal-only mixers (Mamba, RetNet, ...) can
     # encode; a CLS token then goes at the end, where it has seen the whole sequence.
     encoder_causal: bool = False
@@ -101,6 +103,9 @@ def build_config(data: dict[str, Any] | ModelConfig | None = None, **overrides: 
     """A validated ModelConfig from a dict plus overrides; checks names and capabilities too."""
     if isinstance(data, ModelConfig):
         data = data.model_dump()
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError("config", type(data).__name__, "a dict of config fields (or a ModelConfig, or a preset name "
+                          "for create_model)")
     merged = {**(data or {}), **overrides}
     try:
         cfg = ModelConfig.model_validate(merged)
