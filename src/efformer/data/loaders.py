@@ -10,6 +10,7 @@ raises DataError naming the file and line (or record) and what was expected.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -84,6 +85,12 @@ def subset(ds: TokenDataset, start: int, stop: int) -> TokenDataset:
     return TokenDataset([ds.sequence(i) for i in range(start, stop)], ds.labels[start:stop].tolist())
 
 
+def _as_path(path, name: str = "path") -> Path:
+    if not isinstance(path, str | os.PathLike):
+        raise ConfigError(name, path, "a file or folder path (str or pathlib.Path)")
+    return Path(path)
+
+
 def _require(path: Path, what: str, folder: bool = False) -> Path:
     if not path.exists():
         raise DataError(f"{path}: not found; expected {what}")
@@ -127,6 +134,8 @@ def _text_line(path: Path, n: int, raw: bytes) -> str:
 # ---- ListOps -----------------------------------------------------------------------------------
 def listops_tokenize(source: str) -> np.ndarray:
     """Token ids of a ListOps expression: ']' -> 'X', parentheses dropped, split on whitespace."""
+    if not isinstance(source, str):
+        raise ConfigError("source", source, "a ListOps expression string such as '[MAX 2 9 ]'")
     words = source.replace("]", "X").replace("(", "").replace(")", "").split()
     return np.array([LISTOPS_IDS.get(w, LISTOPS_OOV) for w in words], dtype=np.int16)
 
@@ -134,7 +143,7 @@ def listops_tokenize(source: str) -> np.ndarray:
 def read_listops_tsv(path: str | Path, max_len: int = 2000) -> TokenDataset:
     """A released-format ListOps TSV (header `Source<TAB>Target`, label 0-9) as a classifier dataset."""
     _check_max_len(max_len)
-    path = _require(Path(path), "a ListOps TSV with header 'Source\\tTarget' (e.g. listops-1000/basic_train.tsv)")
+    path = _require(_as_path(path), "a ListOps TSV with header 'Source\\tTarget' (e.g. listops-1000/basic_train.tsv)")
     seqs, labels, n = [], [], 0
     for n, raw in _lines(path):
         line = _text_line(path, n, raw)
@@ -177,7 +186,7 @@ def read_imdb(data_dir: str | Path, split: str, max_len: int = 4000) -> TokenDat
     _check_max_len(max_len)
     if split not in ("train", "test"):
         raise ConfigError("split", split, "'train' or 'test' (IMDb has no other split)")
-    root = _imdb_root(Path(data_dir))
+    root = _imdb_root(_as_path(data_dir, "data_dir"))
     seqs, labels = [], []
     for label, sub in ((0, "neg"), (1, "pos")):
         folder = _require(root / split / sub, f"a folder of IMDb reviews aclImdb/{split}/{sub}/*.txt", folder=True)
@@ -197,7 +206,7 @@ def read_imdb(data_dir: str | Path, split: str, max_len: int = 4000) -> TokenDat
 def read_aan_tsv(path: str | Path, max_len: int = 4000) -> PairDataset:
     """An AAN pairs TSV (no header; label, id1, id2, text1, text2; label 0/1 as a float) as a dual dataset."""
     _check_max_len(max_len)
-    path = _require(Path(path), "an AAN TSV such as tsv_data/new_aan_pairs.train.tsv")
+    path = _require(_as_path(path), "an AAN TSV such as tsv_data/new_aan_pairs.train.tsv")
     a, b, labels = [], [], []
     for n, line in _lines(path):
         if not line:
@@ -237,7 +246,7 @@ def cifar_grayscale(rgb: np.ndarray) -> np.ndarray:
 
 def read_cifar10_bin(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 binary batch -> (gray pixels (n, 1024) uint8, labels (n,))."""
-    path = _require(Path(path), "a CIFAR-10 binary batch (cifar-10-batches-bin/data_batch_1.bin)")
+    path = _require(_as_path(path), "a CIFAR-10 binary batch (cifar-10-batches-bin/data_batch_1.bin)")
     raw = np.frombuffer(_read_bytes(path), np.uint8)
     if raw.size == 0 or raw.size % CIFAR_RECORD:
         whole = raw.size // CIFAR_RECORD
@@ -252,7 +261,7 @@ def read_cifar10_bin(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def read_cifar10(data_dir: str | Path) -> tuple[TokenDataset, TokenDataset, TokenDataset]:
     """CIFAR-10 binary batches -> train (first 90% of data_batch_1..5), val (last 10%), test (test_batch)."""
-    data_dir = Path(data_dir)
+    data_dir = _as_path(data_dir, "data_dir")
     root = data_dir / "cifar-10-batches-bin" if (data_dir / "cifar-10-batches-bin").is_dir() else data_dir
     parts = [read_cifar10_bin(root / f"data_batch_{i}.bin") for i in range(1, 6)]
     x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -269,7 +278,7 @@ def read_pathfinder(root: str | Path) -> tuple[TokenDataset, int]:
     Images are read in metadata order (batch files sorted numerically); zero-byte images are skipped and
     counted, as the original pipeline filters empty images.
     """
-    root = Path(root)
+    root = _as_path(root, "root")
     meta_dir = _require(root / "metadata", "metadata/<batch>.npy text files beside imgs/ (released Pathfinder layout)",
                         folder=True)
     metas = sorted(meta_dir.glob("*.npy"), key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit()

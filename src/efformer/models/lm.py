@@ -34,6 +34,8 @@ class CausalLM(nn.Module):
         check_tensor("mask", mask, optional=True)
         check_tensor("positions", positions, optional=True)
         check_keeps_tokens(mask)
+        if isinstance(input_ids, Tensor) and input_ids.dim() == 2:
+            _check_positions_and_cache(positions, cache, tuple(input_ids.shape))
         h = self.backbone(self.backbone.embed_tokens(input_ids), mask=mask, positions=positions, cache=cache)
         if self.cfg.tie_embeddings:
             return h @ self.backbone.embed.weight.t()
@@ -41,6 +43,8 @@ class CausalLM(nn.Module):
 
     def new_cache(self, batch: int) -> Cache:
         """An empty decode cache for ``batch`` rows."""
+        if not _is_int(batch) or batch < 1:
+            raise ConfigError("batch", batch, "an integer >= 1 (rows of the decode cache)")
         return self.backbone.new_cache(batch)
 
     @torch.no_grad()
@@ -159,6 +163,21 @@ def check_keeps_tokens(mask: Tensor | None) -> None:
         if empty.numel():
             raise ShapeError(f"mask row {int(empty[0])} is all False (keeps no token); a keep-mask marks real "
                              "tokens True, and every row needs at least one")
+
+
+def _check_positions_and_cache(positions: Tensor | None, cache: Cache | None, shape: tuple[int, int]) -> None:
+    if positions is not None:
+        if positions.dtype not in (torch.int32, torch.int64) or tuple(positions.shape) != shape:
+            raise ShapeError(f"positions must be an integer tensor {shape} like input_ids, got {positions.dtype} "
+                             f"{tuple(positions.shape)}")
+        if positions.numel() and int(positions.min()) < 0:
+            raise ShapeError(f"positions must be >= 0, got {int(positions.min())}")
+    if cache is not None:
+        if not isinstance(cache, Cache):
+            raise ShapeError(f"cache must be a Cache from model.new_cache(batch), got {type(cache).__name__}")
+        if cache.batch_size != shape[0]:
+            raise ShapeError(f"cache holds {cache.batch_size} rows but input_ids has batch {shape[0]}; "
+                             f"make it with model.new_cache({shape[0]})")
 
 
 def _left_pad(prompts: Tensor | list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
