@@ -117,6 +117,8 @@ def _cmd_describe(args) -> int:
 def _cmd_generate(args) -> int:
     if args.max_new_tokens < 0:
         raise ConfigError("--max-new-tokens", args.max_new_tokens, "must be >= 0")
+    if not args.prompt:
+        raise ConfigError("--prompt", args.prompt, "give at least one character to continue from")
     model = load(args.model)
     if not isinstance(model, CausalLM):
         raise CapabilityError(f"{args.model} holds a {model.cfg.task!r} model ({type(model).__name__}); "

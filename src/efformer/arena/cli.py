@@ -31,6 +31,8 @@ def register(sub) -> None:
 
 def _check_args(args) -> None:
     """Every argument checked before any data, store or folder is made."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError("--out", args.out, "is a file; give a folder for the leaderboard (created if missing)")
     if args.leaderboard_only:
         if not Path(args.store).is_file():
             raise ConfigError("--store", args.store, "no results file there to render; run the grid first "

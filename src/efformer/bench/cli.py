@@ -77,6 +77,8 @@ def _existing_store(flag: str, path: str) -> ResultsStore:
 def _check_bench_args(args) -> None:
     """Every argument checked before anything is measured or written."""
     check_device("--device", args.device)
+    if Path(args.report).exists() and not Path(args.report).is_dir():
+        raise ConfigError("--report", args.report, "is a file; give a folder for the report (created if missing)")
     if args.report_only:
         return
     for m in args.mixers or []:

@@ -112,6 +112,8 @@ def _cmd_runs(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError("--out", args.out, "is a file; give a folder for the report (created if missing)")
     store = _store(args)
     for run_id in args.runs or []:
         report.get_run(store, run_id)  # an unknown run id fails before the report folder is made
