@@ -1,44 +1,128 @@
-"""The ``efformer`` command: list, describe, generate; train, data, arena, bench and advise come from their packages."""
+"""The ``efformer`` command: list, describe, generate; train, data, arena, bench and advise come from their packages.
+
+Bad input never ends in a traceback: an efformer error is printed as one paragraph
+(``efformer: error: ...``) and the command exits with code 2; ``efformer --debug CMD`` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+import textwrap
+import traceback
+from typing import Any
 
 from efformer.arena import cli as arena_cli
 from efformer.bench import cli as bench_cli
 from efformer.data import cli as data_cli
-from efformer.errors import EfformerError
-from efformer.models import load
+from efformer.errors import CapabilityError, ConfigError, EfformerError
+from efformer.models import CausalLM, load
 from efformer.registry import FFNS, MIXERS, NORMS, POSITIONALS, describe_mixer
 from efformer.train import cli as train_cli
 
+LIST_WIDTH = 100  # `efformer list` fits a terminal this wide; --wide shows every column in full
+EXIT_USAGE = 2  # bad input (argparse uses the same code for its usage errors)
+EXIT_INTERNAL = 1  # an unexpected exception: a bug in efformer, not in the input
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+
+def _yes(flag: bool) -> str:
+    return "y" if flag else "-"
+
+
+def _mixer_rows() -> list[dict[str, Any]]:
+    return [{"name": name, **MIXERS.get(name).capabilities.as_dict()} for name in MIXERS.names()]
+
 
 def _cmd_list(args) -> int:
+    others = {"positional": POSITIONALS.names(), "norm": NORMS.names(), "ffn": FFNS.names()}
+    if args.json:
+        print(json.dumps({"mixers": _mixer_rows(), **others}, indent=2))
+        return 0
+    header = ["mixer", "family", "causal", "bidir", "mask", "decode", "exact", "rope", "bias", "time"]
     rows = []
-    for name in MIXERS.names():
-        c = MIXERS.get(name).capabilities
-        rows.append([
-            name, c.family, "y" if c.causal else "-", "y" if c.bidirectional else "-",
-            "y" if c.padding_mask else "-", "y" if c.decode else "-", "exact" if c.exact else "approx",
-            c.time, ",".join(c.forms),
-        ])
-    header = ["mixer", "family", "causal", "bidir", "mask", "decode", "exact", "time", "forms"]
-    print(_table(header, rows))
+    for c in _mixer_rows():
+        rows.append([c["name"], c["family"], _yes(c["causal"]), _yes(c["bidirectional"]), _yes(c["padding_mask"]),
+                     _yes(c["decode"]), _yes(c["exact"]), _yes(c["rotary"]), _yes(c["attention_bias"]), c["time"]])
+        if args.wide:
+            rows[-1] += [c["memory"], ",".join(c["forms"])]
+    if args.wide:
+        header += ["memory", "forms"]
+        print(_table(header, rows))
+    else:  # the time column gets what is left of LIST_WIDTH
+        fixed = _table(header[:-1], [r[:-1] for r in rows]).splitlines()[0]
+        room = max(len("time"), LIST_WIDTH - len(fixed) - 2)
+        print(_table(header, [r[:-1] + [_clip(r[-1], room)] for r in rows]))
+    if not args.wide:
+        print("rope: takes a rotary transform of q and k; bias: takes an additive score bias (ALiBi, T5, FIRE).")
+        print("`efformer list --wide` shows every column in full; `efformer list --json` prints it all as JSON.")
     print()
-    for title, reg in (("positional", POSITIONALS), ("norm", NORMS), ("ffn", FFNS)):
-        print(f"{title}: {', '.join(reg.names())}")
+    for title, names in others.items():
+        print(textwrap.fill(f"{title}: {', '.join(names)}", LIST_WIDTH, subsequent_indent="  "))
     return 0
 
 
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return re.sub(r"\btyping\.", "", str(annotation)).replace("NoneType", "None")
+
+
+def _constraints(field) -> str:
+    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    out = []
+    for m in field.metadata:
+        for attr, op in ops.items():
+            if getattr(m, attr, None) is not None:
+                out.append(f"{op} {getattr(m, attr)}")
+    return ", ".join(out)
+
+
+def option_rows(name: str) -> list[dict[str, str]]:
+    """Each option of a mixer: its name, type (with bounds), default and one-line description."""
+    rows = []
+    for opt, f in MIXERS.get(name).Options.model_fields.items():
+        bounds = _constraints(f)
+        rows.append({"option": opt, "type": _type_name(f.annotation) + (f" ({bounds})" if bounds else ""),
+                     "default": repr(f.default), "description": (f.description or opt).strip().splitlines()[0]})
+    return rows
+
+
 def _cmd_describe(args) -> int:
-    print(json.dumps(describe_mixer(args.name), indent=2))
+    info = describe_mixer(args.name)
+    options = option_rows(args.name)
+    if args.json:
+        print(json.dumps({**info, "options": {o["option"]: o for o in options}}, indent=2))
+        return 0
+    print(f"{args.name}: {info['doc']}")
+    print(f"paper: {info['paper']}")
+    print(f"family: {info['family']}; exact softmax: {_yes(info['exact'])}; time {info['time']}; "
+          f"memory {info['memory']}")
+    flags = [k for k in ("causal", "bidirectional", "padding_mask", "decode", "rotary", "attention_bias") if info[k]]
+    print(f"supports: {', '.join(flags) or 'none'}")
+    print(f"forms: {', '.join(info['forms'])}")
+    print()
+    print(_table(["option", "type", "default", "description"], [list(o.values()) for o in options]))
     return 0
 
 
 def _cmd_generate(args) -> int:
+    if args.max_new_tokens < 0:
+        raise ConfigError("--max-new-tokens", args.max_new_tokens, "must be >= 0")
+    if not args.prompt:
+        raise ConfigError("--prompt", args.prompt, "give at least one character to continue from")
     model = load(args.model)
+    if not isinstance(model, CausalLM):
+        raise CapabilityError(f"{args.model} holds a {model.cfg.task!r} model ({type(model).__name__}); "
+                              "only a language model (task='lm') can generate text")
     prompt = list(args.prompt.encode("utf-8"))
     out = model.generate([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p)[0]
@@ -49,7 +133,15 @@ def _cmd_generate(args) -> int:
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
+    lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with usage errors as one paragraph (exit code 2), like efformer's own errors."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 # Subpackages that add their own subcommands: each has ``register(subparsers)``.
@@ -63,11 +155,16 @@ PLUGINS = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``efformer`` command."""
-    p = argparse.ArgumentParser(prog="efformer", description=__doc__)
+    p = ArgumentParser(prog="efformer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="every registered mechanism and its capabilities").set_defaults(fn=_cmd_list)
+    ls = sub.add_parser("list", help="every registered mechanism and its capabilities")
+    ls.add_argument("--wide", action="store_true", help="every column in full (wider than 100 columns)")
+    ls.add_argument("--json", action="store_true", help="machine-readable JSON")
+    ls.set_defaults(fn=_cmd_list)
     d = sub.add_parser("describe", help="capabilities and options of one mixer")
     d.add_argument("name")
+    d.add_argument("--json", action="store_true", help="machine-readable JSON")
     d.set_defaults(fn=_cmd_describe)
     g = sub.add_parser("generate", help="generate text from a saved byte-level LM")
     g.add_argument("model", help="folder written by model.save()")
@@ -82,14 +179,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; efformer errors become one clear line and exit code 2."""
-    args = build_parser().parse_args(argv)
+def one_paragraph(text: str) -> str:
+    """The text with its line breaks folded into spaces: an error message is one paragraph."""
+    return re.sub(r"\s*\n\s*", " ", str(text).strip())
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail on a closed pipe again."""
     try:
-        return args.fn(args)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured in tests)
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code: 0 done, 2 bad input (one paragraph on stderr), 1 an efformer bug."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (2) and --help (0) end here, without a traceback
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    try:
+        code = args.fn(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's final flush
+        return code
+    except BrokenPipeError:  # `efformer list | head -1`: the reader has what it wanted
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except EfformerError as e:
-        print(f"efformer: error: {e}", file=sys.stderr)
-        return 2
+        if args.debug:
+            traceback.print_exc()
+        print(f"efformer: error: {one_paragraph(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("efformer: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug: say so in one paragraph; --debug has the traceback
+        if args.debug:
+            raise
+        print(f"efformer: internal error: {type(e).__name__}: {one_paragraph(e)} (this is a bug in efformer, "
+              "not in the input; rerun with `efformer --debug ...` for the traceback and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

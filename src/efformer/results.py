@@ -65,11 +65,27 @@ def machine_info() -> dict[str, str]:
 
 
 class ResultsStore:
-    """A handle on the results SQLite file; every write is one short transaction."""
+    """A handle on the results SQLite file; every write is one short transaction.
+
+    The file (and its folder) is created by the first write, not by opening the store, so a command
+    that fails before it records anything leaves no empty results file behind. An existing file is
+    checked at once.
+    """
 
     def __init__(self, path: str | os.PathLike = DEFAULT_PATH):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            if not self.path.is_file():
+                raise StoreError(f"{self.path} is a folder, not a results database; give the path of a .db file")
+            self._ensure()
+
+    def _ensure(self) -> None:
+        """Create the file and schema if missing (idempotent) and check the schema version."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot create its folder ({e.strerror}); "
+                             "pick another results path") from None
         try:
             con = sqlite3.connect(self.path, timeout=60)
             try:
@@ -88,9 +104,14 @@ class ResultsStore:
                 f"{self.path} has schema version {row[0]}, this efformer reads {SCHEMA_VERSION}; "
                 "use a new results file or the matching efformer version"
             )
+        self._ready = True
+
+    _ready = False
 
     @contextmanager
     def _connect(self):
+        if not self._ready or not self.path.exists():
+            self._ensure()
         con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         try:
             con.execute("PRAGMA journal_mode=WAL")
@@ -152,7 +173,9 @@ class ResultsStore:
 
     # ---- reading -------------------------------------------------------------------------
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Rows of a read-only SQL query as dicts."""
+        """Rows of a read-only SQL query as dicts (none while the file does not exist yet)."""
+        if not self.path.exists():
+            return []
         con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60)
         con.row_factory = sqlite3.Row
         try:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from efformer.arena.leaderboard import render
 from efformer.arena.runner import run_grid
+from efformer.arena.tasks import get_task
+from efformer.errors import ConfigError
+from efformer.registry import MIXERS
 from efformer.results import DEFAULT_PATH, ResultsStore
 
 
@@ -23,10 +29,30 @@ def register(sub) -> None:
     a.set_defaults(fn=_cmd_arena)
 
 
+def _check_args(args) -> None:
+    """Every argument checked before any data, store or folder is made."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError("--out", args.out, "is a file; give a folder for the leaderboard (created if missing)")
+    if args.leaderboard_only:
+        if not Path(args.store).is_file():
+            raise ConfigError("--store", args.store, "no results file there to render; run the grid first "
+                              "(drop --leaderboard-only) or give the right --store")
+        return
+    for m in args.mixers or []:
+        MIXERS.get(m)  # unknown names fail with a suggestion
+    for t in args.tasks or []:
+        get_task(t, args.preset)
+    for seed in args.seeds:
+        if seed < 0:
+            raise ConfigError("--seeds", seed, "seeds must be >= 0")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError("--steps", args.steps, "must be >= 1 (or leave it out for the preset's steps)")
+    if args.data_dir is not None and Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+        raise ConfigError("--data-dir", args.data_dir, "is a file; give the folder with the released LRA files")
+
+
 def _cmd_arena(args) -> int:
-    import time
-
-
+    _check_args(args)
     store = ResultsStore(args.store)
     t0 = time.perf_counter()
     if not args.leaderboard_only:

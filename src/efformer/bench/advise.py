@@ -14,12 +14,15 @@ from efformer.registry import MIXERS
 
 
 def parse_memory(text: str) -> float:
-    """'8GB', '512MB', '1.5 GiB' -> megabytes."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
-    if not m:
+    """'8GB', '512MB', '1.5 GiB', '2048' (megabytes), '100B' -> megabytes; a ConfigError for anything else."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
+    if not m or (not m.group(2) and m.group(3) == "IB"):
         raise ConfigError("--memory", text, "a size like 8GB, 512MB or 1.5GiB")
-    scale = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2, "": 1}[m.group(2)]
-    return float(m.group(1)) * scale
+    scale = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}.get(m.group(2), 1 / 1024**2 if m.group(3) else 1)
+    mb = float(m.group(1)) * scale
+    if mb <= 0:
+        raise ConfigError("--memory", text, "a budget above zero, e.g. 8GB")
+    return mb
 
 
 @dataclass

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from efformer.bench.advise import advise, arena_accuracy, parse_memory
 from efformer.bench.analysis import report
 from efformer.bench.cells import Cell
 from efformer.bench.peers import peer_status, time_sdpa_peer
 from efformer.bench.runner import device_name, sweep
-from efformer.registry import list_mixers
+from efformer.errors import ConfigError
+from efformer.registry import MIXERS, list_mixers
 from efformer.results import DEFAULT_PATH, ResultsStore
 
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096]
@@ -45,8 +48,55 @@ def register(sub) -> None:
     a.set_defaults(fn=_cmd_advise)
 
 
+def _at_least(flag: str, value: float | None, low: float, strict: bool = False) -> None:
+    if value is not None and (value <= low if strict else value < low):
+        raise ConfigError(flag, value, f"must be {'>' if strict else '>='} {low}")
+
+
+def check_device(flag: str, device: str) -> str:
+    """``device`` if it names a torch device that exists here ('cpu', 'cuda', 'cuda:1'), else a ConfigError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(flag, device, "a torch device such as 'cpu', 'cuda' or 'cuda:1'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(flag, device, "'cpu' or 'cuda[:N]'; the benchmark runs on these only")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(flag, device, "no CUDA device is available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(flag, device, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _existing_store(flag: str, path: str) -> ResultsStore:
+    if not Path(path).is_file():
+        raise ConfigError(flag, path, "no results file there; run `efformer bench` first or pass the right path")
+    return ResultsStore(path)
+
+
+def _check_bench_args(args) -> None:
+    """Every argument checked before anything is measured or written."""
+    check_device("--device", args.device)
+    if Path(args.report).exists() and not Path(args.report).is_dir():
+        raise ConfigError("--report", args.report, "is a file; give a folder for the report (created if missing)")
+    if args.report_only:
+        return
+    for m in args.mixers or []:
+        MIXERS.get(m)  # unknown names fail with a suggestion
+    for n in args.lengths:
+        _at_least("--lengths", n, 1)
+    for flag, value in (("--batch", args.batch), ("--d-model", args.d_model), ("--heads", args.heads),
+                        ("--repeat", args.repeat)):
+        _at_least(flag, value, 1)
+    if args.d_model % args.heads:
+        raise ConfigError("--heads", args.heads, f"must divide --d-model={args.d_model}")
+    _at_least("--timeout", args.timeout, 0, strict=True)
+    _at_least("--mem-cap-gb", args.mem_cap_gb, 0, strict=True)
+
+
 def _cmd_bench(args) -> int:
-    store = ResultsStore(args.store)
+    _check_bench_args(args)
+    store = _existing_store("--store", args.store) if args.report_only else ResultsStore(args.store)
     if not args.report_only:
         mixers = args.mixers or list_mixers()
         cells = [Cell(m, mode, n, batch=args.batch, d_model=args.d_model, n_heads=args.heads, dtype=args.dtype,
@@ -71,7 +121,14 @@ def _cmd_bench(args) -> int:
 
 def _cmd_advise(args) -> int:
     budget = parse_memory(args.memory)
-    store = ResultsStore(args.store)
+    _at_least("--seq-len", args.seq_len, 1)
+    if args.run_missing:
+        store = ResultsStore(args.store)
+    elif not Path(args.store).is_file():
+        raise ConfigError("--store", args.store, "no benchmark results there; run `efformer bench` first, "
+                          "pass --run-missing to measure here, or give the right --store")
+    else:
+        store = ResultsStore(args.store)
     dev = device_name("cpu")
     mode = "decode" if args.decode else "fwdbwd"
     if args.run_missing:

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from efformer.data import listops, pathfinder
+from efformer.errors import ConfigError
+
+
+def _check(args, flags: dict[str, int]) -> None:
+    """Counts at least 1, a non-negative seed and an output path that is not a file, before anything is written."""
+    for flag, value in flags.items():
+        if value is not None and value < 1:
+            raise ConfigError(flag, value, "must be >= 1")
+    if args.seed < 0:
+        raise ConfigError("--seed", args.seed, "must be >= 0")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError("--out", args.out, "is a file; give a folder (it is created if missing)")
 
 
 def _listops(args) -> int:
+    _check(args, {"--n": args.n, "--n-eval": args.n_eval, "--workers": args.workers, "--depth": args.depth})
     n_eval = args.n_eval if args.n_eval is not None else max(1, args.n // 48)  # LRA: 96K / 2K / 2K
     cfg = listops.ListOpsConfig(min_len=args.min_len, max_len=args.max_len, max_depth=args.depth,
                                 max_args=args.max_args, n_train=args.n, n_val=n_eval, n_test=n_eval)
@@ -18,6 +32,7 @@ def _listops(args) -> int:
 
 
 def _pathfinder(args) -> int:
+    _check(args, {"--n": args.n, "--batch-size": args.batch_size, "--workers": args.workers})
     root = pathfinder.generate_files(args.out, args.resolution, args.difficulty, n=args.n, seed=args.seed,
                           workers=args.workers, batch_size=args.batch_size, progress=True)
     print(f"wrote {args.n} images under {root}")

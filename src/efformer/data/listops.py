@@ -10,6 +10,7 @@ exactly the same files as a serial one.
 
 from __future__ import annotations
 
+import numbers
 import os
 import random
 import statistics
@@ -44,6 +45,12 @@ class ListOpsConfig:
 
     def check(self) -> None:
         """Raise ConfigError when these settings cannot produce any accepted tree."""
+        for name in ("n_train", "n_val", "n_test", "min_len", "max_len", "max_depth", "max_args"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ConfigError(name, value, "must be an integer")
+        if not isinstance(self.op_prob, numbers.Real) or isinstance(self.op_prob, bool):
+            raise ConfigError("op_prob", self.op_prob, "must be a number in (0, 1]")
         if self.max_args < 2:
             raise ConfigError("max_args", self.max_args, "an operator needs at least 2 arguments")
         if self.max_depth < 1:
@@ -52,13 +59,21 @@ class ListOpsConfig:
             raise ConfigError("op_prob", self.op_prob, "must be in (0, 1]")
         if min(self.n_train, self.n_val, self.n_test) < 0:
             raise ConfigError("n", (self.n_train, self.n_val, self.n_test), "split sizes must be >= 0")
+        if self.n_train < 1:
+            raise ConfigError("n_train", self.n_train, "must be >= 1: a task needs training examples")
+        if self.max_len - self.min_len < 2:
+            raise ConfigError("min_len/max_len", (self.min_len, self.max_len),
+                              "need min_len + 1 < max_len: lengths are accepted strictly between them")
         longest = 1
         for _ in range(self.max_depth - 1):
             longest = 2 + self.max_args * longest
-        if self.max_len - self.min_len < 2 or longest <= self.min_len:
+            if longest > self.min_len:  # long enough; a huge max_depth must not loop for ages
+                break
+        if longest <= self.min_len:
             raise ConfigError(
                 "min_len/max_len", (self.min_len, self.max_len),
-                f"need min_len + 1 < max_len and min_len < {longest} (the longest tree at depth {self.max_depth})",
+                f"need min_len < {longest} (the longest tree at depth {self.max_depth}); lower min_len or raise "
+                "max_depth",
             )
 
     @property
@@ -153,6 +168,8 @@ def _chunks(cfg: ListOpsConfig, seed: int, workers: int) -> Iterator[list[tuple[
 def generate(cfg: ListOpsConfig, seed: int = 0, workers: int = 1, progress: bool = False) -> list[tuple[str, int]]:
     """cfg.total unique (source, value) rows, identical for a given seed whatever the number of workers."""
     cfg.check()
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError("seed", seed, "must be an integer >= 0")
     from tqdm import tqdm
 
     seen: dict[str, int] = {}
@@ -190,8 +207,10 @@ def generate_files(out: str | Path, cfg: ListOpsConfig, seed: int = 0, workers: 
                    progress: bool = False) -> dict[str, Path]:
     """Generate and write {task}_{train,val,test}.tsv under out; returns split -> path."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", str(out), "is a file; give a folder (it is created if missing)")
+    rows = generate(cfg, seed=seed, workers=workers, progress=progress)  # fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    rows = generate(cfg, seed=seed, workers=workers, progress=progress)
     bounds = np.cumsum([0, cfg.n_train, cfg.n_val, cfg.n_test])
     paths = {}
     for i, split in enumerate(SPLITS):

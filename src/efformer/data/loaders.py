@@ -10,7 +10,9 @@ raises DataError naming the file and line (or record) and what was expected.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 
 from efformer.data.listops import HEADER
 from efformer.data.png import decode_png
-from efformer.errors import DataError
+from efformer.errors import ConfigError, DataError
 
 # ListOps ids: 0 = pad, 1..15 the symbols (']' is renamed 'X' by the pipeline), 16 = out of vocabulary.
 # The original built its vocabulary from the first ~1000 validation rows; a fixed table gives the same
@@ -83,42 +85,86 @@ def subset(ds: TokenDataset, start: int, stop: int) -> TokenDataset:
     return TokenDataset([ds.sequence(i) for i in range(start, stop)], ds.labels[start:stop].tolist())
 
 
-def _require(path: Path, what: str) -> Path:
+def _as_path(path, name: str = "path") -> Path:
+    if not isinstance(path, str | os.PathLike):
+        raise ConfigError(name, path, "a file or folder path (str or pathlib.Path)")
+    return Path(path)
+
+
+def _require(path: Path, what: str, folder: bool = False) -> Path:
     if not path.exists():
         raise DataError(f"{path}: not found; expected {what}")
+    if folder and not path.is_dir():
+        raise DataError(f"{path}: is a file, not a folder; expected {what}")
+    if not folder and not path.is_file():
+        raise DataError(f"{path}: is a folder, not a file; expected {what}")
     return path
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its line ending) of a file, streamed; a read failure is a DataError."""
+    try:
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                yield n, line.rstrip(b"\r\n")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _check_max_len(max_len: int) -> None:
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+        raise ConfigError("max_len", max_len, "an integer >= 1 (sequences are cut to this many tokens)")
+
+
+def _text_line(path: Path, n: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                        "expected a ListOps TSV (is this a binary file?)") from None
 
 
 # ---- ListOps -----------------------------------------------------------------------------------
 def listops_tokenize(source: str) -> np.ndarray:
     """Token ids of a ListOps expression: ']' -> 'X', parentheses dropped, split on whitespace."""
+    if not isinstance(source, str):
+        raise ConfigError("source", source, "a ListOps expression string such as '[MAX 2 9 ]'")
     words = source.replace("]", "X").replace("(", "").replace(")", "").split()
     return np.array([LISTOPS_IDS.get(w, LISTOPS_OOV) for w in words], dtype=np.int16)
 
 
 def read_listops_tsv(path: str | Path, max_len: int = 2000) -> TokenDataset:
     """A released-format ListOps TSV (header `Source<TAB>Target`, label 0-9) as a classifier dataset."""
-    path = _require(Path(path), "a ListOps TSV with header 'Source\\tTarget' (e.g. listops-1000/basic_train.tsv)")
+    _check_max_len(max_len)
+    path = _require(_as_path(path), "a ListOps TSV with header 'Source\\tTarget' (e.g. listops-1000/basic_train.tsv)")
     seqs, labels, n = [], [], 0
-    with open(path, encoding="utf-8", newline="") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if n == 1:
-                if line != HEADER:
-                    raise DataError(f"{path}:1: expected the header 'Source\\tTarget', got {line[:60]!r}")
-                continue
-            if not line:
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2 or not parts[1].strip().isdigit() or not 0 <= int(parts[1]) <= 9:
-                raise DataError(f"{path}:{n}: expected '<expression>\\t<label 0-9>', got {line[:60]!r}")
-            ids = listops_tokenize(parts[0])
-            if len(ids) == 0:
-                raise DataError(f"{path}:{n}: empty expression")
-            seqs.append(ids[:max_len])
-            labels.append(int(parts[1]))
+    for n, raw in _lines(path):
+        line = _text_line(path, n, raw)
+        if n == 1:
+            if line != HEADER:
+                raise DataError(f"{path}:1: expected the header 'Source\\tTarget', got {line[:60]!r}")
+            continue
+        if not line:
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not re.fullmatch(r"\s*[0-9]\s*", parts[1]):
+            raise DataError(f"{path}:{n}: expected '<expression>\\t<label 0-9>', got {line[:60]!r}")
+        ids = listops_tokenize(parts[0])
+        if len(ids) == 0:
+            raise DataError(f"{path}:{n}: empty expression")
+        seqs.append(ids[:max_len])
+        labels.append(int(parts[1]))
     if n == 0:
         raise DataError(f"{path}: empty file; expected the header 'Source\\tTarget' and rows")
+    if not labels:
+        raise DataError(f"{path}: no examples after the header; expected '<expression>\\t<label 0-9>' rows")
     return TokenDataset(seqs, labels)
 
 
@@ -137,15 +183,18 @@ def _imdb_root(data_dir: Path) -> Path:
 
 def read_imdb(data_dir: str | Path, split: str, max_len: int = 4000) -> TokenDataset:
     """IMDb reviews of one split ('train' or 'test') as byte tokens; label 1 = pos, 0 = neg."""
-    root = _imdb_root(Path(data_dir))
+    _check_max_len(max_len)
+    if split not in ("train", "test"):
+        raise ConfigError("split", split, "'train' or 'test' (IMDb has no other split)")
+    root = _imdb_root(_as_path(data_dir, "data_dir"))
     seqs, labels = [], []
     for label, sub in ((0, "neg"), (1, "pos")):
-        folder = _require(root / split / sub, f"a folder of IMDb reviews aclImdb/{split}/{sub}/*.txt")
+        folder = _require(root / split / sub, f"a folder of IMDb reviews aclImdb/{split}/{sub}/*.txt", folder=True)
         files = sorted(folder.glob("*.txt"))
         if not files:
             raise DataError(f"{folder}: no *.txt reviews found")
         for p in files:
-            data = p.read_bytes()
+            data = _read_bytes(p)
             if not data.strip():
                 raise DataError(f"{p}:1: empty review")
             seqs.append(encode_bytes(data, max_len))
@@ -156,26 +205,25 @@ def read_imdb(data_dir: str | Path, split: str, max_len: int = 4000) -> TokenDat
 # ---- AAN (byte-level document matching) ----------------------------------------------------------
 def read_aan_tsv(path: str | Path, max_len: int = 4000) -> PairDataset:
     """An AAN pairs TSV (no header; label, id1, id2, text1, text2; label 0/1 as a float) as a dual dataset."""
-    path = _require(Path(path), "an AAN TSV such as tsv_data/new_aan_pairs.train.tsv")
+    _check_max_len(max_len)
+    path = _require(_as_path(path), "an AAN TSV such as tsv_data/new_aan_pairs.train.tsv")
     a, b, labels = [], [], []
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip(b"\r\n")
-            if not line:
-                continue
-            parts = line.split(b"\t")
-            if len(parts) != 5:
-                raise DataError(f"{path}:{n}: expected 5 tab-separated fields (label, id1, id2, text1, text2), "
-                                f"got {len(parts)}")
-            try:
-                label = float(parts[0])
-            except ValueError:
-                label = -1.0
-            if label not in (0.0, 1.0):
-                raise DataError(f"{path}:{n}: label must be 0 or 1, got {parts[0][:20]!r}")
-            a.append(encode_bytes(parts[3][:AAN_DOC_BYTES], max_len))
-            b.append(encode_bytes(parts[4][:AAN_DOC_BYTES], max_len))
-            labels.append(int(label))
+    for n, line in _lines(path):
+        if not line:
+            continue
+        parts = line.split(b"\t")
+        if len(parts) != 5:
+            raise DataError(f"{path}:{n}: expected 5 tab-separated fields (label, id1, id2, text1, text2), "
+                            f"got {len(parts)}")
+        try:
+            label = float(parts[0])
+        except ValueError:
+            label = -1.0
+        if label not in (0.0, 1.0):
+            raise DataError(f"{path}:{n}: label must be 0 or 1, got {parts[0][:20]!r}")
+        a.append(encode_bytes(parts[3][:AAN_DOC_BYTES], max_len))
+        b.append(encode_bytes(parts[4][:AAN_DOC_BYTES], max_len))
+        labels.append(int(label))
     if not labels:
         raise DataError(f"{path}: no rows; expected label, id1, id2, text1, text2 per line")
     return PairDataset(TokenDataset(a, labels), TokenDataset(b, labels))
@@ -198,8 +246,8 @@ def cifar_grayscale(rgb: np.ndarray) -> np.ndarray:
 
 def read_cifar10_bin(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 binary batch -> (gray pixels (n, 1024) uint8, labels (n,))."""
-    path = _require(Path(path), "a CIFAR-10 binary batch (cifar-10-batches-bin/data_batch_1.bin)")
-    raw = np.frombuffer(path.read_bytes(), np.uint8)
+    path = _require(_as_path(path), "a CIFAR-10 binary batch (cifar-10-batches-bin/data_batch_1.bin)")
+    raw = np.frombuffer(_read_bytes(path), np.uint8)
     if raw.size == 0 or raw.size % CIFAR_RECORD:
         whole = raw.size // CIFAR_RECORD
         raise DataError(f"{path}: record {whole + 1} is truncated: size {raw.size} bytes is not a multiple of "
@@ -213,7 +261,7 @@ def read_cifar10_bin(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def read_cifar10(data_dir: str | Path) -> tuple[TokenDataset, TokenDataset, TokenDataset]:
     """CIFAR-10 binary batches -> train (first 90% of data_batch_1..5), val (last 10%), test (test_batch)."""
-    data_dir = Path(data_dir)
+    data_dir = _as_path(data_dir, "data_dir")
     root = data_dir / "cifar-10-batches-bin" if (data_dir / "cifar-10-batches-bin").is_dir() else data_dir
     parts = [read_cifar10_bin(root / f"data_batch_{i}.bin") for i in range(1, 6)]
     x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -230,15 +278,16 @@ def read_pathfinder(root: str | Path) -> tuple[TokenDataset, int]:
     Images are read in metadata order (batch files sorted numerically); zero-byte images are skipped and
     counted, as the original pipeline filters empty images.
     """
-    root = Path(root)
-    meta_dir = _require(root / "metadata", "metadata/<batch>.npy text files beside imgs/ (released Pathfinder layout)")
+    root = _as_path(root, "root")
+    meta_dir = _require(root / "metadata", "metadata/<batch>.npy text files beside imgs/ (released Pathfinder layout)",
+                        folder=True)
     metas = sorted(meta_dir.glob("*.npy"), key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit()
                                                           else 0, p.stem))
     if not metas:
         raise DataError(f"{meta_dir}: no metadata/<batch>.npy files")
     seqs, labels, empty, shape = [], [], 0, None
     for meta in metas:
-        for n, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        for n, line in enumerate(_read_bytes(meta).decode("utf-8", errors="replace").splitlines(), 1):
             fields = line.split()
             if not fields:
                 continue
@@ -248,7 +297,7 @@ def read_pathfinder(root: str | Path) -> tuple[TokenDataset, int]:
             img = root / fields[0] / fields[1]
             if not img.is_file():
                 raise DataError(f"{meta}:{n}: image {img} not found")
-            data = img.read_bytes()
+            data = _read_bytes(img)
             if not data:
                 empty += 1
                 continue

@@ -22,7 +22,9 @@ re-implements the algorithm and constants of reference §2.2 with numpy (no scip
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,10 +148,39 @@ def _write_batch(args: tuple[PathfinderParams, Path, int, int, int, list[int], i
 def generate_files(out: str | Path, resolution: int = 32, difficulty: str = "hard", n: int = 1000, seed: int = 0,
                    workers: int = 1, batch_size: int = 1000, progress: bool = False) -> Path:
     """Write n images in the released layout under out/pathfinder{R}/{level}/; returns that folder."""
+    for name, value in (("n", n), ("batch_size", batch_size), ("seed", seed), ("workers", workers)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ConfigError(name, value, "must be an integer")
     if n < 1 or batch_size < 1:
         raise ConfigError("n/batch_size", (n, batch_size), "both must be >= 1")
+    if seed < 0:
+        raise ConfigError("seed", seed, "must be >= 0")
     p = params_for(resolution, difficulty)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError("out", str(out), "is a file; give a folder (it is created if missing)")
     root = Path(out) / f"pathfinder{resolution}" / DIFFICULTIES[difficulty][0]
+    made = _first_missing(root)
+    try:
+        _write_all(p, root, n, seed, workers, batch_size, progress, resolution, difficulty)
+    except BaseException:  # a failed or interrupted run leaves no half-written folder behind
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+    return root
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None if it all exists)."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _write_all(p: PathfinderParams, root: Path, n: int, seed: int, workers: int, batch_size: int, progress: bool,
+               resolution: int, difficulty: str) -> None:
     (root / "metadata").mkdir(parents=True, exist_ok=True)
     labels = balanced_labels(n, seed).tolist()
     jobs = [(p, root, b, s, min(s + batch_size, n), labels[s:s + batch_size], seed)
@@ -166,7 +197,6 @@ def generate_files(out: str | Path, resolution: int = 32, difficulty: str = "har
             with mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers) as pool:
                 for done in pool.imap_unordered(_write_batch, jobs):
                     bar.update(done)
-    return root
 
 
 __all__ = ["DIFFICULTIES", "Paddle", "PathfinderParams", "PathfinderSample", "balanced_labels", "generate_files",

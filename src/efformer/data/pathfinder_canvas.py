@@ -54,9 +54,9 @@ _BASE = {
 
 def params_for(resolution: int, difficulty: str = "hard") -> PathfinderParams:
     """The LRA constants for a resolution (32, 64, 128, 256) and level (easy, intermediate, hard)."""
-    if resolution not in _BASE:
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution not in _BASE:
         raise ConfigError("resolution", resolution, f"one of {sorted(_BASE)}")
-    if difficulty not in DIFFICULTIES:
+    if not isinstance(difficulty, str) or difficulty not in DIFFICULTIES:
         raise ConfigError("difficulty", difficulty, f"one of {list(DIFFICULTIES)}")
     return replace(_BASE[resolution], contour_length=DIFFICULTIES[difficulty][1])
 

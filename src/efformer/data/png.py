@@ -50,6 +50,9 @@ def _paeth(a: int, b: int, c: int) -> int:
 
 def decode_png(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """(height, width) uint8 array from the bytes of an 8-bit grayscale PNG."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DataError(f"{name}: decode_png needs the file's bytes, got {type(data).__name__}")
+    data = bytes(data)
     if not data.startswith(SIGNATURE):
         raise DataError(f"{name}: not a PNG file (bad signature)")
     pos, ihdr, idat = len(SIGNATURE), None, []
@@ -61,15 +64,22 @@ def decode_png(data: bytes, name: str = "<bytes>") -> np.ndarray:
         if struct.unpack(">I", crc)[0] != zlib.crc32(kind + body) & 0xFFFFFFFF:
             raise DataError(f"{name}: CRC mismatch in PNG chunk {kind!r} (corrupt file)")
         if kind == b"IHDR":
+            if length != 13:
+                raise DataError(f"{name}: PNG header chunk IHDR has {length} bytes, expected 13 (corrupt file)")
             ihdr = struct.unpack(">IIBBBBB", body)
         elif kind == b"IDAT":
             idat.append(body)
         elif kind == b"IEND":
             break
         pos += 12 + length
+    else:
+        if pos < len(data):
+            raise DataError(f"{name}: truncated PNG: the file ends inside a chunk header at byte {pos}")
     if ihdr is None or not idat:
-        raise DataError(f"{name}: PNG without IHDR or IDAT chunk")
+        raise DataError(f"{name}: PNG without IHDR or IDAT chunk (truncated or not an image file)")
     w, h, depth, color, _, _, interlace = ihdr
+    if w < 1 or h < 1:
+        raise DataError(f"{name}: PNG image is {w}x{h}; width and height must be >= 1 (corrupt file)")
     if depth != 8 or color != 0 or interlace != 0:
         raise DataError(f"{name}: only 8-bit grayscale non-interlaced PNGs are supported "
                         f"(got bit depth {depth}, colour type {color}, interlace {interlace})")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from efformer.errors import CapabilityError, ShapeError
 from efformer.models.backbone import Backbone
 from efformer.models.config import ModelConfig
+from efformer.models.lm import check_keeps_tokens, check_tensor
 
 
 class _Encoder(nn.Module):
@@ -21,6 +23,9 @@ class _Encoder(nn.Module):
 
     def encode(self, input_ids: Tensor, mask: Tensor | None = None) -> Tensor:
         """Pooled representation (b, d): CLS vector or mean over kept tokens."""
+        check_tensor("input_ids", input_ids)
+        check_tensor("mask", mask, optional=True)
+        check_keeps_tokens(mask)
         h = self.backbone.embed_tokens(input_ids)
         # A learned CLS vector: first in a bidirectional encoder, last in a causal one (where only
         # the last position has seen every token).
@@ -39,6 +44,12 @@ class _Encoder(nn.Module):
             return h.mean(1)
         w = mask[..., None].to(h.dtype)
         return (h * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+    def generate(self, *args, **kwargs):
+        """Encoders do not generate: a CapabilityError that says what can."""
+        raise CapabilityError(f"{type(self).__name__} (task={self.cfg.task!r}) is an encoder and cannot generate; "
+                              "build a language model (task='lm', e.g. create_model('lm-tiny')) to generate tokens")
 
 
 def _head(d_in: int, d: int, n_classes: int) -> nn.Sequential:
@@ -69,6 +80,11 @@ class DualEncoderClassifier(_Encoder):
         self, ids1: Tensor, ids2: Tensor, *, mask1: Tensor | None = None, mask2: Tensor | None = None
     ) -> Tensor:
         """Class logits (b, n_classes) for the pair (ids1, ids2)."""
+        check_tensor("ids1", ids1)
+        check_tensor("ids2", ids2)
+        if ids1.dim() == 2 and ids2.dim() == 2 and ids1.shape[0] != ids2.shape[0]:
+            raise ShapeError(f"ids1 and ids2 must hold the same number of rows (pairs), got batch {ids1.shape[0]} "
+                             f"and {ids2.shape[0]}")
         u, v = self.encode(ids1, mask1), self.encode(ids2, mask2)
         feats = [u, v, u * v, u - v] if self.cfg.dual_features == "uv_prod_diff" else [u, v]
         return self.head(torch.cat(feats, dim=-1))

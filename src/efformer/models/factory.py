@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from efformer.errors import UnknownNameError
+from efformer.errors import ConfigError, UnknownNameError
 from efformer.models.classifier import DualEncoderClassifier, SequenceClassifier
 from efformer.models.config import ModelConfig, build_config
 from efformer.models.lm import CausalLM
@@ -30,6 +30,9 @@ def list_presets() -> list[str]:
 
 def create_model(preset_or_config: str | dict | ModelConfig = "lm-tiny", **overrides: Any) -> nn.Module:
     """Build a model from a preset name, a config dict or a ModelConfig, with keyword overrides."""
+    if not isinstance(preset_or_config, str | dict | ModelConfig):
+        raise ConfigError("preset_or_config", preset_or_config,
+                          f"a preset name ({', '.join(sorted(PRESETS))}), a config dict or a ModelConfig")
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
             raise UnknownNameError("preset", preset_or_config, PRESETS)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,6 +30,12 @@ class CausalLM(nn.Module):
         positions: Tensor | None = None,
     ) -> Tensor:
         """Logits (b, n, vocab); with ``cache`` the tokens extend the cached context (updated in place)."""
+        check_tensor("input_ids", input_ids)
+        check_tensor("mask", mask, optional=True)
+        check_tensor("positions", positions, optional=True)
+        check_keeps_tokens(mask)
+        if isinstance(input_ids, Tensor) and input_ids.dim() == 2:
+            _check_positions_and_cache(positions, cache, tuple(input_ids.shape))
         h = self.backbone(self.backbone.embed_tokens(input_ids), mask=mask, positions=positions, cache=cache)
         if self.cfg.tie_embeddings:
             return h @ self.backbone.embed.weight.t()
@@ -34,6 +43,8 @@ class CausalLM(nn.Module):
 
     def new_cache(self, batch: int) -> Cache:
         """An empty decode cache for ``batch`` rows."""
+        if not _is_int(batch) or batch < 1:
+            raise ConfigError("batch", batch, "an integer >= 1 (rows of the decode cache)")
         return self.backbone.new_cache(batch)
 
     @torch.no_grad()
@@ -54,14 +65,18 @@ class CausalLM(nn.Module):
         ``prompt_ids`` is a LongTensor (b, n) or a list of token lists of different lengths (then a
         list comes back, each row cut after its first stop token). ``temperature=0`` is greedy.
         """
-        if max_new_tokens < 0:
-            raise ConfigError("max_new_tokens", max_new_tokens, "must be >= 0")
-        if temperature < 0:
-            raise ConfigError("temperature", temperature, "must be >= 0 (0 means greedy)")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ConfigError("top_p", top_p, "must be in (0, 1]")
-        if top_k is not None and top_k <= 0:
-            raise ConfigError("top_k", top_k, "must be a positive integer")
+        if not _is_int(max_new_tokens) or max_new_tokens < 0:
+            raise ConfigError("max_new_tokens", max_new_tokens, "an integer >= 0")
+        if not _is_real(temperature) or not 0 <= temperature < math.inf:
+            raise ConfigError("temperature", temperature, "a number >= 0 (0 means greedy)")
+        if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+            raise ConfigError("top_p", top_p, "a number in (0, 1], or None for no nucleus filtering")
+        if top_k is not None and (not _is_int(top_k) or top_k <= 0):
+            raise ConfigError("top_k", top_k, "a positive integer, or None for no top-k filtering")
+        if isinstance(stop_tokens, str | bytes) or not all(_is_int(t) for t in _iterable(stop_tokens)):
+            raise ConfigError("stop_tokens", stop_tokens, "a tuple or list of integer token ids, e.g. (0,)")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ConfigError("generator", generator, "a torch.Generator or None")
         as_list = isinstance(prompt_ids, list)
         ids, mask = _left_pad(prompt_ids, self.cfg.pad_id, self.backbone.embed.weight.device)
         b = ids.shape[0]
@@ -117,13 +132,69 @@ def sample_next(
     return torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def _iterable(x) -> list:
+    try:
+        return list(x)
+    except TypeError:
+        return [None]  # not iterable: fails the integer check
+
+
+def check_tensor(name: str, x, optional: bool = False) -> None:
+    """A ShapeError unless ``x`` is a torch tensor (or None when ``optional``): lists are refused by name."""
+    if x is None and optional:
+        return
+    if not isinstance(x, Tensor):
+        hint = " (wrap token lists with torch.tensor(ids))" if isinstance(x, list | tuple) else ""
+        raise ShapeError(f"{name} must be a torch.Tensor, got {type(x).__name__}{hint}")
+
+
+def check_keeps_tokens(mask: Tensor | None) -> None:
+    """A ShapeError if a row of a (batch, seq) bool keep-mask keeps no token: its output would be undefined."""
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() == 2 and mask.shape[1] > 0:
+        empty = (~mask.any(dim=1)).nonzero().flatten()
+        if empty.numel():
+            raise ShapeError(f"mask row {int(empty[0])} is all False (keeps no token); a keep-mask marks real "
+                             "tokens True, and every row needs at least one")
+
+
+def _check_positions_and_cache(positions: Tensor | None, cache: Cache | None, shape: tuple[int, int]) -> None:
+    if positions is not None:
+        if positions.dtype not in (torch.int32, torch.int64) or tuple(positions.shape) != shape:
+            raise ShapeError(f"positions must be an integer tensor {shape} like input_ids, got {positions.dtype} "
+                             f"{tuple(positions.shape)}")
+        if positions.numel() and int(positions.min()) < 0:
+            raise ShapeError(f"positions must be >= 0, got {int(positions.min())}")
+    if cache is not None:
+        if not isinstance(cache, Cache):
+            raise ShapeError(f"cache must be a Cache from model.new_cache(batch), got {type(cache).__name__}")
+        if cache.batch_size != shape[0]:
+            raise ShapeError(f"cache holds {cache.batch_size} rows but input_ids has batch {shape[0]}; "
+                             f"make it with model.new_cache({shape[0]})")
+
+
 def _left_pad(prompts: Tensor | list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
     if isinstance(prompts, Tensor):
-        if prompts.dim() != 2 or prompts.shape[1] == 0:
-            raise ShapeError(f"prompt_ids must be (batch, seq>0), got {tuple(prompts.shape)}")
+        if prompts.dim() != 2 or prompts.shape[1] == 0 or prompts.dtype not in (torch.int32, torch.int64):
+            raise ShapeError(f"prompt_ids must be an integer tensor (batch, seq>0), got {prompts.dtype} "
+                             f"{tuple(prompts.shape)}")
         return prompts.to(device), torch.ones_like(prompts, dtype=torch.bool, device=device)
+    if not isinstance(prompts, list) or not all(isinstance(p, list | tuple) for p in prompts):
+        raise ShapeError(f"prompt_ids must be a LongTensor (batch, seq) or a list of token-id lists such as "
+                         f"[[1, 2, 3]], got {type(prompts).__name__} {str(prompts)[:40]}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ShapeError("prompt_ids must be a non-empty list of non-empty token lists")
+    for i, p in enumerate(prompts):
+        bad = next((t for t in p if not _is_int(t)), None)
+        if bad is not None:
+            raise ShapeError(f"prompt_ids[{i}] holds {bad!r}; token ids must be integers")
     n = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), n, dtype=torch.bool)

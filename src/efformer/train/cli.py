@@ -24,6 +24,8 @@ from efformer.train.trainer import Trainer
 def run_training(cfg: RunConfig, resume: bool | str = False, progress_stream=None) -> dict[str, float]:
     """Build the model and data of a run config and train it (under torchrun: on every rank)."""
     out = cfg.output_dir()
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out_dir", str(out), "is a file; the run folder must be a folder (set out_dir or --out)")
     if not resume and list_checkpoints(out / "checkpoints"):
         raise ConfigError("out_dir", str(out), "already holds checkpoints; pass --resume to continue that run "
                           "or set out_dir (or name) to start a new one")
@@ -110,7 +112,12 @@ def _cmd_runs(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    path = write_report(_store(args), args.out, args.runs or None)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError("--out", args.out, "is a file; give a folder for the report (created if missing)")
+    store = _store(args)
+    for run_id in args.runs or []:
+        report.get_run(store, run_id)  # an unknown run id fails before the report folder is made
+    path = write_report(store, args.out, args.runs or None)
     print(f"wrote {path}")
     return 0
 
