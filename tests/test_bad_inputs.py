@@ -282,7 +282,7 @@ MIXER_CASES = [
     ("x-integer-dtype", lambda: mixer()(x(1, 8, 32, dtype=torch.long)), ShapeError, ("x", "int64")),
     ("mask-wrong-shape", lambda: mixer()(x(), mask=keep(1, 9)), ShapeError, ("mask", "(1, 9)")),
     ("mask-all-false", lambda: mixer()(x(), mask=keep(1, 8, value=False)), ShapeError, ("mask", "false")),
-    ("linformer-too-long", lambda: mixer("linformer", options={"max_len": 16})(x(1, 32, 32)), ShapeError,
+    ("linformer-too-long", lambda: mixer("linformer", max_len=16)(x(1, 32, 32)), ShapeError,
      ("32", "max_len=16")),
 ]
 
@@ -588,7 +588,7 @@ CLI_CASES = [
     ("describe-no-name", ["describe"], ("name",)),
     ("describe-unknown", ["describe", "sofmax"], ("sofmax", "did you mean 'softmax'")),
     # generate
-    ("generate-missing-dir", ["generate", "nosuch"], ("nosuch", "config.json")),
+    ("generate-missing-dir", ["generate", "nosuch"], ("nosuch", "efformer.save")),
     ("generate-classifier-dir", ["generate", "{saved}/clf"], ("clf", "classifier", "task='lm'")),
     ("generate-max-new-negative", ["generate", "{saved}/lm", "--max-new-tokens", "-1"], ("--max-new-tokens", "-1")),
     ("generate-max-new-float", ["generate", "{saved}/lm", "--max-new-tokens", "2.5"], ("--max-new-tokens", "2.5")),

@@ -9,7 +9,7 @@ import torch
 import efformer.mixers.base as base
 from efformer.bench.advise import advise
 from efformer.bench.cells import Cell
-from efformer.errors import CapabilityError
+from efformer.errors import CapabilityError, ConfigError
 from efformer.models.config import build_config
 from efformer.nn.positional import PositionalContext, build_positional
 from efformer.registry import MIXERS, POSITIONALS
@@ -136,5 +136,5 @@ def test_an_undeclared_form_is_refused_at_config_time(name):
     caps = MIXERS.get(name).capabilities
     missing = next(f for f in base.FORMS if f not in caps.forms) if set(base.FORMS) - set(caps.forms) else "nope"
     task = "lm" if caps.causal else "classifier"
-    with pytest.raises(CapabilityError, match=f"has no form {missing!r}"):
+    with pytest.raises(ConfigError, match=rf"mixer_options\[{name}\].form=.*has no form {missing!r}"):
         build_config(task=task, mixer=name, positional="none", mixer_options={"form": missing})

@@ -31,12 +31,13 @@ def test_a_dict_keyed_by_mixer_name_applies_to_each_layer_of_that_mixer():
     "kwargs,pattern",
     [
         # the case that was silently ignored: a flat dict with a list of mixers
-        (dict(mixer=["sliding_window", "softmax"], mixer_options={"window": 3}), r"\['window'\] are not mixers"),
+        (dict(mixer=["sliding_window", "softmax"], mixer_options={"window": 3}), r"\{'window': 3\} are not mixers"),
         (dict(mixer=["sliding_window", "softmax"], mixer_options=[{"window": 3}]), "has 1 entries but mixer has 2"),
         (dict(mixer="softmax", mixer_options=[{}, {}]), "mixer_options is a list but mixer='softmax'"),
         (dict(mixer=["sliding_window", "softmax"], mixer_options=[{"window": 3}, {"window": 3}]),
          r"mixer_options\[1\].window"),
-        (dict(mixer="softmax", mixer_options={"form": "chunked"}), "has no form 'chunked'"),
+        (dict(mixer="softmax", mixer_options={"form": "chunked"}), r"mixer_options\[softmax\].form=.*has no form"),
+        (dict(mixer="softmax", mixer_options={"n_kv_heads": 3}), "n_kv_heads=3"),  # the constructor's own check
         (dict(mixer="gla", mixer_options={"form": 3}), r"mixer_options\[gla\].form"),
     ],
 )

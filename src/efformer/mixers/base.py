@@ -195,7 +195,9 @@ class Mixer(nn.Module):
         if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
             raise ConfigError("dropout", dropout, "a probability in [0, 1)")
         self.opts = validate_options(self.Options, options, self.name)
-        reasons = caps.why_not(self.name, causal=causal, form=self.opts.form)
+        if self.opts.form != "auto" and self.opts.form not in caps.forms:
+            raise ConfigError(f"{self.name}.form", self.opts.form, form_why_not(self.name, caps, self.opts.form)[0])
+        reasons = caps.why_not(self.name, causal=causal)
         if reasons:
             raise CapabilityError("; ".join(reasons))
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
@@ -297,6 +299,9 @@ class Mixer(nn.Module):
                 )
             if not self.capabilities.padding_mask:
                 raise CapabilityError(self.capabilities.why_not(self.name, mask=True)[0])
+            if state is None and not bool(mask.any(1).all()):  # (a decode step may be all padding)
+                raise ShapeError(f"{self.name}: mask keeps no token in some batch row (all False); every row "
+                                 "needs at least one real token")
         pos = positions.positions if isinstance(positions, PositionalContext) else positions
         if pos is not None and (not isinstance(pos, Tensor) or tuple(pos.shape) != (b, n)
                                 or pos.is_floating_point() or pos.dtype == torch.bool):

@@ -6,8 +6,10 @@ import json
 from typing import Annotated, Any, Literal
 
 import pydantic
+import torch
 
-from efformer.errors import CapabilityError, ConfigError
+from efformer.errors import CapabilityError, ConfigError, EfformerError
+from efformer.mixers.base import form_why_not
 from efformer.options import StrictModel, config_error, validate_options
 from efformer.registry import FFNS, MIXERS, NORMS, POSITIONALS
 
@@ -62,7 +64,7 @@ class ModelConfig(StrictModel):
             raise ValueError(f"mixer_options has {len(opts)} entries but mixer has {len(self.mixer)}; give one "
                              "dict per layer")
         if isinstance(self.mixer, list) and isinstance(opts, dict):
-            stray = sorted(k for k, v in opts.items() if k not in self.mixer or not isinstance(v, dict))
+            stray = {k: v for k, v in sorted(opts.items()) if k not in self.mixer or not isinstance(v, dict)}
             if stray:
                 raise ValueError(f"with a list of mixers, mixer_options must be a list of dicts (one per layer) or "
                                  f"a dict keyed by mixer name; {stray} are not mixers of {self.mixer} with a dict "
@@ -130,7 +132,23 @@ def check_parts(cfg: ModelConfig) -> None:
         cls = MIXERS.get(name)
         where = f"mixer_options[{i}]" if per_layer and isinstance(cfg.mixer_options, list) else f"mixer_options[{name}]"
         validated = validate_options(cls.Options, opts, where)
-        reasons = cls.capabilities.why_not(name, causal=cfg.causal, positional=pos_cls.kind, form=validated.form)
+        if validated.form != "auto" and validated.form not in cls.capabilities.forms:
+            raise ConfigError(f"{where}.form", validated.form, form_why_not(name, cls.capabilities, validated.form)[0])
+        reasons = cls.capabilities.why_not(name, causal=cfg.causal, positional=pos_cls.kind)
         if reasons:
             layer = f"layer {i}: " if per_layer else ""
             raise CapabilityError(layer + "; ".join(reasons))
+        _check_constructor(cls, cfg, validated)
+
+
+def _check_constructor(cls, cfg: ModelConfig, options) -> None:
+    """Run the mixer's own constructor checks (e.g. n_kv_heads dividing n_heads) on the meta device, so
+    a config that cannot build is refused here, before any weight is allocated."""
+    try:
+        with torch.device("meta"):
+            cls(cfg.d_model, cfg.n_heads, causal=cfg.causal, options=options, dropout=cfg.attn_dropout,
+                max_len=cfg.max_len)
+    except EfformerError:
+        raise
+    except Exception:  # noqa: BLE001 - a constructor meta tensors cannot run (e.g. .item()); the real build checks
+        pass

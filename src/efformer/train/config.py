@@ -145,7 +145,10 @@ def load_config_file(path: str | Path | None) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError("config", str(p), "file not found; give the path of a YAML or JSON run config")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("config", str(p), f"a UTF-8 text file (YAML or JSON); byte {e.start} is not UTF-8") from None
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as e:
