@@ -127,22 +127,6 @@ def test_padded_step_leaves_the_state_unchanged_and_left_padding_is_invisible():
             assert rel_err(a, b) <= 1e-6, form
 
 
-def test_decode_in_each_form_matches_full_forward():
-    m = make_mixer("aaren", True)
-    n = 11
-    x = torch.randn(2, n, m.d_model)
-    y_full, _ = with_form(m, "reference")(x)
-    for form in FORMS:
-        with_form(m, form)
-        for chunks in ([1] * n, [4, 1, 6], [n]):
-            state, ys, i = m.init_state(2, "cpu", torch.float32), [], 0
-            for c in chunks:
-                y, state = m(x[:, i : i + c], state=state)
-                ys.append(y)
-                i += c
-            assert rel_err(y_full, torch.cat(ys, 1)) <= 1e-5, f"{form} decode in chunks {chunks}"
-
-
 def test_long_sequence_with_sharp_scores_is_stable():
     m = make_mixer("aaren", True)
     with torch.no_grad():

@@ -18,7 +18,7 @@ at k instead of adding to it, which is what makes the memory addressable.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,6 +29,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState, pad_to_multiple
+from efformer.nn.recurrent import ShortConv, inverse_softplus_dt
 from efformer.registry import register_mixer
 
 # ---- the delta rule on (batch, heads, seq, dim) tensors -------------------------------------------
@@ -173,7 +174,7 @@ class DeltaNet(Mixer):
         self.beta_proj = nn.Linear(d_model, n_heads)
         w = self.opts.conv_size
         if w:
-            self.conv = nn.Conv1d(3 * d_model, 3 * d_model, w, groups=3 * d_model, bias=False)
+            self.conv = ShortConv(3 * d_model, w, bias=False)
         if self.gated:
             self._init_decay(d_model, n_heads)
         if self.opts.output_gate:
@@ -199,14 +200,11 @@ class DeltaNet(Mixer):
         return None
 
     def _conv(self, u: Tensor, state: DeltaState | None) -> Tensor:
-        """Causal depthwise conv + SiLU over (b, n, 3*d_model), continuing from the cached last inputs."""
-        w = self.opts.conv_size
-        u = u.transpose(1, 2)
-        past = state.conv if state is not None else u.new_zeros(u.shape[0], u.shape[1], w - 1)
-        full = torch.cat([past.to(u.dtype), u], dim=-1)
+        """Short causal conv + SiLU over (b, n, 3*d_model), continuing from the cached last inputs."""
+        y, window = self.conv(u, state.conv if state is not None else None)
         if state is not None:
-            state.conv = full[..., full.shape[-1] - (w - 1) :]
-        return F.silu(self.conv(full)).transpose(1, 2)
+            state.conv = window
+        return F.silu(y)
 
     def _project(self, x: Tensor, mask: Tensor | None, state: DeltaState | None):
         """q, k (b, h, n, d) unit-norm (q scaled by d^-1/2), v (b, h, n, d), beta and log alpha (b, h, n)."""
@@ -263,17 +261,9 @@ class GatedDeltaNet(DeltaNet):
     log space); output RMS-norm per head times silu(W_g x_t).
     """
 
-    capabilities = Capabilities(
-        family="recurrent",
-        paper="Gated Delta Networks: Improving Mamba2 with Delta Rule",
-        causal=True,
-        bidirectional=False,
-        padding_mask=True,
-        decode=True,
-        exact=False,
-        time="O(N C d + N d^2) chunked, O(d^2) per decoded token",
-        memory="O(N C + N d + d^2) per head",
-        forms=("reference", "chunked", "recurrent"),
+    # The same family, flags and costs as DeltaNet: the decay is O(1) per step.
+    capabilities = dataclasses.replace(
+        DeltaNet.capabilities, paper="Gated Delta Networks: Improving Mamba2 with Delta Rule"
     )
     Options = GatedDeltaNetOptions
     gated = True
@@ -282,8 +272,7 @@ class GatedDeltaNet(DeltaNet):
         self.alpha_proj = nn.Linear(d_model, n_heads, bias=False)
         # Mamba2's initialisation: decay rates A in [1, 16], time steps dt log-uniform in [1e-3, 1e-1].
         self.A_log = nn.Parameter(torch.empty(n_heads).uniform_(1, 16).log())
-        dt = torch.empty(n_heads).uniform_(math.log(1e-3), math.log(1e-1)).exp()
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus of dt
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(n_heads, 1e-3, 1e-1))
 
     def _log_decay(self, x: Tensor) -> Tensor:
         """log alpha (batch, seq, heads) <= 0."""

@@ -130,7 +130,9 @@ class ReformerAttention(Mixer):
         in_set = same & ((dc == 0) | (dc == 1))  # P_i^r: same bucket, own chunk or one back
         n_rounds = in_set.sum(dim=2, keepdim=True).clamp(min=1)  # N_ij (duplicate count over rounds)
         scores = (qk @ k.transpose(-1, -2))[:, :, None]  # (b, h, 1, n, n)
-        logits = scores - n_rounds.log() - SELF_PENALTY * torch.eye(n, device=x.device)
+        # In the model's dtype (the counts and the identity would otherwise promote bf16 scores to fp32).
+        eye = torch.eye(n, device=x.device, dtype=scores.dtype)
+        logits = scores - n_rounds.to(scores.dtype).log() - SELF_PENALTY * eye
         allowed = in_set & causal_keep(n, n, x.device) if self.causal else in_set
         logits = logits.masked_fill(~allowed, float("-inf"))
         lse = logits.logsumexp(dim=-1)  # (b, h, R, n)

@@ -19,8 +19,8 @@ content never reaches real outputs; a hole inside a row is seen by the convoluti
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from efformer.errors import ConfigError
 from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState
+from efformer.nn.recurrent import ShortConv, inverse_softplus_dt
 from efformer.registry import register_mixer
 
 
@@ -46,25 +47,6 @@ class SSMState(MixerState):
 
 
 # ---- pieces shared by both mixers ----------------------------------------------------------------
-def causal_conv(u: Tensor, conv: nn.Conv1d, prev: Tensor) -> tuple[Tensor, Tensor]:
-    """Depthwise causal conv of u (batch, seq, ch) continuing after ``prev`` (batch, ch, k-1).
-
-    Returns the conv output (batch, seq, ch) and the new ``prev`` (the last k-1 inputs).
-    """
-    full = torch.cat([prev, u.transpose(1, 2)], dim=-1)
-    y = F.conv1d(full, conv.weight, conv.bias, groups=u.shape[-1])
-    return y.transpose(1, 2), full[..., full.shape[-1] - prev.shape[-1] :]
-
-
-def conv_step(u: Tensor, conv: nn.Conv1d, prev: Tensor) -> tuple[Tensor, Tensor]:
-    """One token u (batch, ch) through the rolling window ``prev`` (batch, ch, k-1); returns (y, new prev)."""
-    window = torch.cat([prev, u[..., None]], dim=-1)
-    y = (window * conv.weight[:, 0]).sum(-1)
-    if conv.bias is not None:
-        y = y + conv.bias
-    return y, window[..., 1:]
-
-
 def segment_decay(log_a: Tensor) -> tuple[Tensor, Tensor]:
     """Decays of a chunk from per-step log-decays log_a (batch, c, ...) <= 0.
 
@@ -77,12 +59,6 @@ def segment_decay(log_a: Tensor) -> tuple[Tensor, Tensor]:
     lower = torch.ones(c, c, dtype=torch.bool, device=log_a.device).tril()
     lower = lower.view(c, c, *([1] * (log_a.dim() - 2)))
     return (cum[:, :, None] - cum[:, None, :]).masked_fill(~lower, float("-inf")).exp(), cum
-
-
-def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, floor: float = 1e-4) -> Tensor:
-    """A bias whose softplus is a log-uniform step size in [dt_min, dt_max] (the Mamba initialisation)."""
-    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
-    return dt + torch.log(-torch.expm1(-dt))
 
 
 # ---- the two scans of each mixer -----------------------------------------------------------------
@@ -163,13 +139,17 @@ class _Selective(Mixer):
             ssm=torch.zeros(batch, *self.ssm_shape, device=device, dtype=dtype),
         )
 
-    def _forward(self, x, mask, state, scan: Callable, conv: Callable = causal_conv):
+    def _forward(self, x, mask, state, scan, step: bool = False):
         keep = None if mask is None else mask[..., None].to(x.dtype)
         st = state if state is not None else self.init_state(x.shape[0], x.device, x.dtype)
         conv_in, gate, extra = self._project(x)
         if keep is not None:
             conv_in = conv_in * keep  # padded steps feed zeros to the convolution
-        conv_out, window = conv(conv_in, self.conv1d, st.conv)
+        if step:  # one token through the rolling window (the decode path)
+            conv_out, window = self.conv1d.step(conv_in[:, 0], st.conv)
+            conv_out = conv_out[:, None]
+        else:
+            conv_out, window = self.conv1d(conv_in, st.conv)
         inputs = self._ssm_inputs(F.silu(conv_out), extra, keep)
         y, h = scan(*inputs, st.ssm)
         if state is not None:
@@ -187,15 +167,10 @@ class _Selective(Mixer):
     def forward_recurrent(self, x, *, mask, state, pos):
         """Token-by-token decode: a rolling convolution window and one state update per token."""
         st = state if state is not None else self.init_state(x.shape[0], x.device, x.dtype)
-
-        def one(u, conv, prev):  # conv_step on the single token of u (batch, 1, ch)
-            y, prev = conv_step(u[:, 0], conv, prev)
-            return y[:, None], prev
-
         ys = []
         for t in range(x.shape[1]):
             m = None if mask is None else mask[:, t : t + 1]
-            ys.append(self._forward(x[:, t : t + 1], m, st, self._scan_reference, conv=one)[0])
+            ys.append(self._forward(x[:, t : t + 1], m, st, self._scan_reference, step=True)[0])
         return torch.cat(ys, 1), state
 
 
@@ -234,7 +209,7 @@ class Mamba(_Selective):
         self.d_inner, self.dt_rank = d_inner, o.dt_rank or math.ceil(d_model / 16)
         self.conv_channels, self.ssm_shape = d_inner, (d_inner, n)
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
-        self.conv1d = nn.Conv1d(d_inner, d_inner, o.d_conv, groups=d_inner)
+        self.conv1d = ShortConv(d_inner, o.d_conv)
         self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * n, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, d_inner)
         nn.init.uniform_(self.dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
@@ -274,18 +249,13 @@ class Mamba(_Selective):
 class Mamba2(_Selective):
     """Mamba-2 (SSD): scalar-times-identity A per head, shared B/C groups, gated RMSNorm; O(N) time."""
 
-    capabilities = Capabilities(
-        family="ssm",
+    # The same family and flags as Mamba: only the paper and the costs differ.
+    capabilities = dataclasses.replace(
+        Mamba.capabilities,
         paper="Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State Space "
         "Duality",
-        causal=True,
-        bidirectional=False,
-        padding_mask=True,
-        decode=True,
-        exact=False,
         time="O(N c d_inner + N d_inner d_state) chunked for chunk c",
         memory="O(N (c heads + d_inner d_state / c)) chunked, O(d_inner d_state) decode state",
-        forms=("reference", "chunked", "recurrent"),
     )
 
     class Options(SelectiveOptions):
@@ -314,7 +284,7 @@ class Mamba2(_Selective):
         gn = o.n_groups * o.d_state
         self.conv_channels, self.ssm_shape = d_inner + 2 * gn, (heads, p, o.d_state)
         self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * gn + heads, bias=False)  # z, x, B, C, dt
-        self.conv1d = nn.Conv1d(self.conv_channels, self.conv_channels, o.d_conv, groups=self.conv_channels)
+        self.conv1d = ShortConv(self.conv_channels, o.d_conv)
         self.dt_bias = nn.Parameter(inverse_softplus_dt(heads, o.dt_min, o.dt_max))
         self.A_log = nn.Parameter(torch.log(torch.empty(heads).uniform_(1, 16)))
         self.D = nn.Parameter(torch.ones(heads))

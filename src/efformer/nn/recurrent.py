@@ -1,0 +1,46 @@
+"""Parts recurrent mixers share: a short causal depthwise convolution that continues across decode
+calls (Mamba, Mamba-2, DeltaNet, Gated DeltaNet), and Mamba's step-size initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ShortConv(nn.Conv1d):
+    """Depthwise causal convolution over (batch, seq, channels), carrying the last ``width - 1`` inputs.
+
+    A subclass of ``nn.Conv1d`` so its parameters keep the names ``weight`` and ``bias`` in saved models.
+    """
+
+    def __init__(self, channels: int, width: int, bias: bool = True):
+        super().__init__(channels, channels, width, groups=channels, bias=bias)
+
+    def forward(self, u: Tensor, prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """u (batch, seq, ch) continuing after ``prev`` (batch, ch, width-1; None: zeros, a fresh sequence).
+
+        Returns the output (batch, seq, ch) and the new ``prev`` (the last width-1 inputs).
+        """
+        k = self.kernel_size[0] - 1
+        if prev is None:
+            prev = u.new_zeros(u.shape[0], u.shape[-1], k)
+        full = torch.cat([prev.to(u.dtype), u.transpose(1, 2)], dim=-1)
+        y = F.conv1d(full, self.weight, self.bias, groups=self.groups)
+        return y.transpose(1, 2), full[..., full.shape[-1] - k :]
+
+    def step(self, u: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
+        """One token u (batch, ch) through the rolling window ``prev`` (batch, ch, width-1); returns (y, new prev)."""
+        window = torch.cat([prev.to(u.dtype), u[..., None]], dim=-1)
+        y = (window * self.weight[:, 0]).sum(-1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y, window[..., 1:]
+
+
+def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, floor: float = 1e-4) -> Tensor:
+    """A bias (n,) whose softplus is a log-uniform step size in [dt_min, dt_max] (Mamba's initialisation)."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
