@@ -42,7 +42,7 @@ class WithPositional(torch.nn.Module):
         """As the mixer's forward, with ``positions`` (default ``state.seen + arange``) turned into a context."""
         if positions is None:
             offset = state.seen if state is not None else 0
-            positions = torch.arange(offset, offset + x.shape[1]).expand(x.shape[0], -1)
+            positions = torch.arange(offset, offset + x.shape[1], device=x.device).expand(x.shape[0], -1)
         return self.mixer(x, mask=mask, state=state, positions=self.scheme.context(positions, x.dtype))
 
     def __getattr__(self, name):

@@ -41,7 +41,9 @@ def test_an_empty_row_or_a_non_tensor_input_is_refused():
     ids = torch.randint(0, 256, (2, 5))
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1] = False
-    with pytest.raises(efformer.ShapeError, match=r"keeps no token in batch row\(s\) \[1\]"):
+    with pytest.raises(efformer.ShapeError, match="mask row 1 is all False"):
         model(ids, mask=mask)
-    with pytest.raises(efformer.ShapeError, match="got a list"):
+    with pytest.raises(efformer.ShapeError, match="got (a )?list"):
         model([[1, 2, 3]])
+    with pytest.raises(efformer.ShapeError, match="got a list"):
+        model.backbone.embed_tokens([[1, 2, 3]])
