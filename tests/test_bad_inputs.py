@@ -81,6 +81,18 @@ def keep(*shape, value=True):
 
 # ---- create_model / build_config -------------------------------------------------------------
 CONFIG_CASES = [
+    ("config-not-a-dict", lambda: build_config([1, 2]), ConfigError, ("config", "list")),
+    ("bool-as-int", lambda: build_config({"n_layers": True}), ConfigError, ("n_layers", "true")),
+    ("flat-options-with-mixer-list", lambda: build_config({"mixer": ["softmax", "sliding_window"],
+                                                           "mixer_options": {"window": 3}}), ConfigError,
+     ("mixer_options", "window", "list of dicts")),
+    ("options-list-wrong-length", lambda: build_config({"mixer": ["softmax", "softmax"],
+                                                        "mixer_options": [{}]}), ConfigError,
+     ("mixer_options", "1 entries")),
+    ("form-not-declared", lambda: build_config({"mixer_options": {"form": "chunked"}}), ConfigError,
+     ("mixer_options[softmax].form", "chunked")),
+    ("bias-on-kernel-mixer", lambda: build_config({"mixer": "performer", "positional": "alibi"}), CapabilityError,
+     ("performer", "attention bias")),
     ("create-int", lambda: create_model(123), ConfigError, ("preset_or_config", "123", "preset")),
     ("create-list", lambda: create_model([1, 2]), ConfigError, ("preset_or_config", "[1, 2]")),
     ("create-none", lambda: create_model(None), ConfigError, ("preset_or_config", "none")),
@@ -284,6 +296,21 @@ MIXER_CASES = [
     ("mask-all-false", lambda: mixer()(x(), mask=keep(1, 8, value=False)), ShapeError, ("mask", "false")),
     ("linformer-too-long", lambda: mixer("linformer", max_len=16)(x(1, 32, 32)), ShapeError,
      ("32", "max_len=16")),
+    ("causal-not-bool", lambda: mixer(causal="yes"), ConfigError, ("causal", "yes")),
+    ("max-len-float", lambda: mixer(max_len=3.5), ConfigError, ("max_len", "3.5")),
+    ("positions-float", lambda: mixer()(x(), positions=torch.zeros(1, 8)), ShapeError, ("positions", "float32")),
+    ("state-not-a-state", lambda: mixer(causal=True)(x(), state="abc"), ShapeError, ("state", "str")),
+    ("state-of-another-mixer", lambda: mixer(causal=True)(x(), state=mixer("linear", causal=True).init_state(
+        1, "cpu", torch.float32)), ShapeError, ("state", "KVState", "KernelState")),
+    ("state-other-batch", lambda: mixer(causal=True)(x(2, 8, 32), state=mixer(causal=True).init_state(
+        1, "cpu", torch.float32)), ShapeError, ("state", "1 rows", "batch 2")),
+    ("state-on-no-decode-mixer", lambda: mixer("linformer")(x(), state=mixer(causal=True).init_state(
+        1, "cpu", torch.float32)), CapabilityError, ("linformer", "no decode state")),
+    ("form-forced-triton-on-cpu", lambda: mixer("gla", options={"form": "triton"})(x()), CapabilityError,
+     ("triton", "cuda")),
+    ("rotary-context-on-kernel-mixer", lambda: mixer("linear")(x(), positions=efformer.nn.positional.build_positional(
+        "rope", 32, 4, 64, False).context(torch.arange(8)[None], torch.float32)), CapabilityError,
+     ("linear", "rotary")),
 ]
 
 
