@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from efformer.mixers.base import Capabilities, Mixer, MixerState
+from efformer.mixers.base import Mixer, MixerState, causal_recurrent
 from efformer.registry import register_mixer
 
 
@@ -69,14 +69,8 @@ def prefix_scan(m: Tensor, u: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor
 class Aaren(Mixer):
     """Aaren: per-head learned-query softmax attention over each prefix, as a prefix scan or an RNN; O(N log N)."""
 
-    capabilities = Capabilities(
-        family="recurrent",
+    capabilities = causal_recurrent(
         paper="Attention as an RNN",
-        causal=True,
-        bidirectional=False,
-        padding_mask=True,
-        decode=True,
-        exact=False,
         time="O(N log N d) scan, O(N d) recurrent",
         memory="O(N d log N) scan (training), O(d) decode state",
         forms=("reference", "fast", "recurrent"),

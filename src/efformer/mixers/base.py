@@ -95,6 +95,14 @@ class Capabilities:
         return d
 
 
+def causal_recurrent(*, paper: str, time: str, memory: str, forms: tuple[str, ...], family: str = "recurrent",
+                     **more: Any) -> Capabilities:
+    """Capabilities of a causal recurrence (linear-recurrent, state-space, RNN-style attention): causal
+    only, honours a padding mask, decodes with a state, and is not exact softmax attention."""
+    return Capabilities(family=family, paper=paper, causal=True, bidirectional=False, padding_mask=True,
+                        decode=True, exact=False, time=time, memory=memory, forms=forms, **more)
+
+
 def form_why_not(name: str, caps: Capabilities, form: str, device: torch.device | str | None = None) -> list[str]:
     """Why ``form`` cannot run for mixer ``name`` on ``device`` (None: any device): the one place that decides."""
     if form == "auto":

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState, pad_to_multiple
-from efformer.nn.recurrent import ShortConv, inverse_softplus_dt
+from efformer.mixers.base import Mixer, MixerOptions, MixerState, causal_recurrent, pad_to_multiple
+from efformer.nn.recurrent import ShortConv, inverse_softplus_dt, log_decay_rates
 from efformer.registry import register_mixer
 
 # ---- the delta rule on (batch, heads, seq, dim) tensors -------------------------------------------
@@ -152,14 +152,8 @@ class DeltaNet(Mixer):
     a hole inside a sequence leaves S unchanged but enters the conv window as a zero input.
     """
 
-    capabilities = Capabilities(
-        family="recurrent",
+    capabilities = causal_recurrent(
         paper="Parallelizing Linear Transformers with the Delta Rule over Sequence Length",
-        causal=True,
-        bidirectional=False,
-        padding_mask=True,
-        decode=True,
-        exact=False,
         time="O(N C d + N d^2) chunked, O(d^2) per decoded token",
         memory="O(N C + N d + d^2) per head",
         forms=("reference", "chunked", "recurrent"),
@@ -271,7 +265,7 @@ class GatedDeltaNet(DeltaNet):
     def _init_decay(self, d_model: int, n_heads: int) -> None:
         self.alpha_proj = nn.Linear(d_model, n_heads, bias=False)
         # Mamba2's initialisation: decay rates A in [1, 16], time steps dt log-uniform in [1e-3, 1e-1].
-        self.A_log = nn.Parameter(torch.empty(n_heads).uniform_(1, 16).log())
+        self.A_log = nn.Parameter(log_decay_rates(n_heads))
         self.dt_bias = nn.Parameter(inverse_softplus_dt(n_heads, 1e-3, 1e-1))
 
     def _log_decay(self, x: Tensor) -> Tensor:

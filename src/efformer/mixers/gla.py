@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from efformer.errors import ConfigError
 from efformer.kernels.chunk_gla import chunk_gla, gla_parallel, gla_recurrent
-from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState
+from efformer.mixers.base import Mixer, MixerOptions, MixerState, causal_recurrent
 from efformer.nn.positional import PositionalContext
 from efformer.registry import register_mixer
 
@@ -156,14 +156,8 @@ def _head_dim(mixer: Mixer, field: str, expand: float) -> int:
 class GatedLinearAttention(GatedLinearMixer):
     """GLA: linear attention whose matrix state decays by data-dependent per-key-dim gates."""
 
-    capabilities = Capabilities(
-        family="recurrent",
+    capabilities = causal_recurrent(
         paper="Gated Linear Attention Transformers with Hardware-Efficient Training",
-        causal=True,
-        bidirectional=False,
-        padding_mask=True,
-        decode=True,
-        exact=False,
         time="O(N C d + N d^2) chunked, O(N d^2) recurrent",
         memory="O(N d + d^2) per head",
         forms=_FORMS,
@@ -199,14 +193,8 @@ class SimpleGLAOptions(GatedLinearOptions):
 class SimpleGLA(GatedLinearMixer):
     """Simple GLA: the GLA recurrence with one data-dependent scalar gate per head and step."""
 
-    capabilities = Capabilities(
-        family="recurrent",
+    capabilities = causal_recurrent(
         paper="Gated Linear Attention Transformers with Hardware-Efficient Training",
-        causal=True,
-        bidirectional=False,
-        padding_mask=True,
-        decode=True,
-        exact=False,
         time="O(N C d + N d^2) chunked, O(N d^2) recurrent",
         memory="O(N d + d^2) per head",
         forms=_FORMS,

@@ -30,8 +30,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from efformer.errors import ConfigError
-from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState
-from efformer.nn.recurrent import ShortConv, inverse_softplus_dt
+from efformer.mixers.base import Mixer, MixerOptions, MixerState, causal_recurrent
+from efformer.nn.recurrent import ShortConv, inverse_softplus_dt, log_decay_rates
 from efformer.registry import register_mixer
 
 
@@ -181,14 +181,9 @@ class Mamba(_Selective):
     # The sequential scan beats the chunked one up to ~256 tokens on CPU (measured at N=128 and 1024).
     reference_below = 256
 
-    capabilities = Capabilities(
-        family="ssm",
+    capabilities = causal_recurrent(
         paper="Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
-        causal=True,
-        bidirectional=False,
-        padding_mask=True,
-        decode=True,
-        exact=False,
+        family="ssm",
         time="O(N d_inner d_state); chunked O(N c d_inner d_state) for chunk c",
         memory="O(N c d_inner d_state) chunked (training), O(d_inner d_state) decode state",
         forms=("reference", "chunked", "recurrent"),
@@ -286,7 +281,7 @@ class Mamba2(_Selective):
         self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * gn + heads, bias=False)  # z, x, B, C, dt
         self.conv1d = ShortConv(self.conv_channels, o.d_conv)
         self.dt_bias = nn.Parameter(inverse_softplus_dt(heads, o.dt_min, o.dt_max))
-        self.A_log = nn.Parameter(torch.log(torch.empty(heads).uniform_(1, 16)))
+        self.A_log = nn.Parameter(log_decay_rates(heads))
         self.D = nn.Parameter(torch.ones(heads))
         self.norm_weight = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)

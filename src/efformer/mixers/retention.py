@@ -18,7 +18,7 @@ import pydantic
 import torch
 
 from efformer.errors import ConfigError
-from efformer.mixers.base import Capabilities
+from efformer.mixers.base import causal_recurrent
 from efformer.mixers.gla import GatedLinearMixer, GatedLinearOptions
 from efformer.nn.positional import Rope
 from efformer.registry import register_mixer
@@ -41,14 +41,8 @@ def retention_log_decays(n_heads: int) -> torch.Tensor:
 class MultiScaleRetention(GatedLinearMixer):
     """Multi-scale retention: per-head fixed decay gamma_h, rotated q/k, group norm and swish gate."""
 
-    capabilities = Capabilities(
-        family="recurrent",
+    capabilities = causal_recurrent(
         paper="Retentive Network: A Successor to Transformer for Large Language Models",
-        causal=True,
-        bidirectional=False,
-        padding_mask=True,
-        decode=True,
-        exact=False,
         time="O(N C d + N d^2) chunked, O(N d^2) recurrent, O(N^2 d) parallel",
         memory="O(N d + d^2) per head",
         forms=("reference", "chunked", "recurrent", "triton"),

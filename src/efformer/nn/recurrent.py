@@ -1,5 +1,6 @@
 """Parts recurrent mixers share: a short causal depthwise convolution that continues across decode
-calls (Mamba, Mamba-2, DeltaNet, Gated DeltaNet), and Mamba's step-size initialisation."""
+calls (Mamba, Mamba-2, DeltaNet, Gated DeltaNet), Mamba's step-size initialisation and Mamba-2's
+decay-rate initialisation."""
 
 from __future__ import annotations
 
@@ -44,3 +45,8 @@ def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, floor: float = 1e-
     """A bias (n,) whose softplus is a log-uniform step size in [dt_min, dt_max] (Mamba's initialisation)."""
     dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
     return dt + torch.log(-torch.expm1(-dt))
+
+
+def log_decay_rates(n: int, low: float = 1.0, high: float = 16.0) -> Tensor:
+    """log A for n heads with A uniform in [low, high] (Mamba-2's initialisation, reused by Gated DeltaNet)."""
+    return torch.empty(n).uniform_(low, high).log()
