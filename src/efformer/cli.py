@@ -70,37 +70,10 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3].rstrip() + "..."
 
 
-def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type):
-        return annotation.__name__
-    return re.sub(r"\btyping\.", "", str(annotation)).replace("NoneType", "None")
-
-
-def _constraints(field) -> str:
-    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-    out = []
-    for m in field.metadata:
-        for attr, op in ops.items():
-            if getattr(m, attr, None) is not None:
-                out.append(f"{op} {getattr(m, attr)}")
-    return ", ".join(out)
-
-
-def option_rows(name: str) -> list[dict[str, str]]:
-    """Each option of a mixer: its name, type (with bounds), default and one-line description."""
-    rows = []
-    for opt, f in MIXERS.get(name).Options.model_fields.items():
-        bounds = _constraints(f)
-        rows.append({"option": opt, "type": _type_name(f.annotation) + (f" ({bounds})" if bounds else ""),
-                     "default": repr(f.default), "description": (f.description or opt).strip().splitlines()[0]})
-    return rows
-
-
 def _cmd_describe(args) -> int:
     info = describe_mixer(args.name)
-    options = option_rows(args.name)
     if args.json:
-        print(json.dumps({**info, "options": {o["option"]: o for o in options}}, indent=2))
+        print(json.dumps(info, indent=2))
         return 0
     print(f"{args.name}: {info['doc']}")
     print(f"paper: {info['paper']}")
@@ -110,7 +83,8 @@ def _cmd_describe(args) -> int:
     print(f"supports: {', '.join(flags) or 'none'}")
     print(f"forms: {', '.join(info['forms'])}")
     print()
-    print(_table(["option", "type", "default", "description"], [list(o.values()) for o in options]))
+    rows = [[opt, o["type"], o["default"], o["description"]] for opt, o in info["options"].items()]
+    print(_table(["option", "type", "default", "description"], rows))
     return 0
 
 

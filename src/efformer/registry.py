@@ -6,8 +6,11 @@ imports them all, so the registries are full before any lookup.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
+
+from pydantic.fields import FieldInfo
 
 from efformer.errors import UnknownNameError
 
@@ -70,6 +73,18 @@ def describe_mixer(name: str) -> dict:
     cls = MIXERS.get(name)
     info = cls.capabilities.as_dict()
     info["name"] = name
-    info["options"] = {k: repr(f.default) for k, f in cls.Options.model_fields.items()}
+    info["options"] = {k: option_info(f) for k, f in cls.Options.model_fields.items()}
     info["doc"] = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
     return info
+
+
+def option_info(field: FieldInfo) -> dict[str, str]:
+    """An option's type (with its bounds), default (as Python writes it) and one-line description."""
+    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    bounds = ", ".join(f"{op} {getattr(m, attr)}" for m in field.metadata for attr, op in ops.items()
+                       if getattr(m, attr, None) is not None)
+    ann = field.annotation
+    kind = ann.__name__ if isinstance(ann, type) else re.sub(r"\btyping\.", "", str(ann)).replace("NoneType", "None")
+    description = (field.description or "").strip().splitlines()
+    return {"type": kind + (f" ({bounds})" if bounds else ""), "default": repr(field.default),
+            "description": description[0] if description else ""}

@@ -119,7 +119,7 @@ class MixerOptions(pydantic.BaseModel):
     """Options every mixer accepts; subclasses add their own fields (unknown keys are refused)."""
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-    form: str = "auto"  # which implementation to run: "auto" or one of capabilities.forms
+    form: str = pydantic.Field("auto", description="which implementation to run: \"auto\" or one of capabilities.forms")
 
 
 class MixerState:

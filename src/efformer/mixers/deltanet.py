@@ -128,15 +128,18 @@ class DeltaState(MixerState):
 class DeltaNetOptions(MixerOptions):
     """Options of DeltaNet."""
 
-    chunk_size: int = pydantic.Field(64, gt=0)  # tokens per chunk of the chunked (WY) form
-    conv_size: int = pydantic.Field(4, ge=0)  # width of the causal depthwise conv on q, k, v; 0 = off
-    output_gate: bool = False  # multiply the normed output by silu(W_g x), as Gated DeltaNet does
+    chunk_size: int = pydantic.Field(64, gt=0, description="tokens per chunk of the chunked (WY) form")
+    conv_size: int = pydantic.Field(4, ge=0, description="width of the causal depthwise conv on q, k, v; 0 = off")
+    output_gate: bool = pydantic.Field(
+        False,
+        description="multiply the normed output by silu(W_g x), as Gated DeltaNet does",
+    )
 
 
 class GatedDeltaNetOptions(DeltaNetOptions):
     """Options of Gated DeltaNet (the output gate is on by default)."""
 
-    output_gate: bool = True
+    output_gate: bool = pydantic.Field(True, description="multiply the normed output by silu(W_g x)")
 
 
 _FORMS = {"reference": delta_rule_reference, "recurrent": delta_rule_recurrent, "chunked": delta_rule_chunked}

@@ -39,9 +39,12 @@ class MatrixState(MixerState):
 class GatedLinearOptions(MixerOptions):
     """Options shared by retention, GLA and simple GLA."""
 
-    chunk_size: int = pydantic.Field(64, gt=0)  # chunk of the chunked form (state passed between chunks)
-    sub_chunk_size: int = pydantic.Field(16, gt=0)  # inside a chunk: matmuls between sub-chunks, exact within
-    norm_eps: float = pydantic.Field(1e-5, gt=0)  # eps of the per-head output group norm
+    chunk_size: int = pydantic.Field(64, gt=0, description="chunk of the chunked form (state passed between chunks)")
+    sub_chunk_size: int = pydantic.Field(
+        16, gt=0,
+        description="inside a chunk: matmuls between sub-chunks, exact within",
+    )
+    norm_eps: float = pydantic.Field(1e-5, gt=0, description="eps of the per-head output group norm")
 
 
 class GatedLinearMixer(Mixer):
@@ -137,10 +140,10 @@ _FORMS = ("reference", "chunked", "recurrent", "triton")
 class GLAOptions(GatedLinearOptions):
     """Options of gated linear attention."""
 
-    expand_k: float = pydantic.Field(0.5, gt=0)  # key dim = expand_k * d_model (the paper halves it)
-    expand_v: float = pydantic.Field(1.0, gt=0)  # value dim = expand_v * d_model
-    gate_low_rank: int = pydantic.Field(16, gt=0)  # rank of the gate projection x -> alpha
-    gate_logit_normalizer: float = pydantic.Field(16.0, gt=0)  # tau: alpha = sigmoid(.)^(1/tau), near 1
+    expand_k: float = pydantic.Field(0.5, gt=0, description="key dim = expand_k * d_model (the paper halves it)")
+    expand_v: float = pydantic.Field(1.0, gt=0, description="value dim = expand_v * d_model")
+    gate_low_rank: int = pydantic.Field(16, gt=0, description="rank of the gate projection x -> alpha")
+    gate_logit_normalizer: float = pydantic.Field(16.0, gt=0, description="tau: alpha = sigmoid(.)^(1/tau), near 1")
 
 
 def _head_dim(mixer: Mixer, field: str, expand: float) -> int:
@@ -184,9 +187,9 @@ class GatedLinearAttention(GatedLinearMixer):
 class SimpleGLAOptions(GatedLinearOptions):
     """Options of simple GLA (one scalar data-dependent gate per head)."""
 
-    expand_k: float = pydantic.Field(1.0, gt=0)  # key dim = expand_k * d_model
-    expand_v: float = pydantic.Field(1.0, gt=0)  # value dim = expand_v * d_model
-    gate_logit_normalizer: float = pydantic.Field(16.0, gt=0)  # tau: alpha = sigmoid(.)^(1/tau)
+    expand_k: float = pydantic.Field(1.0, gt=0, description="key dim = expand_k * d_model")
+    expand_v: float = pydantic.Field(1.0, gt=0, description="value dim = expand_v * d_model")
+    gate_logit_normalizer: float = pydantic.Field(16.0, gt=0, description="tau: alpha = sigmoid(.)^(1/tau)")
 
 
 @register_mixer("simple_gla")

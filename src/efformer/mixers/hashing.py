@@ -38,9 +38,12 @@ SELF_PENALTY = 1e5
 class ReformerOptions(MixerOptions):
     """Options of Reformer LSH attention."""
 
-    n_buckets: int = Field(16, ge=1)  # hash buckets per round: even (argmax over [xR; -xR]) or 1 (no hashing)
-    n_hashes: int = Field(2, ge=1)  # hashing rounds, combined by their log-sum-exp weights
-    chunk_size: int = Field(64, ge=1)  # sorted chunk length; a chunk attends to itself and one chunk back
+    n_buckets: int = Field(
+        16, ge=1,
+        description="hash buckets per round: even (argmax over [xR; -xR]) or 1 (no hashing)",
+    )
+    n_hashes: int = Field(2, ge=1, description="hashing rounds, combined by their log-sum-exp weights")
+    chunk_size: int = Field(64, ge=1, description="sorted chunk length; a chunk attends to itself and one chunk back")
 
 
 @register_mixer("reformer")

@@ -50,14 +50,17 @@ class PerformerState(KernelState):
 class KernelOptions(MixerOptions):
     """Options shared by kernel attention mixers."""
 
-    chunk: int = pydantic.Field(64, gt=0)  # block length of the causal chunked form
+    chunk: int = pydantic.Field(64, gt=0, description="block length of the causal chunked form")
 
 
 class PerformerOptions(KernelOptions):
     """Options of FAVOR+."""
 
-    n_features: int = pydantic.Field(256, gt=0)  # random features m per head (paper: m ~ d log d)
-    redraw_every: int = pydantic.Field(0, ge=0)  # in training, redraw the features every this many calls; 0 = never
+    n_features: int = pydantic.Field(256, gt=0, description="random features m per head (paper: m ~ d log d)")
+    redraw_every: int = pydantic.Field(
+        0, ge=0,
+        description="in training, redraw the features every this many calls; 0 = never",
+    )
 
 
 def _chunked_causal(fq: Tensor, fk: Tensor, v: Tensor, s: Tensor, z: Tensor, chunk: int):

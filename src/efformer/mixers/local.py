@@ -261,7 +261,7 @@ def pattern_caps(paper: str, time: str, memory: str, family: str = "local") -> C
 class LocalOptions(SoftmaxOptions):
     """Options of block-local attention."""
 
-    block_size: int = pydantic.Field(64, ge=1)  # queries see only keys of their own aligned block
+    block_size: int = pydantic.Field(64, ge=1, description="queries see only keys of their own aligned block")
 
 
 @register_mixer("local")
@@ -292,7 +292,7 @@ class SlidingWindowOptions(SoftmaxOptions):
 
     # Keys seen on each side, counting the query itself: causal i - window < j <= i;
     # bidirectional |i - j| < window (2 * window - 1 keys). window >= N is full attention.
-    window: int = pydantic.Field(128, ge=1)
+    window: int = pydantic.Field(128, ge=1, description="w: keys within distance w - 1 of the query (the query too)")
 
 
 @register_mixer("sliding_window")
@@ -327,7 +327,10 @@ class SlidingWindowAttention(PatternAttention):
 class DilatedWindowOptions(SlidingWindowOptions):
     """Options of dilated sliding-window attention."""
 
-    dilation: int = pydantic.Field(2, ge=1)  # keys i, i -/+ dilation, i -/+ 2 dilation, ... (window of them)
+    dilation: int = pydantic.Field(
+        2, ge=1,
+        description="keys i, i -/+ dilation, i -/+ 2 dilation, ... (window of them)",
+    )
 
 
 @register_mixer("dilated_window")

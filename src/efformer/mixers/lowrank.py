@@ -25,17 +25,22 @@ from efformer.registry import register_mixer
 class LinformerOptions(MixerOptions):
     """Options of Linformer."""
 
-    k: int = pydantic.Field(256, gt=0)  # projected length of keys and values
+    k: int = pydantic.Field(256, gt=0, description="projected length of keys and values")
     # "none": E, F per head; "headwise": one E and one F shared by the heads; "kv": one E = F shared by all.
-    sharing: Literal["none", "headwise", "kv"] = "headwise"
+    sharing: Literal["none", "headwise", "kv"] = pydantic.Field(
+        "headwise", description="E/F sharing: none (per head, E != F), headwise (one E, F for all heads), kv (E = F)"
+    )
 
 
 class NystromOptions(MixerOptions):
     """Options of Nyströmformer."""
 
-    landmarks: int = pydantic.Field(64, gt=0)  # m landmarks (segment means of q and of k)
-    pinv_iters: int = pydantic.Field(6, ge=1)  # iterations of the Moore-Penrose pseudo-inverse
-    conv_kernel: int = pydantic.Field(0, ge=0)  # depthwise conv skip on values along the sequence; 0 = off, else odd
+    landmarks: int = pydantic.Field(64, gt=0, description="m landmarks (segment means of q and of k)")
+    pinv_iters: int = pydantic.Field(6, ge=1, description="iterations of the Moore-Penrose pseudo-inverse")
+    conv_kernel: int = pydantic.Field(
+        0, ge=0,
+        description="depthwise conv skip on values along the sequence; 0 = off, else odd",
+    )
 
 
 class _Projections(Mixer):

@@ -112,14 +112,14 @@ def ssd_scan_chunked(x, dt, A, B, C, h, chunk: int):
 class SelectiveOptions(MixerOptions):
     """Options shared by Mamba and Mamba-2."""
 
-    expand: int = Field(2, ge=1)  # d_inner = expand * d_model
-    d_state: int = Field(16, ge=1)  # N: state size per channel (Mamba) or per head (Mamba-2)
-    d_conv: int = Field(4, ge=1)  # width of the causal depthwise convolution
+    expand: int = Field(2, ge=1, description="d_inner = expand * d_model")
+    d_state: int = Field(16, ge=1, description="N: state size per channel (Mamba) or per head (Mamba-2)")
+    d_conv: int = Field(4, ge=1, description="width of the causal depthwise convolution")
     # "chunked" form: tokens per chunk; work grows with chunk^2, so small chunks are fastest on CPU
     # (measured fwd+bwd at N=1024: chunk 4 is 1.5 s, 16 is 10 s, sequential 5 s)
-    chunk_size: int = Field(4, ge=1)
-    dt_min: float = Field(0.001, gt=0)  # initial step sizes are log-uniform in [dt_min, dt_max]
-    dt_max: float = Field(0.1, gt=0)
+    chunk_size: int = Field(4, ge=1, description="\"chunked\" form: tokens per chunk")
+    dt_min: float = Field(0.001, gt=0, description="initial step sizes are log-uniform in [dt_min, dt_max]")
+    dt_max: float = Field(0.1, gt=0, description="upper end of the initial step sizes")
 
 
 class _Selective(Mixer):
@@ -192,7 +192,7 @@ class Mamba(_Selective):
     class Options(SelectiveOptions):
         """Options of Mamba (S6)."""
 
-        dt_rank: int | None = Field(None, ge=1)  # rank of the dt projection; None = ceil(d_model / 16)
+        dt_rank: int | None = Field(None, ge=1, description="rank of the dt projection; None = ceil(d_model / 16)")
 
     test_options = {"d_state": 4, "chunk_size": 4, "dt_rank": 2}
 
@@ -256,11 +256,11 @@ class Mamba2(_Selective):
     class Options(SelectiveOptions):
         """Options of Mamba-2 (SSD)."""
 
-        d_state: int = Field(64, ge=1)  # N: state size per head
-        chunk_size: int = Field(64, ge=1)  # "chunked" form: tokens per chunk
-        head_dim: int | None = Field(None, ge=1)  # P; None = d_inner // n_heads
-        n_groups: int = Field(1, ge=1)  # B/C groups shared by heads (1 = one B, C for all heads)
-        norm_eps: float = Field(1e-5, gt=0)  # epsilon of the gated RMSNorm
+        d_state: int = Field(64, ge=1, description="N: state size per head")
+        chunk_size: int = Field(64, ge=1, description="\"chunked\" form: tokens per chunk")
+        head_dim: int | None = Field(None, ge=1, description="P; None = d_inner // n_heads")
+        n_groups: int = Field(1, ge=1, description="B/C groups shared by heads (1 = one B, C for all heads)")
+        norm_eps: float = Field(1e-5, gt=0, description="epsilon of the gated RMSNorm")
 
     test_options = {"d_state": 4, "chunk_size": 4}
 

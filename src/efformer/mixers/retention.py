@@ -27,9 +27,12 @@ from efformer.registry import register_mixer
 class RetentionOptions(GatedLinearOptions):
     """Options of multi-scale retention."""
 
-    rotate: bool = True  # built-in theta rotation of q/k (a model-level rotary scheme replaces it)
-    rotary_base: float = pydantic.Field(10000.0, gt=1)  # base of the rotation frequencies
-    expand_v: float = pydantic.Field(1.0, gt=0)  # value dim = expand_v * d_model (the paper uses 2)
+    rotate: bool = pydantic.Field(
+        True,
+        description="built-in theta rotation of q/k (a model-level rotary scheme replaces it)",
+    )
+    rotary_base: float = pydantic.Field(10000.0, gt=1, description="base of the rotation frequencies")
+    expand_v: float = pydantic.Field(1.0, gt=0, description="value dim = expand_v * d_model (the paper uses 2)")
 
 
 def retention_log_decays(n_heads: int) -> torch.Tensor:

@@ -51,10 +51,13 @@ class S4DState(MixerState):
 class S4DOptions(MixerOptions):
     """Options of S4D."""
 
-    d_state: int = Field(64, ge=2)  # N: state size per channel; N // 2 complex conjugate-pair modes
-    init: Literal["lin", "inv"] = "lin"  # S4D-Lin: A_n = -1/2 + i pi n; S4D-Inv: -1/2 + i N/pi (N/(2n+1) - 1)
-    dt_min: float = Field(0.001, gt=0)  # initial log_dt is uniform in [log dt_min, log dt_max]
-    dt_max: float = Field(0.1, gt=0)
+    d_state: int = Field(64, ge=2, description="N: state size per channel; N // 2 complex conjugate-pair modes")
+    init: Literal["lin", "inv"] = Field(
+        "lin",
+        description="S4D-Lin: A_n = -1/2 + i pi n; S4D-Inv: -1/2 + i N/pi (N/(2n+1) - 1)",
+    )
+    dt_min: float = Field(0.001, gt=0, description="initial log_dt is uniform in [log dt_min, log dt_max]")
+    dt_max: float = Field(0.1, gt=0, description="upper end of the initial step sizes")
 
 
 def _wide(t: Tensor) -> Tensor:

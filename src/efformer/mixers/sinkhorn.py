@@ -35,9 +35,9 @@ from efformer.registry import register_mixer
 class SinkhornOptions(MixerOptions):
     """Options of Sparse Sinkhorn attention."""
 
-    block_size: int = Field(64, ge=1)  # tokens per block; each block sees its own and one sorted block
-    sinkhorn_iters: int = Field(8, ge=0)  # row+column normalisation rounds (0 = row softmax only)
-    temperature: float = Field(0.75, gt=0)  # lower = closer to a hard permutation
+    block_size: int = Field(64, ge=1, description="tokens per block; each block sees its own and one sorted block")
+    sinkhorn_iters: int = Field(8, ge=0, description="row+column normalisation rounds (0 = row softmax only)")
+    temperature: float = Field(0.75, gt=0, description="lower = closer to a hard permutation")
 
 
 def sinkhorn(log_r: Tensor, iters: int) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import pydantic
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,9 +43,12 @@ class KVState(MixerState):
 class SoftmaxOptions(MixerOptions):
     """Options of exact attention."""
 
-    n_kv_heads: int | None = None  # grouped-query attention; 1 = multi-query; None = n_heads
-    qk_norm: bool = False  # RMS-normalise q and k per head before the dot product
-    qkv_bias: bool = False  # biases on the q/k/v/out projections
+    n_kv_heads: int | None = pydantic.Field(
+        None,
+        description="grouped-query attention; 1 = multi-query; None = n_heads",
+    )
+    qk_norm: bool = pydantic.Field(False, description="RMS-normalise q and k per head before the dot product")
+    qkv_bias: bool = pydantic.Field(False, description="biases on the q/k/v/out projections")
 
 
 def attention_keep(

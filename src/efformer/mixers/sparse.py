@@ -43,8 +43,8 @@ class LongformerOptions(SoftmaxOptions):
 
     # Keys on each side counting the query (as in sliding_window): |i - j| < window. The paper's
     # total window w corresponds to window = w / 2 + 1.
-    window: int = pydantic.Field(128, ge=1)
-    global_tokens: int = pydantic.Field(1, ge=0)  # the first g tokens attend to, and are seen by, all
+    window: int = pydantic.Field(128, ge=1, description="local window w around each token")
+    global_tokens: int = pydantic.Field(1, ge=0, description="the first g tokens attend to, and are seen by, all")
 
 
 @register_mixer("longformer")
@@ -85,11 +85,13 @@ class LongformerAttention(PatternAttention):
 class SparseTransformerOptions(SoftmaxOptions):
     """Options of Sparse Transformer attention."""
 
-    pattern: Literal["strided", "fixed"] = "strided"
+    pattern: Literal["strided", "fixed"] = pydantic.Field(
+        "strided", description="strided (local + every stride-th key) or fixed (blocks + summary columns)"
+    )
     # l: strided sees the last l keys and every l-th key before; fixed sees its block of l keys and
     # the summary keys of every block. l near sqrt(N) gives O(N sqrt N).
-    stride: int = pydantic.Field(128, ge=1)
-    summary: int = pydantic.Field(1, ge=1)  # fixed: the last `summary` keys of each block (the paper's c)
+    stride: int = pydantic.Field(128, ge=1, description="l: local span and the step of the strided keys")
+    summary: int = pydantic.Field(1, ge=1, description="fixed: the last `summary` keys of each block (the paper's c)")
 
 
 @register_mixer("sparse_transformer")
@@ -138,9 +140,9 @@ class SparseTransformerAttention(PatternAttention):
 class BigBirdOptions(SoftmaxOptions):
     """Options of BigBird attention."""
 
-    block_size: int = pydantic.Field(64, ge=1)
-    num_random_blocks: int = pydantic.Field(3, ge=0)  # random key blocks per query block
-    num_global_blocks: int = pydantic.Field(2, ge=0)  # the first blocks: attend to, and are seen by, all
+    block_size: int = pydantic.Field(64, ge=1, description="tokens per block (window, global and random parts)")
+    num_random_blocks: int = pydantic.Field(3, ge=0, description="random key blocks per query block")
+    num_global_blocks: int = pydantic.Field(2, ge=0, description="the first blocks: attend to, and are seen by, all")
 
 
 def _mix(x: Tensor) -> Tensor:

@@ -41,14 +41,20 @@ class ValueState(MixerState):
 class DenseOptions(MixerOptions):
     """Options of the dense Synthesizer."""
 
-    factorized: int | None = Field(None, ge=1)  # size a of the first factor (must divide max_len); None = full
+    factorized: int | None = Field(
+        None, ge=1,
+        description="size a of the first factor (must divide max_len); None = full",
+    )
 
 
 class RandomOptions(MixerOptions):
     """Options of the random Synthesizer."""
 
-    factorized: int | None = Field(None, ge=1)  # rank k of R = R1 R2^T (at most max_len); None = full matrix
-    trainable: bool = True  # False keeps the random draw fixed (a buffer, saved with the model)
+    factorized: int | None = Field(
+        None, ge=1,
+        description="rank k of R = R1 R2^T (at most max_len); None = full matrix",
+    )
+    trainable: bool = Field(True, description="False keeps the random draw fixed (a buffer, saved with the model)")
 
 
 def _capabilities(kind: str) -> Capabilities:

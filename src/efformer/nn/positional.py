@@ -158,8 +158,8 @@ class Learned(PositionalScheme):
 class RopeOptions(StrictModel):
     """RoPE options."""
 
-    base: float = pydantic.Field(10000.0, gt=1)
-    rotary_fraction: float = pydantic.Field(1.0, gt=0, le=1)  # partial rotary: rotate this share of dims
+    base: float = pydantic.Field(10000.0, gt=1, description="theta base of the rotary frequencies")
+    rotary_fraction: float = pydantic.Field(1.0, gt=0, le=1, description="partial rotary: rotate this share of dims")
 
 
 @POSITIONALS.register("rope")
@@ -205,7 +205,7 @@ class Rope(PositionalScheme):
 class XposOptions(RopeOptions):
     """xPos options: RoPE plus an exponential decay scale."""
 
-    scale_base: float = pydantic.Field(512.0, gt=0)
+    scale_base: float = pydantic.Field(512.0, gt=0, description="distance over which the xPos scale decays by zeta")
 
 
 @POSITIONALS.register("xpos")
@@ -253,8 +253,8 @@ class Alibi(PositionalScheme):
 class T5Options(StrictModel):
     """T5 bucketed relative bias options."""
 
-    num_buckets: int = pydantic.Field(32, ge=2)
-    max_distance: int = pydantic.Field(128, ge=2)
+    num_buckets: int = pydantic.Field(32, ge=2, description="relative-distance buckets (half a side if bidirectional)")
+    max_distance: int = pydantic.Field(128, ge=2, description="distance where the log-spaced buckets end")
 
 
 @POSITIONALS.register("t5")
@@ -295,9 +295,9 @@ class T5Bias(PositionalScheme):
 class FireOptions(StrictModel):
     """FIRE options."""
 
-    hidden: int = pydantic.Field(32, gt=0)
-    init_c: float = pydantic.Field(0.1, gt=0)
-    init_threshold: float = pydantic.Field(512.0, gt=0)
+    hidden: int = pydantic.Field(32, gt=0, description="width of the per-head MLP f")
+    init_c: float = pydantic.Field(0.1, gt=0, description="initial c of psi(x) = log(c x + 1)")
+    init_threshold: float = pydantic.Field(512.0, gt=0, description="initial L of the max(L, i) normaliser")
 
 
 @POSITIONALS.register("fire")
