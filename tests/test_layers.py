@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "efformer"
 # Lowest first; a module may import its own unit or any unit of a lower rank, never a higher one.
 # Units at the same rank are independent of each other.
 LAYERS: list[set[str]] = [
-    {"errors", "version", "assets"},
+    {"errors", "version", "assets", "durable"},
     {"options", "results"},
     {"registry"},
     {"nn", "kernels"},

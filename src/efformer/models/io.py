@@ -43,6 +43,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 from torch import nn
 
+from efformer.durable import fsync_dir, fsync_file
 from efformer.errors import CheckpointError, ConfigError, EfformerError
 from efformer.models.config import ModelConfig, build_config
 from efformer.models.factory import MODEL_CLASSES
@@ -86,7 +87,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
                 raise CheckpointError(f"could not save to {out} ({e}); {kept}") from None
             raise
         _remove_leftovers(out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     return out
 
 
@@ -186,11 +187,11 @@ def _write_folder(folder: Path, cfg: ModelConfig, tensors: dict[str, torch.Tenso
     save_file(tensors, str(weights), metadata={"format": "pt"})
     with contextlib.suppress(OSError):  # some file systems (FAT, some mounts) refuse chmod; the mode is a nicety
         os.chmod(weights, mode)
-    _fsync_file(weights)
+    fsync_file(weights)
     files = {CONFIG_FILE: _digest(cfg_bytes), WEIGHTS_FILE: _file_digest(weights)}
     manifest = {"format": FORMAT, "version": VERSION, "files": files}
     _write_bytes(folder / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _install(tmp: Path, out: Path) -> None:
@@ -233,27 +234,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames and new entries in ``path`` durable across power loss (not possible on Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _digest(data: bytes) -> dict[str, object]:

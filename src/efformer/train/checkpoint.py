@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from efformer.durable import fsync_file
 from efformer.errors import CheckpointError
 
 FORMAT, VERSION = "efformer-train-checkpoint", 1
@@ -90,14 +91,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, Tensor], meta: dict[str, Any],
                     keep_last: int = 3) -> Path:
     """Write ``root/step_<step>`` atomically (temp folder, then rename) and keep the last ``keep_last``."""
@@ -108,11 +101,11 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, Tenso
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS),
                   metadata={"format": FORMAT})
-        _fsync(tmp / TENSORS)
+        fsync_file(tmp / TENSORS)
         manifest = {"format": FORMAT, "version": VERSION, "step": step, **meta,
                     "files": {TENSORS: {"size": (tmp / TENSORS).stat().st_size, "sha256": _sha256(tmp / TENSORS)}}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        _fsync(tmp / MANIFEST)
+        fsync_file(tmp / MANIFEST)
         if final.exists():  # re-saving a step (e.g. after a resume) replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
