@@ -116,7 +116,7 @@ def train_config(spec: TaskSpec, seed: int, steps: int | None = None) -> TrainCo
         seed=seed, steps=total, batch_size=o["batch_size"], lr=lr, schedule=schedule,
         warmup_steps=min(o["warmup"], total), weight_decay=o["weight_decay"], betas=tuple(o["betas"]),
         eps=o["eps"], clip_grad=o["grad_clip"], min_lr_ratio=0.0, eval_every=0, checkpoint_every=0,
-        log_every=max(1, total // 40),  # a progress line every few seconds
+        log_every=max(1, total // 100),  # reports often enough for a line every ~10 s on a slow CPU
         eval_batch_size=max(64, o["batch_size"]),
     )
 
