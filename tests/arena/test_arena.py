@@ -111,3 +111,78 @@ def test_a_cell_does_not_depend_on_the_cells_before_it(tmp_path, tiny_tasks):
         return next(e["value"] for e in store.evals(run_id) if e["split"] == "test" and e["metric"] == "loss")
 
     assert linear_test_loss(alone) == linear_test_loss(after)
+
+
+def test_cell_progress_reprints_trainer_lines_with_steps_per_second(capsys):
+    from efformer.train.progress import Progress
+
+    stream = runner.CellProgress("[2/7] quick/listops/softmax/seed0", every_s=0.0)
+    bar = Progress(4, stream=stream, tty=False, log_every=1)
+    for step in range(1, 5):
+        bar.update(step, loss=2.5 - 0.1 * step, lr=1e-3, tokens=10)
+    lines = capsys.readouterr().out.splitlines()
+    # the first report only starts the clock (start-up costs are not training speed); then one line per report
+    assert len(lines) == 3 and all(ln.strip().startswith("[2/7] quick/listops/softmax/seed0 step ") for ln in lines)
+    assert "step 4/4 loss 2.1000" in lines[-1] and "steps/s" in lines[-1]
+    quiet = runner.CellProgress("cell", every_s=1e9)  # throttled: only the last step is due
+    bar = Progress(4, stream=quiet, tty=False, log_every=1)
+    for step in range(1, 5):
+        bar.update(step, loss=1.0, lr=1e-3, tokens=10)
+    assert [ln.split()[2] for ln in capsys.readouterr().out.splitlines()] == ["4/4"]
+
+
+def test_chance_is_the_majority_class_of_the_data():
+    import torch
+
+    data = [{"label": torch.tensor(v)} for v in (1, 1, 2, 0, 1, 2)]
+    assert runner.chance_accuracy(data) == pytest.approx(3 / 6)
+
+
+def test_default_quick_grid_leaves_out_slow_mixers_and_says_how_to_add_them(tmp_path, tiny_tasks, monkeypatch):
+    grid, left = runner.default_mixers("quick")
+    assert set(grid) | set(left) == set(MIXERS.names()) and not set(grid) & set(left)
+    assert set(left) == set(runner.QUICK_SLOW_ON_CPU) & set(MIXERS.names())
+    assert runner.default_mixers("paper") == (MIXERS.names(), [])
+    monkeypatch.setattr(runner, "default_mixers", lambda preset: (["softmax"], ["mamba"]))
+    store, said = ResultsStore(tmp_path / "r.db"), []
+    res = runner.run_grid("quick", None, ["listops"], [0], store, tmp_path / "runs", tmp_path / "data",
+                          log=said.append, in_process=True)
+    assert [r.status for r in res] == ["done"]
+    assert said[0].startswith("left out of the default quick grid") and "--mixers mamba" in said[0]
+    assert any("[1/1]" in s and "training 3 steps" in s for s in said)
+    # the chance level is measured on the cell's own test split and shown in the leaderboard
+    _, _, test = runner.build_datasets(_tiny(), "tiny", data_dir=tmp_path / "data")
+    (row,) = runner.summary_rows(store, "tiny")
+    assert row["chance"] == pytest.approx(runner.chance_accuracy(test)) and row["steps"] == 3
+    md = render(store, "tiny", tmp_path / "board").read_text()
+    assert f"| *chance (majority class)* | {100 * row['chance']:.1f} |" in md
+    assert "leaves out" not in md  # only the quick preset has a reduced default grid
+
+
+def test_quick_pathfinder_is_not_offered(tmp_path):
+    from efformer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="below chance"):
+        runner.run_grid("quick", ["softmax"], ["pathfinder"], [0], ResultsStore(tmp_path / "r.db"), tmp_path)
+
+
+def test_bubble_labels_never_overlap_even_when_mixers_crowd_at_chance():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from efformer.arena.leaderboard import _overlap, _place_labels
+
+    names = MIXERS.names()
+    pts = [(m, 2.0 + 0.05 * i, 17.4 + 0.01 * (i % 3)) for i, m in enumerate(names)]  # one crowded cluster
+    pts.append(("far_away", 40.0, 38.0))
+    fig, ax = plt.subplots(figsize=(11, 7))
+    ax.scatter([p[1] for p in pts], [p[2] for p in pts])
+    ax.set_xscale("log")
+    ax.set_ylim(10, 45)
+    fig.tight_layout()
+    boxes = _place_labels(fig, ax, pts)
+    plt.close(fig)
+    assert len(boxes) == len(pts)
+    assert not any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from efformer.bench.advise import advise, parse_memory
-from efformer.bench.analysis import crossover, estimate, exponents, fit_exponent, report
+from efformer.bench.analysis import crossover, estimate, exponents, fit_exponent, fit_power_law, report
 from efformer.bench.cells import Cell, run_cell
 from efformer.bench.runner import measure_in_worker
 from efformer.cli import main
@@ -82,8 +82,8 @@ def _rows(mixer, k, scale, mem_k=1.0, mode="fwdbwd"):
 def test_exponents_crossovers_and_extrapolation():
     rows = _rows("softmax", 2.0, 1e-4, 2.0) + _rows("linear", 1.0, 0.05)
     ex = exponents(rows, "fwdbwd")
-    assert ex["softmax"]["time"] == pytest.approx(2.0) and ex["linear"]["time"] == pytest.approx(1.0)
-    assert ex["softmax"]["memory"] == pytest.approx(2.0)
+    assert ex["softmax"]["time"].exponent == pytest.approx(2.0) and ex["linear"]["time"].exponent == pytest.approx(1.0)
+    assert ex["softmax"]["memory"].exponent == pytest.approx(2.0) and ex["softmax"]["time"].r2 == pytest.approx(1.0)
     # 1e-4 n^2 = 0.05 n at n = 500: between the measured 256 and 512
     soft = [(r["seq_len"], r["time_ms"]) for r in rows if r["mixer"] == "softmax"]
     lin = [(r["seq_len"], r["time_ms"]) for r in rows if r["mixer"] == "linear"]
@@ -91,6 +91,31 @@ def test_exponents_crossovers_and_extrapolation():
     assert crossover(lin, soft) == 256  # softmax is faster from the first measured length
     assert estimate(soft, 8192)[0] == pytest.approx(1e-4 * 8192**2) and estimate(soft, 8192)[1]
     assert fit_exponent([1], [1]) is None
+
+
+def test_fits_on_two_lengths_are_refused_and_noisy_fits_flagged():
+    # two noisy points always fit exactly: the reruns of the issue gave 5.43, then 0.00
+    two = fit_power_law([512, 1024], [1.0, 43.0])
+    assert two.exponent is None and not two.ok and two.label() == "n/a: needs ≥ 3 lengths"
+    assert fit_exponent([512, 1024], [1.0, 43.0]) is None and estimate([(512, 1.0), (1024, 43.0)], 4096) is None
+    zigzag = fit_power_law([256, 512, 1024, 2048], [5.0, 1.0, 6.0, 1.5])  # no trend: R² ~ 0
+    assert zigzag.exponent is not None and zigzag.r2 < 0.9 and not zigzag.ok
+    assert "poor fit" in zigzag.label() and "poor fit" in zigzag.problem
+    assert estimate([(256, 5.0), (512, 1.0), (1024, 6.0), (2048, 1.5)], 8192) is None
+    clean = fit_power_law([256, 512, 1024], [1.0, 4.1, 15.9])  # ~N^2 with 3% noise
+    assert clean.ok and clean.r2 > 0.99 and clean.label() == f"{clean.exponent:.2f}"
+    assert fit_power_law([256, 512, 1024], [3.0, 3.0, 3.0]).label() == "0.00"  # flat is an exact fit
+
+
+def test_report_marks_insufficient_and_poor_fits(tmp_path):
+    rows = _rows("softmax", 2.0, 1e-4, 2.0)
+    noisy = [dict(r, mixer="linear", time_ms=t) for r, t in zip(rows, (5.0, 1.0, 6.0, 1.5), strict=True)]
+    two = [dict(r, mixer="performer") for r in rows[:2]]
+    text = report(rows + noisy + two, tmp_path / "rep").read_text()
+    line = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert "| 2.00 | 2.00 |" in line["softmax"]
+    assert "poor fit, R²" in line["linear"]
+    assert "n/a: needs ≥ 3 lengths" in line["performer"]
 
 
 def test_report_and_plots_come_from_the_store_alone(tmp_path):
@@ -127,8 +152,10 @@ def test_bench_and_advise_commands_end_to_end(tmp_path, capsys):
     assert "2/2 cells ok" in out and "peer torch-sdpa: available" in out
     rows = ResultsStore(db).bench_rows()
     assert {r["mixer"] for r in rows} == {"softmax", "peer:torch-sdpa"}
-    assert main(["advise", "--seq-len", "128", "--memory", "1GB", "--store", db]) == 0
+    assert main(["advise", "--seq-len", "64", "--memory", "1GB", "--store", db]) == 0
     assert "1. softmax" in capsys.readouterr().out.replace("  ", " ")
+    assert main(["advise", "--seq-len", "128", "--memory", "1GB", "--store", db]) == 0  # two lengths: no fit
+    assert "softmax: not extrapolated: time fit needs ≥ 3 lengths" in capsys.readouterr().out
 
 
 def test_mixers_sized_by_max_len_run_at_any_length_and_errors_keep_their_message(tmp_path):
@@ -149,3 +176,37 @@ def test_causal_advice_uses_only_causally_measured_rows():
     assert ranked and ranked[0].time_ms == pytest.approx(1e-3 * 1024**2)  # causal rows, not the cheaper bidirectional
     ranked, left = advise([dict(r, causal=0) for r in rows], 1024, memory_mb=1e6, causal=True)
     assert not ranked and any("no causal fwdbwd rows" in line for line in left)
+
+
+def _two_mixers():
+    others = [m for m in MIXERS.names() if m != "softmax"]
+    return others[0], others[1]
+
+
+def test_advise_never_extrapolates_absurd_or_untrustworthy_fits():
+    a, b = _two_mixers()
+    falling = [dict(r, time_ms=100.0 * r["seq_len"] ** -0.86) for r in _rows("softmax", 2.0, 1e-4)]  # the issue's
+    two_lengths = _rows(a, 1.0, 0.05)[:2]
+    huge_mem = _rows(b, 1.0, 0.05, mem_k=3.5)
+    ranked, left = advise(falling + two_lengths + huge_mem, 16384, memory_mb=1e9)
+    assert not ranked
+    reasons = {line.split(":")[0]: line for line in left}
+    assert "not extrapolated" in reasons["softmax"] and "N^-0.86" in reasons["softmax"]
+    assert "[0.5, 3]" in reasons["softmax"]
+    assert "not extrapolated" in reasons[a] and "needs ≥ 3 lengths" in reasons[a]
+    assert "not extrapolated" in reasons[b] and "memory ~ N^3.50" in reasons[b]
+    # measured at the asked length: no extrapolation needed, so no fit is needed either
+    ranked, _ = advise(two_lengths, 512, memory_mb=1e9)
+    assert [x.mixer for x in ranked] == [a] and "measured at N=512" in ranked[0].reason and not ranked[0].extrapolated
+
+
+def test_extrapolated_rows_say_how_far():
+    a, _ = _two_mixers()
+    ranked, _ = advise(_rows("softmax", 2.0, 1e-4, 2.0) + _rows(a, 1.0, 0.05), 8192, memory_mb=1e9)
+    assert [x.mixer for x in ranked] == [a, "softmax"]  # 0.05 * 8192 = 410 ms < 1e-4 * 8192^2 = 6711 ms
+    assert ranked[0].time_ms == pytest.approx(0.05 * 8192) and ranked[1].time_ms == pytest.approx(1e-4 * 8192**2)
+    assert all(x.extrapolated and "×4 beyond the longest measured length 2048" in x.reason for x in ranked)
+    ranked, _ = advise(_rows(a, 1.0, 0.05), 128, memory_mb=1e9)
+    assert "×2 below the shortest measured length 256" in ranked[0].reason
+    ranked, _ = advise(_rows(a, 1.0, 0.05), 768, memory_mb=1e9)
+    assert "interpolated between the measured lengths 512 and 1024" in ranked[0].reason

@@ -17,9 +17,12 @@ def register(sub) -> None:
     """Add the ``arena`` subcommand."""
     a = sub.add_parser("arena", help="Long Range Arena grid: mixers x tasks x seeds, then the leaderboard")
     a.add_argument("--preset", default="quick", choices=["quick", "paper"])
-    a.add_argument("--mixers", nargs="+", default=None, help="default: every registered mixer")
+    a.add_argument("--mixers", nargs="+", default=None,
+                   help="'all', or names; default: every registered mixer, except that the quick grid leaves out "
+                        "the ones slow on CPU (it prints which)")
     a.add_argument("--tasks", nargs="+", default=None,
-                   help="default: listops and pathfinder, plus text/retrieval/image if --data-dir has their files")
+                   help="default: listops (quick) or listops and pathfinder (paper), plus text/retrieval/image if "
+                        "--data-dir has their files; quick pathfinder is not offered (it ended below chance)")
     a.add_argument("--seeds", type=int, nargs="+", default=[0])
     a.add_argument("--data-dir", default=None, help="folder with the released LRA files (and the generated cache)")
     a.add_argument("--steps", type=int, default=None, help="override the preset's training steps")

@@ -10,8 +10,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from efformer.arena.runner import summary_rows
-from efformer.arena.tasks import PAPER_TABLE1, TASK_NAMES
+from efformer.arena.runner import NOT_OFFERED, QUICK_SLOW_ON_CPU, summary_rows
+from efformer.arena.tasks import PAPER_TABLE1, TASK_NAMES, TASKS
 from efformer.results import ResultsStore
 
 # efformer mixer -> the row name in the LRA paper's Table 1
@@ -47,6 +47,37 @@ def aggregate(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, dict[str
     return tasks, table
 
 
+def chance_levels(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per task: the majority-class accuracy of its test split, as the cells measured and stored it."""
+    per: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if r.get("chance") is not None:
+            per[r["task"]].append(r["chance"])
+    return {t: sum(v) / len(v) for t, v in per.items()}
+
+
+def _notes(preset: str, rows: list[dict[str, Any]], tasks: list[str]) -> list[str]:
+    """What the preset's budget is and what its default grid leaves out, in the leaderboard's words."""
+    lines = []
+    budgets = [f"{t}: {TASKS[preset][t].optim['steps']} steps at batch {TASKS[preset][t].optim['batch_size']}"
+               for t in tasks if preset in TASKS and t in TASKS[preset]]
+    ran = sorted({r["steps"] for r in rows if r.get("steps")})
+    if budgets:
+        lines.append(f"- Budget per cell: {'; '.join(budgets)} (cells here ran {', '.join(map(str, ran))} steps).")
+    if preset == "quick":
+        present = sorted({r["mixer"] for r in rows} & set(QUICK_SLOW_ON_CPU))
+        lines.append(f"- The default quick grid leaves out {', '.join(QUICK_SLOW_ON_CPU)}: on CPU each of their cells "
+                     "costs 3-7x a softmax cell (see `efformer.arena.runner.QUICK_SLOW_ON_CPU`), so `make demo` fits "
+                     "in about 10 minutes on 2 cores. Run them with `efformer arena --mixers NAME ...` or "
+                     "`--mixers all`" + (f"; rows here for {', '.join(present)} come from such runs." if present
+                                         else "; none of them has been run here."))
+    for (p, t), why in NOT_OFFERED.items():
+        if p == preset:
+            lines.append(f"- `{t}` is not offered under `{preset}`: {why}.")
+    lines.append("- *chance* is the majority-class accuracy of each task's test split, computed from the data.")
+    return ["Notes:", "", *lines, ""]
+
+
 def _mean(v: list[float]) -> float | None:
     return sum(v) / len(v) if v else None
 
@@ -68,6 +99,10 @@ def render(store: ResultsStore, preset: str, out_dir: str | Path) -> Path:
                   "peak memory is the largest over tasks (RSS growth during training on CPU).", ""]
         head = ["mixer", *tasks, "avg", "params", "steps/s", "peak MB", "seeds", "preset"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        chance = chance_levels(rows)
+        ch = [f"{100 * chance[k]:.1f}" if k in chance else "—" for k in tasks]
+        ch_avg = f"{100 * sum(chance[k] for k in tasks) / len(tasks):.1f}" if all(k in chance for k in tasks) else "—"
+        lines.append("| *chance (majority class)* | " + " | ".join([*ch, ch_avg, "", "", "", "", preset]) + " |")
         order = sorted(table, key=lambda m: -(table[m]["avg"] if table[m]["avg"] is not None else -1))
         for m in order:
             t = table[m]
@@ -76,7 +111,9 @@ def render(store: ResultsStore, preset: str, out_dir: str | Path) -> Path:
             lines.append("| " + " | ".join([m, *cells, avg, _fmt(t["params"], "{:,.0f}"),
                                             _fmt(t["steps_per_s"], "{:.2f}"), _fmt(t["peak_mem_mb"], "{:.0f}"),
                                             str(t["seeds"]), preset]) + " |")
-        lines += ["", f"![bubble plot]({plot(table, preset, out / 'leaderboard.png').name})", ""]
+        avg_chance = sum(chance[k] for k in tasks) / len(tasks) if all(k in chance for k in tasks) else None
+        lines += ["", f"![bubble plot]({plot(table, preset, out / 'leaderboard.png', avg_chance).name})", ""]
+        lines += _notes(preset, rows, tasks)
         lines += _paper_table(table, tasks, preset)
     path = out / "leaderboard.md"
     path.write_text("\n".join(lines) + "\n")
@@ -106,28 +143,88 @@ def _paper_table(table: dict, tasks: list[str], preset: str) -> list[str]:
     return lines + [""]
 
 
-def plot(table: dict[str, dict[str, Any]], preset: str, path: str | Path) -> Path:
-    """LRA-style bubble plot: x = training steps/s, y = average accuracy, bubble area = peak memory."""
+def plot(table: dict[str, dict[str, Any]], preset: str, path: str | Path, chance: float | None = None) -> Path:
+    """LRA-style bubble plot: x = training steps/s, y = average accuracy, bubble area = peak memory.
+
+    ``chance`` (a fraction) draws the chance level; labels are placed so that none overlaps another."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pts = [(m, t) for m, t in table.items() if t["avg"] is not None and t["steps_per_s"]]
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(11, 7))
     if pts:
         mem = [t["peak_mem_mb"] or 1.0 for _, t in pts]
         top = max(mem)
-        for (m, t), mm in zip(pts, mem, strict=True):
-            ax.scatter(t["steps_per_s"], 100 * t["avg"], s=80 + 1500 * mm / top, alpha=0.45)
-            ax.annotate(m, (t["steps_per_s"], 100 * t["avg"]), fontsize=8, ha="center", va="center")
+        for (_, t), mm in zip(pts, mem, strict=True):
+            ax.scatter(t["steps_per_s"], 100 * t["avg"], s=60 + 1200 * mm / top, alpha=0.4)
         ax.set_xscale("log")
+        xs = [t["steps_per_s"] for _, t in pts]
+        ys = [100 * t["avg"] for _, t in pts] + ([100 * chance] if chance is not None else [])
+        ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
+        pad = max(2.0, 0.25 * (max(ys) - min(ys)))
+        ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    if chance is not None:
+        ax.axhline(100 * chance, color="gray", ls="--", lw=1)
+        ax.annotate(f"chance (majority class) {100 * chance:.1f}%", (0.01, 100 * chance), xycoords=("axes fraction",
+                    "data"), xytext=(0, 3), textcoords="offset points", fontsize=8, color="gray")
     ax.set_xlabel("training speed (steps/s, log scale)")
     ax.set_ylabel("average test accuracy (%)")
     ax.set_title(f"efformer arena ({preset}): speed vs accuracy, bubble area = peak memory")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
+    if pts:
+        _place_labels(fig, ax, [(m, t["steps_per_s"], 100 * t["avg"]) for m, t in pts])
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _place_labels(fig, ax, points: list[tuple[str, float, float]]) -> list[tuple[float, ...]]:
+    """Label each point at the nearest free spot around it (a leader line when moved); returns the label boxes.
+
+    Greedy in display pixels: crowded points (many mixers share the chance-level accuracy) get their labels
+    pushed outwards along a spiral of candidate offsets until the text box is free."""
+    import math as _m
+
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed = []  # display-space boxes (x0, y0, x1, y1) of labels already drawn
+    anchors = [ax.transData.transform((x, y)) for _, x, y in points]
+    order = sorted(range(len(points)), key=lambda i: (anchors[i][1], anchors[i][0]))
+    for i in order:
+        name = points[i][0]
+        ax_px, ay_px = anchors[i]
+        probe = fig.text(0.5, 0.5, name, fontsize=8)  # figure coordinates: valid on any axis scale
+        box = probe.get_window_extent(renderer)
+        probe.remove()
+        w, h = box.width + 4, box.height + 2
+        best = None
+        for r in range(0, 400, 6):
+            for k in range(16 if r else 1):
+                a = 2 * _m.pi * k / 16
+                cx, cy = ax_px + r * _m.cos(a), ay_px + r * _m.sin(a)
+                cand = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+                inside = (cand[0] >= frame.x0 and cand[2] <= frame.x1 and cand[1] >= frame.y0 and cand[3] <= frame.y1)
+                if inside and not any(_overlap(cand, b) for b in placed):
+                    best = (cx, cy, cand)
+                    break
+            if best:
+                break
+        if best is None:  # no free spot in reach: put it on the point rather than drop it
+            best = (ax_px, ay_px, (ax_px - w / 2, ay_px - h / 2, ax_px + w / 2, ay_px + h / 2))
+        cx, cy, cand = best
+        placed.append(cand)
+        moved = _m.hypot(cx - ax_px, cy - ay_px) > 8
+        pt = 72 / fig.dpi  # offsets in points, so they scale with the text when saved at another dpi
+        ax.annotate(name, (points[i][1], points[i][2]), xytext=((cx - ax_px) * pt, (cy - ay_px) * pt),
+                    textcoords="offset points",
+                    fontsize=8, ha="center", va="center",
+                    arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.6} if moved else None)
+    return placed
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]

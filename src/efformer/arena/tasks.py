@@ -106,10 +106,11 @@ _QUICK = {
     "listops": TaskSpec(
         "listops", "quick", "classifier", 64, ld.LISTOPS_VOCAB_SIZE, 10, "cls", "synthetic",
         {"min_len": 16, "max_len": 64, "max_depth": 3, "n_train": 4000, "n_val": 500, "n_test": 500},
-        dict(_QUICK_MODEL, dropout=0.0), _optim(3e-3, 0.01, 50, 400, 32, "cosine"),
-        notes="depth 3, 16-64 tokens, no dropout: softmax, bigbird and cosformer reach 36-40% in 400 steps "
-              "(~15 s each on 2 cores) where the majority label is ~20%; with dropout 0.1, or depth 4-5 at "
-              "24-128 tokens, many mixers stayed at the majority rate in that budget"),
+        dict(_QUICK_MODEL, dropout=0.0), _optim(3e-3, 0.01, 50, 250, 32, "cosine"),
+        notes="depth 3, 16-64 tokens, no dropout: softmax, bigbird and cosformer reached 36-40% in 400 steps "
+              "where the majority label is ~17-20%; 250 steps (softmax 35%, bigbird 39%) keep `make demo` "
+              "near 10 minutes on 2 cores; with dropout 0.1, or depth 4-5 at 24-128 tokens, many mixers "
+              "stayed at the majority rate in that budget"),
     "text": TaskSpec(
         "text", "quick", "classifier", 256, ld.BYTE_VOCAB_SIZE, 2, "cls", "files",
         {"val_is_test": True, "max_train": 4000, "max_eval": 1000},
@@ -128,7 +129,8 @@ _QUICK = {
         "pathfinder", "quick", "classifier", 1024, ld.PIXEL_VOCAB_SIZE, 2, "mean", "synthetic",
         {"resolution": 32, "difficulty": "easy", "n": 1500},
         _model(32, 1, 4, 64, 0.0, 0.0, "learned"), _optim(2e-3, 0.0, 20, 150, 32, "cosine"),
-        notes="easy level (contour 6) so a few CPU steps can learn something"),
+        notes="easy level (contour 6); NOT offered by `efformer arena --preset quick`: it ended below chance "
+              "(46% vs 50%) in this CPU budget (see efformer.arena.runner.NOT_OFFERED)"),
     "pathx": TaskSpec(
         "pathx", "quick", "classifier", 4096, ld.PIXEL_VOCAB_SIZE, 2, "mean", "synthetic",
         {"resolution": 64, "difficulty": "easy", "n": 600},

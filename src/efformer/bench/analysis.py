@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,61 @@ def latest_ok(rows: list[Row]) -> dict[tuple[str, str, int], Row]:
     return out
 
 
-def fit_exponent(lengths: list[float], values: list[float]) -> float | None:
-    """Slope of log(value) on log(length): 1 for linear growth, 2 for quadratic; None if < 2 points."""
-    pts = [(math.log(n), math.log(v)) for n, v in zip(lengths, values, strict=True) if v and v > 0]
-    if len(pts) < 2 or len({p[0] for p in pts}) < 2:
+# A power law fitted to fewer lengths says nothing (two points always fit exactly), and one whose
+# log-log R² is low is noise: such fits are refused or flagged, never reported as a bare exponent.
+MIN_FIT_LENGTHS = 3
+MIN_FIT_R2 = 0.9
+
+
+@dataclass(frozen=True)
+class PowerFit:
+    """A fit of value ~ c * N^exponent on log-log axes: the exponent (None if refused) and its R²."""
+
+    exponent: float | None
+    r2: float | None
+    n_lengths: int
+
+    @property
+    def problem(self) -> str | None:
+        """Why the exponent should not be trusted (too few lengths, poor fit), or None."""
+        if self.exponent is None:
+            return f"needs ≥ {MIN_FIT_LENGTHS} lengths (has {self.n_lengths})"
+        if self.r2 is not None and self.r2 < MIN_FIT_R2:
+            return f"poor fit (R² {self.r2:.2f} < {MIN_FIT_R2})"
         return None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the exponent is trustworthy."""
+        return self.problem is None
+
+    def label(self) -> str:
+        """'2.00', '1.31 (poor fit, R² 0.42)' or 'n/a: needs ≥ 3 lengths', for tables."""
+        if self.exponent is None:
+            return f"n/a: needs ≥ {MIN_FIT_LENGTHS} lengths"
+        k = f"{round(self.exponent, 2) + 0.0:.2f}"  # + 0.0 turns a rounded -0.0 into 0.00
+        return k if self.ok else f"{k} (poor fit, R² {self.r2:.2f})"
+
+
+def fit_power_law(lengths: list[float], values: list[float]) -> PowerFit:
+    """Least-squares slope of log(value) on log(length) and its R²; refused below MIN_FIT_LENGTHS lengths."""
+    pts = [(math.log(n), math.log(v)) for n, v in zip(lengths, values, strict=True) if v and v > 0]
+    n_lengths = len({p[0] for p in pts})
+    if n_lengths < MIN_FIT_LENGTHS:
+        return PowerFit(None, None, n_lengths)
     x, y = np.array(pts).T
-    return float(np.polyfit(x, y, 1)[0])
+    slope, intercept = np.polyfit(x, y, 1)
+    ss_res = float(((y - (slope * x + intercept)) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 if ss_tot <= 1e-12 else 1.0 - ss_res / ss_tot  # a flat series is fitted exactly by slope 0
+    return PowerFit(float(slope), r2, n_lengths)
+
+
+def fit_exponent(lengths: list[float], values: list[float]) -> float | None:
+    """Slope of log(value) on log(length): 1 for linear growth, 2 for quadratic; None if < 3 lengths.
+
+    Use :func:`fit_power_law` to also get the fit's R² (and whether it is poor)."""
+    return fit_power_law(lengths, values).exponent
 
 
 def series(rows: list[Row], mode: str, column: str = "time_ms") -> dict[str, list[tuple[int, float]]]:
@@ -43,13 +92,13 @@ def series(rows: list[Row], mode: str, column: str = "time_ms") -> dict[str, lis
     return dict(out)
 
 
-def exponents(rows: list[Row], mode: str) -> dict[str, dict[str, float | None]]:
-    """Per mixer: fitted exponent of time and of memory vs length for ``mode``."""
+def exponents(rows: list[Row], mode: str) -> dict[str, dict[str, PowerFit]]:
+    """Per mixer: the power-law fit of time and of memory vs length for ``mode``."""
     t, m = series(rows, mode, "time_ms"), series(rows, mode, "peak_mem_mb")
     return {
         mixer: {
-            "time": fit_exponent([p[0] for p in pts], [p[1] for p in pts]),
-            "memory": fit_exponent([p[0] for p in m.get(mixer, [])], [p[1] for p in m.get(mixer, [])]),
+            "time": fit_power_law([p[0] for p in pts], [p[1] for p in pts]),
+            "memory": fit_power_law([p[0] for p in m.get(mixer, [])], [p[1] for p in m.get(mixer, [])]),
         }
         for mixer, pts in t.items()
     }
@@ -76,15 +125,17 @@ def crossover(baseline: list[tuple[int, float]], other: list[tuple[int, float]])
 
 
 def estimate(points: list[tuple[int, float]], n: int) -> tuple[float, bool] | None:
-    """Value at length ``n``: measured if present, else extrapolated by the fitted power law."""
+    """Value at length ``n``: measured if present, else extrapolated by the fitted power law.
+
+    None when the fit cannot be trusted (too few lengths or a poor fit): see :func:`fit_power_law`."""
     d = dict(points)
     if n in d:
         return d[n], False
-    k = fit_exponent([p[0] for p in points], [p[1] for p in points])
-    if k is None:
+    fit = fit_power_law([p[0] for p in points], [p[1] for p in points])
+    if not fit.ok:
         return None
     n0, v0 = min(points, key=lambda p: abs(math.log(p[0]) - math.log(n)))
-    return v0 * (n / n0) ** k, True
+    return v0 * (n / n0) ** fit.exponent, True
 
 
 def plot(rows: list[Row], mode: str, path: str | Path) -> Path:
@@ -121,6 +172,8 @@ def report(rows: list[Row], out_dir: str | Path, baseline: str = "softmax") -> P
     peaks = sorted({round(r["matmul_peak_gflops"], 1) for r in rows if r.get("matmul_peak_gflops")})
     if peaks:
         lines += [f"Matmul peak measured in the same run(s): {', '.join(map(str, peaks))} GFLOP/s", ""]
+    lines += [f"Exponents are log-log least-squares fits over ≥ {MIN_FIT_LENGTHS} lengths; an R² below {MIN_FIT_R2} "
+              "is marked poor fit, fewer lengths are n/a.", ""]
     bad = [r for r in rows if r.get("status") not in ("ok", "unsupported")]
     modes = [m for m in ("fwd", "fwdbwd", "prefill", "decode") if any(r["mode"] == m for r in rows)]
     for mode in modes:
@@ -146,7 +199,7 @@ def report(rows: list[Row], out_dir: str | Path, baseline: str = "softmax") -> P
                     cells.append(f"{d[n]:.1f}")
             e = ex.get(mixer, {})
             cx = crossover(t.get(baseline, []), pts) if mixer != baseline and baseline in t else None
-            fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+            fmt = lambda f: "—" if f is None else f.label()  # noqa: E731
             lines.append(f"| {mixer} | " + " | ".join(cells) + f" | {fmt(e.get('time'))} | {fmt(e.get('memory'))} | "
                          + ("—" if cx is None else f"{cx:.0f}") + " |")
         lines.append("")

@@ -75,9 +75,11 @@ def _cmd_eval(args) -> int:
     if not data.get("data") and not args.set:
         raise ConfigError("data", None, "a saved model folder has no data section; pass --config RUN.yaml")
     cfg = build_run_config(data, args.set)
-    _, eval_data = build_datasets(cfg.data, model.cfg)
+    # The Trainer sizes its batches on its training set: give it the run's own training split (which
+    # trained at this batch size), not the eval split, which is often smaller than one batch.
+    train_data, eval_data = build_datasets(cfg.data, model.cfg)
     train_cfg = cfg.train.model_copy(update={"device": args.device or cfg.train.device})
-    trainer = Trainer(model, train_cfg, eval_data, eval_data, out_dir=cfg.output_dir())
+    trainer = Trainer(model, train_cfg, train_data, eval_data, out_dir=cfg.output_dir())
     metrics = trainer.evaluate()
     if args.results:
         run_id = args.run_id or f"eval-{path.name}"
