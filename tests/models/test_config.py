@@ -33,7 +33,7 @@ def test_a_dict_keyed_by_mixer_name_applies_to_each_layer_of_that_mixer():
         # the case that was silently ignored: a flat dict with a list of mixers
         (dict(mixer=["sliding_window", "softmax"], mixer_options={"window": 3}), r"\{'window': 3\} are not mixers"),
         (dict(mixer=["sliding_window", "softmax"], mixer_options=[{"window": 3}]), "has 1 entries but mixer has 2"),
-        (dict(mixer="softmax", mixer_options=[{}, {}]), "mixer_options is a list but mixer='softmax'"),
+        (dict(mixer="softmax", mixer_options=[{}, {}]), "a list, but mixer='softmax'"),
         (dict(mixer=["sliding_window", "softmax"], mixer_options=[{"window": 3}, {"window": 3}]),
          r"mixer_options\[1\].window"),
         (dict(mixer="softmax", mixer_options={"form": "chunked"}), r"mixer_options\[softmax\].form=.*has no form"),

@@ -19,6 +19,14 @@ Placement = Literal["pre", "post", "peri", "sandwich", "deepnorm"]
 StrictInt = Annotated[int, pydantic.Strict()]
 
 
+class CrossFieldError(ValueError):
+    """A check across fields failed; ``field`` is the one to change."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 class ModelConfig(StrictModel):
     """Everything needed to build a model; round-trips through JSON."""
 
@@ -53,24 +61,24 @@ class ModelConfig(StrictModel):
     @pydantic.model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
+            raise CrossFieldError("n_heads", f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
         if isinstance(self.mixer, list) and len(self.mixer) != self.n_layers:
-            raise ValueError(f"mixer list has {len(self.mixer)} entries but n_layers={self.n_layers}")
+            raise CrossFieldError("mixer", f"mixer list has {len(self.mixer)} entries but n_layers={self.n_layers}")
         opts = self.mixer_options
         if isinstance(self.mixer, str) and isinstance(opts, list):
-            raise ValueError(f"mixer_options is a list but mixer={self.mixer!r} is one name; give one dict of "
-                             "its options, or a list of mixers (one per layer)")
+            raise CrossFieldError("mixer_options", f"a list, but mixer={self.mixer!r} is one name; give one dict "
+                                  "of its options, or a list of mixers (one per layer)")
         if isinstance(self.mixer, list) and isinstance(opts, list) and len(opts) != len(self.mixer):
-            raise ValueError(f"mixer_options has {len(opts)} entries but mixer has {len(self.mixer)}; give one "
-                             "dict per layer")
+            raise CrossFieldError("mixer_options", f"mixer_options has {len(opts)} entries but mixer has "
+                                  f"{len(self.mixer)}; give one dict per layer")
         if isinstance(self.mixer, list) and isinstance(opts, dict):
             stray = {k: v for k, v in sorted(opts.items()) if k not in self.mixer or not isinstance(v, dict)}
             if stray:
-                raise ValueError(f"with a list of mixers, mixer_options must be a list of dicts (one per layer) or "
-                                 f"a dict keyed by mixer name; {stray} are not mixers of {self.mixer} with a dict "
-                                 "of options (a flat dict would be ambiguous)")
+                raise CrossFieldError("mixer_options", "with a list of mixers, mixer_options must be a list of "
+                                      f"dicts (one per layer) or a dict keyed by mixer name; {stray} are not mixers "
+                                      f"of {self.mixer} with a dict of options (a flat dict would be ambiguous)")
         if self.pad_id >= self.vocab_size:
-            raise ValueError(f"pad_id={self.pad_id} must be < vocab_size={self.vocab_size}")
+            raise CrossFieldError("pad_id", f"pad_id={self.pad_id} must be < vocab_size={self.vocab_size}")
         return self
 
     @property
@@ -113,9 +121,9 @@ def build_config(data: dict[str, Any] | ModelConfig | None = None, **overrides: 
         cfg = ModelConfig.model_validate(merged)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
-        if err["type"] == "value_error":  # our own cross-field checks
-            raise ConfigError("config", {k: merged.get(k) for k in ("d_model", "n_heads")},
-                              str(err["ctx"]["error"])) from None
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, CrossFieldError):  # our own cross-field checks name their field
+            raise ConfigError(cause.field, merged.get(cause.field), str(cause)) from None
         raise config_error(e, "", ModelConfig) from None
     check_parts(cfg)
     return cfg
