@@ -113,21 +113,17 @@ def test_a_cell_does_not_depend_on_the_cells_before_it(tmp_path, tiny_tasks):
     assert linear_test_loss(alone) == linear_test_loss(after)
 
 
-def test_cell_progress_reprints_trainer_lines_with_steps_per_second(capsys):
-    from efformer.train.progress import Progress
-
-    stream = runner.CellProgress("[2/7] quick/listops/softmax/seed0", every_s=0.0)
-    bar = Progress(4, stream=stream, tty=False, log_every=1)
+def test_cell_progress_prints_steps_per_second_and_is_throttled(capsys):
+    progress = runner.CellProgress("[2/7] quick/listops/softmax/seed0", every_s=0.0)
     for step in range(1, 5):
-        bar.update(step, loss=2.5 - 0.1 * step, lr=1e-3, tokens=10)
+        progress(step, 4, 2.5 - 0.1 * step)
     lines = capsys.readouterr().out.splitlines()
-    # the first report only starts the clock (start-up costs are not training speed); then one line per report
+    # the first step only starts the clock (start-up costs are not training speed); then one line per step
     assert len(lines) == 3 and all(ln.strip().startswith("[2/7] quick/listops/softmax/seed0 step ") for ln in lines)
     assert "step 4/4 loss 2.1000" in lines[-1] and "steps/s" in lines[-1]
     quiet = runner.CellProgress("cell", every_s=1e9)  # throttled: only the last step is due
-    bar = Progress(4, stream=quiet, tty=False, log_every=1)
     for step in range(1, 5):
-        bar.update(step, loss=1.0, lr=1e-3, tokens=10)
+        quiet(step, 4, 1.0)
     assert [ln.split()[2] for ln in capsys.readouterr().out.splitlines()] == ["4/4"]
 
 

@@ -85,6 +85,15 @@ def test_no_decay_on_norms_biases_and_embeddings():
     assert len(everything["params"]) == len(names)
 
 
+def test_on_step_is_called_after_every_step_with_the_loss(tiny):
+    t, _ = tiny(steps=3)
+    seen = []
+    t.on_step = lambda step, total, loss: seen.append((step, total, loss))
+    t.fit()
+    assert [s[:2] for s in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert [s[2] for s in seen] == [h["loss"] for h in t.history]
+
+
 def test_results_store_gets_config_metrics_and_evals(tiny):
     t, cfg = tiny(steps=4, eval_every=2, log_every=2)
     t.fit()

@@ -10,8 +10,8 @@ import dataclasses
 import io
 import json
 import math
-import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,45 +59,27 @@ def chance_accuracy(data) -> float:
     return max(counts.values()) / max(1, len(data))
 
 
-_STEP_LINE = re.compile(r"step (\d+)/(\d+) loss (\S+)")
-
-
 class CellProgress:
-    """A text stream for the Trainer's plain progress lines: re-emits them at most every ``every_s`` seconds
-    (and at the last step) with the cell's name and the steps/s measured here, so a long cell is never silent."""
+    """The Trainer's ``on_step`` callback for one cell: prints a line at most every ``every_s`` seconds (and at
+    the last step) with the cell's name, loss, steps/s and ETA, so a long cell is never silent."""
 
     def __init__(self, prefix: str, every_s: float = 10.0):
         self.prefix, self.every_s = prefix, every_s
         self.t0 = self.last = time.perf_counter()
         self.first_step: int | None = None
-        self.buf = ""
 
-    def isatty(self) -> bool:
-        """Never a terminal: the Trainer then writes plain lines, which this stream parses."""
-        return False
-
-    def flush(self) -> None:
-        """Nothing is held back beyond an incomplete line."""
-
-    def write(self, text: str) -> int:
-        """Take the Trainer's output; print a progress line when one is due."""
-        self.buf += text
-        *lines, self.buf = self.buf.split("\n")
-        for line in lines:
-            m = _STEP_LINE.match(line)
-            if not m:
-                continue
-            step, total, now = int(m.group(1)), int(m.group(2)), time.perf_counter()
-            if self.first_step is None:  # the rate counts from the first report on, after start-up costs
-                self.first_step, self.t0 = step, now
-                continue
-            if now - self.last >= self.every_s or step == total:
-                rate = (step - self.first_step) / max(now - self.t0, 1e-9)
-                eta = (total - step) / max(rate, 1e-9)
-                print(f"    {self.prefix} step {step}/{total} loss {m.group(3)} {rate:.2f} steps/s eta {eta:.0f}s",
-                      flush=True)
-                self.last = now
-        return len(text)
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        """Step ``step`` of ``total`` finished with ``loss``; print a progress line when one is due."""
+        now = time.perf_counter()
+        if self.first_step is None:  # the rate counts from the first step on, after start-up costs
+            self.first_step, self.t0 = step, now
+            return
+        if now - self.last >= self.every_s or step == total:
+            rate = (step - self.first_step) / max(now - self.t0, 1e-9)
+            eta = (total - step) / max(rate, 1e-9)
+            print(f"    {self.prefix} step {step}/{total} loss {loss:.4f} {rate:.2f} steps/s eta {eta:.0f}s",
+                  flush=True)
+            self.last = now
 
 
 def cell_run_id(preset: str, task: str, mixer: str, seed: int) -> str:
@@ -145,7 +127,7 @@ def is_done(store: ResultsStore, run_id: str) -> bool:
 
 def run_cell(spec: TaskSpec, mixer: str, seed: int, store: ResultsStore, out_root: str | Path = "runs/arena",
              data_dir: str | Path | None = None, steps: int | None = None,
-             progress_stream=None) -> CellResult:
+             on_step: Callable[[int, int, float], None] | None = None) -> CellResult:
     """Train and evaluate one (task, mixer, seed) cell; results go to ``store``."""
 
     run_id = cell_run_id(spec.preset, spec.name, mixer, seed)
@@ -164,8 +146,8 @@ def run_cell(spec: TaskSpec, mixer: str, seed: int, store: ResultsStore, out_roo
     run_config = {"arena": {"preset": spec.preset, "task": spec.name, "mixer": mixer, "seed": seed},
                   "model": cfg.model_dump(), "train": tcfg.model_dump()}
     trainer = Trainer(model, tcfg, train, eval_data=None, store=store, run_id=run_id,
-                      out_dir=Path(out_root) / run_id, run_config=run_config, progress_stream=progress_stream,
-                      kind="arena")
+                      out_dir=Path(out_root) / run_id, run_config=run_config, progress_stream=io.StringIO(),
+                      kind="arena", on_step=on_step)
     base = rss_kb("VmRSS")
     reset_peak_rss()
     try:
@@ -204,9 +186,9 @@ class ArenaCell:
 
     def run(self, peak: float | None = None) -> dict[str, Any]:
         """Train and evaluate the cell in this process; a CellResult as a dict."""
-        stream = io.StringIO() if self.progress is None else CellProgress(self.progress)
+        on_step = None if self.progress is None else CellProgress(self.progress)
         res = run_cell(self.spec, self.mixer, self.seed, ResultsStore(self.store_path), self.out_root, self.data_dir,
-                       self.steps, progress_stream=stream)
+                       self.steps, on_step=on_step)
         return dataclasses.asdict(res)
 
 

@@ -14,7 +14,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ class Trainer:
     def __init__(self, model: nn.Module, train_config: TrainConfig | dict, train_data: Sequence,
                  eval_data: Sequence | None = None, store: ResultsStore | None = None, run_id: str | None = None,
                  out_dir: str | Path = "runs/run", run_config: dict | None = None, progress_stream=None,
-                 kind: str = "train"):
+                 kind: str = "train", on_step: Callable[[int, int, float], None] | None = None):
 
         self.cfg = validate_options(TrainConfig, train_config, "train")
         self.info = D.setup(self.cfg.device)
@@ -90,6 +90,7 @@ class Trainer:
         self.pad_id = self.raw.cfg.pad_id
         self.run_config = run_config or {"model": self.raw.cfg.model_dump(), "train": self.cfg.model_dump()}
         self.progress_stream = progress_stream
+        self.on_step = on_step  # called as on_step(step, total_steps, loss) after every step, on rank 0
         self.kind = kind  # the run's kind in the results store ("train", "arena", ...)
         per_rank, rem = divmod(self.cfg.batch_size, self.info.world_size * self.cfg.grad_accum)
         if rem or per_rank == 0:
@@ -277,6 +278,8 @@ class Trainer:
                 last = self.train_step()
                 self.history.append({"step": self.step, **last})
                 progress.update(self.step, last["loss"], last["lr"], int(last["tokens"]))
+                if main and self.on_step is not None:
+                    self.on_step(self.step, cfg.steps, last["loss"])
                 window.append(last["loss"])
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._log_train(window, last)
