@@ -66,7 +66,7 @@ def test_describe_json_has_typed_options(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["causal"] and info["exact"]
     kv = info["options"]["n_kv_heads"]
-    assert kv["default"] == "None" and "int" in kv["type"] and kv["description"]
+    assert kv["default"] is None and "int" in kv["type"] and kv["description"]
 
 
 def test_unknown_name_is_one_clear_line(capsys):

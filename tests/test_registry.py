@@ -19,5 +19,5 @@ def test_describe_gives_capabilities_and_each_options_default_and_description():
     info = describe_mixer("sliding_window")
     assert info["name"] == "sliding_window" and info["causal"] and "reference" in info["forms"]
     window = info["options"]["window"]
-    assert window["default"] == "128" and window["type"] == "int (>= 1)"
+    assert window["default"] == 128 and window["type"] == "int (>= 1)"
     assert "keys within distance" in window["description"]

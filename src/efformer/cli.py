@@ -83,7 +83,7 @@ def _cmd_describe(args) -> int:
     print(f"supports: {', '.join(flags) or 'none'}")
     print(f"forms: {', '.join(info['forms'])}")
     print()
-    rows = [[opt, o["type"], o["default"], o["description"]] for opt, o in info["options"].items()]
+    rows = [[opt, o["type"], repr(o["default"]), o["description"]] for opt, o in info["options"].items()]
     print(_table(["option", "type", "default", "description"], rows))
     return 0
 

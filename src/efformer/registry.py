@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic.fields import FieldInfo
 
@@ -78,13 +78,14 @@ def describe_mixer(name: str) -> dict:
     return info
 
 
-def option_info(field: FieldInfo) -> dict[str, str]:
-    """An option's type (with its bounds), default (as Python writes it) and one-line description."""
+def option_info(field: FieldInfo) -> dict[str, Any]:
+    """An option's type (with its bounds), default (a JSON value, or as Python writes it) and description."""
     ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
     bounds = ", ".join(f"{op} {getattr(m, attr)}" for m in field.metadata for attr, op in ops.items()
                        if getattr(m, attr, None) is not None)
     ann = field.annotation
     kind = ann.__name__ if isinstance(ann, type) else re.sub(r"\btyping\.", "", str(ann)).replace("NoneType", "None")
     description = (field.description or "").strip().splitlines()
-    return {"type": kind + (f" ({bounds})" if bounds else ""), "default": repr(field.default),
+    default = field.default if isinstance(field.default, str | int | float | bool | type(None)) else repr(field.default)
+    return {"type": kind + (f" ({bounds})" if bounds else ""), "default": default,
             "description": description[0] if description else ""}
