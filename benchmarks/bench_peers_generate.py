@@ -174,6 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="timed calls of each library per round")
     ap.add_argument("--quick", action="store_true", help="small shapes, one round")
     ap.add_argument("--no-xt", action="store_true", help="skip x-transformers")
     args = ap.parse_args(argv)
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
 
     shapes = [(1, 32), (8, 32)] if args.quick else [(1, 32), (8, 32), (1, 512), (8, 512)]
     new = 16 if args.quick else args.new_tokens
-    rounds, reps = (1, 1) if args.quick else (args.rounds, 3)
+    rounds, reps = (1, 1) if args.quick else (args.rounds, args.reps)
     names = list(peers)
     header = "| workload | efformer | " + " | ".join(names) + " | " + " | ".join(f"efformer/{n}" for n in names) + " |"
     print()
