@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pydantic
 import torch
@@ -25,30 +26,50 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from efformer.mixers.base import Capabilities
-from efformer.mixers.softmax import KVState, SoftmaxAttention, SoftmaxOptions
+from efformer.mixers.softmax import KVState, SoftmaxAttention, SoftmaxOptions, needs_graph
 from efformer.nn.positional import PositionalContext
 from efformer.registry import register_mixer
 
 Rule = Callable[[Tensor, Tensor], Tensor]  # (query index, key index) long tensors -> bool, broadcast
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PatternKVState(KVState):
     """KV cache (see KVState) plus each key's sequence index (batch, t); windows trim it to a bounded size."""
 
-    index: Tensor
+    index_buf: Tensor
+    time_dims: ClassVar[dict[str, int]] = {**KVState.time_dims, "index_buf": 1}
 
-    def extend(self, k: Tensor, v: Tensor, positions: Tensor, keep: Tensor, index: Tensor) -> None:
-        """Append keys/values (batch, kv_heads, n, d) with positions, keep-mask and indices (batch, n)."""
-        self.append(k, v, positions, keep)
-        self.index = torch.cat([self.index, index], dim=1)
+    @property
+    def index(self) -> Tensor:
+        """Sequence index of each cached key (batch, t), ascending."""
+        return self.index_buf[:, : self.length]
+
+    def extend(self, k: Tensor, v: Tensor, positions: Tensor, keep: Tensor | None, index: Tensor,
+               graph: bool | None = None) -> None:
+        """Append keys/values (batch, kv_heads, n, d) with positions, keep-mask (None: all kept), indices (batch, n)."""
+        if keep is not None and not self.padded:
+            self.padded = not bool(keep.all())
+        if graph is None:
+            graph = needs_graph(k, v)
+        self._write({"k_buf": k, "v_buf": v, "pos_buf": positions, "keep_buf": keep, "index_buf": index}, graph)
 
     def trim(self, cols: Tensor) -> None:
-        """Keep only the cached keys where ``cols`` (t,) is True."""
+        """Keep only the cached keys where ``cols`` (t,) is True (moved to the front of the buffers)."""
         if bool(cols.all()):
             return
-        self.k, self.v = self.k[:, :, cols], self.v[:, :, cols]
-        self.positions, self.keep, self.index = self.positions[:, cols], self.keep[:, cols], self.index[:, cols]
+        graph = any(getattr(self, name).requires_grad for name in self.time_dims)
+        kept = {name: getattr(self, name).narrow(d, 0, self.length)[(slice(None),) * d + (cols,)]
+                for name, d in self.time_dims.items()}
+        m = kept["k_buf"].shape[2]
+        for name, x in kept.items():
+            if graph:  # new tensors, as before: never write into ones autograd may have saved
+                setattr(self, name, x)
+            else:
+                getattr(self, name).narrow(self.time_dims[name], 0, m).copy_(x)
+        self.length = m
+        if self.padded:
+            self.padded = not bool(self.keep.all())
 
 
 @dataclass
@@ -130,14 +151,8 @@ class PatternAttention(SoftmaxAttention):
 
     def init_state(self, batch, device, dtype) -> PatternKVState:
         """An empty cache; windowed mixers keep it bounded."""
-        kv, hd = self.n_kv_heads, self.head_dim
-        return PatternKVState(
-            k=torch.zeros(batch, kv, 0, hd, device=device, dtype=dtype),
-            v=torch.zeros(batch, kv, 0, hd, device=device, dtype=dtype),
-            positions=torch.zeros(batch, 0, dtype=torch.long, device=device),
-            keep=torch.zeros(batch, 0, dtype=torch.bool, device=device),
-            index=torch.zeros(batch, 0, dtype=torch.long, device=device),
-        )
+        return PatternKVState.empty(batch, self.n_kv_heads, self.head_dim, device, dtype,
+                                    index_buf=torch.zeros(batch, 0, dtype=torch.long, device=device))
 
     # ---- shared parts of both forms -------------------------------------------------------
     def _prepare(self, x, mask, state, pos: PositionalContext) -> tuple[Tensor, Tensor, Tensor, Ctx]:
@@ -145,18 +160,21 @@ class PatternAttention(SoftmaxAttention):
         b, n, _ = x.shape
         positions = pos.positions
         q, k, v = self._qkv(x, pos)
-        keep = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
         q0 = state.seen if state is not None else 0
         index = torch.arange(q0, q0 + n, device=x.device)
-        k_index, k_pos, k_keep = index, positions, keep
+        k_index, k_pos, has_pad = index, positions, mask is not None
         if state is not None:
-            state.extend(k, v, positions, keep, index.expand(b, n))
-            k, v, k_pos, k_keep, k_index = state.k, state.v, state.positions, state.keep, state.index[0]
+            state.extend(k, v, positions, mask, index.expand(b, n), graph=needs_graph(q, k, v))
+            k, v, k_pos, k_index = state.k, state.v, state.positions, state.index[0]
+            has_pad = has_pad or state.padded
         group = self.n_heads // self.n_kv_heads
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        has_pad = mask is not None or not bool(k_keep.all())
-        ctx = Ctx(q0, k_index, positions, k_pos, keep if has_pad else None, k_keep if has_pad else None, pos)
+        q_keep = k_keep = None
+        if has_pad:
+            q_keep = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
+            k_keep = state.keep if state is not None else q_keep
+        ctx = Ctx(q0, k_index, positions, k_pos, q_keep, k_keep, pos)
         return q, k, v, ctx
 
     def _done(self, o: Tensor, state, ctx: Ctx):

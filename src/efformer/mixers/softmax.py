@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pydantic
 import torch
@@ -22,22 +23,116 @@ from efformer.nn.positional import PositionalContext
 from efformer.registry import register_mixer
 
 
-@dataclass
+@dataclass(kw_only=True)
 class KVState(MixerState):
-    """KV cache: keys/values (batch, kv_heads, t, head_dim), their positions and keep-mask (batch, t)."""
+    """KV cache: keys/values (batch, kv_heads, t, head_dim), their positions and keep-mask (batch, t).
 
-    k: Tensor
-    v: Tensor
-    positions: Tensor
-    keep: Tensor
+    The tensors live in buffers of some capacity >= t along the time axis, written in place and
+    doubled when full, so a decode step copies one token's keys rather than the whole cache;
+    ``k``, ``v``, ``positions``, ``keep`` are views of the first t entries. When autograd records the
+    step (grad enabled and a tensor requiring grad), writing in place would change tensors saved for
+    backward, so the buffers are concatenated instead and hold exactly t entries.
+    """
 
-    def append(self, k: Tensor, v: Tensor, positions: Tensor, keep: Tensor) -> KVState:
-        """Append new keys/values along the time axis, in place."""
-        self.k = torch.cat([self.k, k], dim=2)
-        self.v = torch.cat([self.v, v], dim=2)
-        self.positions = torch.cat([self.positions, positions], dim=1)
-        self.keep = torch.cat([self.keep, keep], dim=1)
+    k_buf: Tensor
+    v_buf: Tensor
+    pos_buf: Tensor
+    keep_buf: Tensor
+    length: int = 0
+    padded: bool = False  # some cached key is padding (keep False), so attention needs a mask
+    time_dims: ClassVar[dict[str, int]] = {"k_buf": 2, "v_buf": 2, "pos_buf": 1, "keep_buf": 1}
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, head_dim: int, device, dtype, **more: Tensor) -> KVState:
+        """A cache holding no token (capacity 0; the first append sizes it)."""
+        return cls(
+            k_buf=torch.zeros(batch, kv_heads, 0, head_dim, device=device, dtype=dtype),
+            v_buf=torch.zeros(batch, kv_heads, 0, head_dim, device=device, dtype=dtype),
+            pos_buf=torch.zeros(batch, 0, dtype=torch.long, device=device),
+            keep_buf=torch.zeros(batch, 0, dtype=torch.bool, device=device),
+            **more,
+        )
+
+    @property
+    def k(self) -> Tensor:
+        """Cached keys (batch, kv_heads, t, head_dim)."""
+        return self.k_buf[:, :, : self.length]
+
+    @property
+    def v(self) -> Tensor:
+        """Cached values (batch, kv_heads, t, head_dim)."""
+        return self.v_buf[:, :, : self.length]
+
+    @property
+    def positions(self) -> Tensor:
+        """Absolute positions of the cached keys (batch, t)."""
+        return self.pos_buf[:, : self.length]
+
+    @property
+    def keep(self) -> Tensor:
+        """Keep-mask of the cached keys (batch, t): False where the key is padding."""
+        return self.keep_buf[:, : self.length]
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the buffers hold before they must grow."""
+        return self.k_buf.shape[2]
+
+    def append(self, k: Tensor, v: Tensor, positions: Tensor, keep: Tensor | None = None, *,
+               graph: bool | None = None) -> KVState:
+        """Append keys/values (batch, kv_heads, n, d) with positions and keep-mask (batch, n), in place.
+
+        ``keep=None`` means every new token is kept (no mask tensor, no device sync); ``graph`` says
+        autograd records this step (default: grad enabled and k or v requires grad), which forbids
+        in-place writes.
+        """
+        if keep is not None and not self.padded:
+            self.padded = not bool(keep.all())
+        if graph is None:
+            graph = needs_graph(k, v)
+        self._write({"k_buf": k, "v_buf": v, "pos_buf": positions, "keep_buf": keep}, graph)
         return self
+
+    def _write(self, new: dict[str, Tensor | None], graph: bool) -> None:
+        """Append ``new`` (buffer name -> n entries on that buffer's time dim; None = all True) to every buffer."""
+        t, n = self.length, new["k_buf"].shape[2]
+        graph = graph or any(getattr(self, name).requires_grad for name in new)
+        if graph:  # exactly t + n entries, so a later in-place step must grow (never overwrite saved tensors)
+            for name, x in new.items():
+                buf, d = getattr(self, name), self.time_dims[name]
+                if x is None:
+                    shape = list(buf.shape)
+                    shape[d] = n
+                    x = buf.new_ones(shape)
+                setattr(self, name, torch.cat([buf.narrow(d, 0, t), x.to(buf.dtype)], d))
+        else:
+            if t + n > self.capacity:
+                self._grow(max(t + n, 2 * self.capacity, 16))
+            for name, x in new.items():
+                dst = getattr(self, name).narrow(self.time_dims[name], t, n)
+                dst.fill_(True) if x is None else dst.copy_(x)
+        self.length = t + n
+
+    def _grow(self, capacity: int) -> None:
+        """Move the cached entries into new buffers of ``capacity`` along the time axis."""
+        for name, d in self.time_dims.items():
+            old = getattr(self, name)
+            shape = list(old.shape)
+            shape[d] = capacity
+            buf = old.new_empty(shape)
+            buf.narrow(d, 0, self.length).copy_(old.narrow(d, 0, self.length))
+            setattr(self, name, buf)
+
+    def select(self, index: Tensor) -> KVState:
+        """The cache of the batch rows in ``index``; padding is re-checked, since those rows may hold none."""
+        new = super().select(index)
+        new.padded = self.padded and not bool(new.keep.all())
+        return new
+
+
+def needs_graph(*tensors: Tensor) -> bool:
+    """Whether autograd records an op on ``tensors`` (grad enabled and one requires grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class SoftmaxOptions(MixerOptions):
@@ -107,13 +202,7 @@ class SoftmaxAttention(Mixer):
 
     def init_state(self, batch, device, dtype) -> KVState:
         """An empty KV cache."""
-        kv, hd = self.n_kv_heads, self.head_dim
-        return KVState(
-            k=torch.zeros(batch, kv, 0, hd, device=device, dtype=dtype),
-            v=torch.zeros(batch, kv, 0, hd, device=device, dtype=dtype),
-            positions=torch.zeros(batch, 0, dtype=torch.long, device=device),
-            keep=torch.zeros(batch, 0, dtype=torch.bool, device=device),
-        )
+        return KVState.empty(batch, self.n_kv_heads, self.head_dim, device, dtype)
 
     # ---- shared parts of both forms -------------------------------------------------------
     def _qkv(self, x: Tensor, pos: PositionalContext) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,19 +223,22 @@ class SoftmaxAttention(Mixer):
         b, n, _ = x.shape
         positions = pos.positions
         q, k, v = self._qkv(x, pos)
-        keep = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
-        k_pos, k_keep = positions, keep
         if state is not None:
-            state.append(k, v, positions, keep)
-            k, v, k_pos, k_keep = state.k, state.v, state.positions, state.keep
-        has_pad = mask is not None or (state is not None and not bool(k_keep.all()))
-        # A plain causal square needs no mask at all in the fast form (is_causal), so none is built here.
-        plain_causal = self.causal and not has_pad and n == k.shape[2]
+            # q too: SDPA saves the cached keys for q's gradient, so in-place writes need q free of grad
+            state.append(k, v, positions, mask, graph=needs_graph(q, k, v))
+            k, v, k_pos = state.k, state.v, state.positions
+            has_pad = mask is not None or state.padded
+            k_keep = state.keep if has_pad else None
+        else:
+            k_pos, has_pad, k_keep = positions, mask is not None, mask
+        keep = mask if mask is not None or not has_pad else torch.ones(b, n, dtype=torch.bool, device=x.device)
+        t = k.shape[2]
+        # A plain causal square needs no mask at all in the fast form (is_causal), and a single query
+        # after the cache may see every cached key, so neither builds one.
+        plain_causal = self.causal and not has_pad and n == t
         allowed = None
-        if has_pad or (self.causal and not plain_causal):
-            allowed = attention_keep(
-                keep if has_pad else None, k_keep if has_pad else None, n, k.shape[2], self.causal, x.device
-            )
+        if has_pad or (self.causal and not plain_causal and n > 1):
+            allowed = attention_keep(keep, k_keep, n, t, self.causal, x.device)
         bias = pos.score_bias(positions, k_pos)
         return q, k, v, allowed, bias, plain_causal
 

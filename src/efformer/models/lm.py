@@ -27,9 +27,12 @@ class CausalLM(nn.Module):
 
     def forward(
         self, input_ids: Tensor, *, mask: Tensor | None = None, cache: Cache | None = None,
-        positions: Tensor | None = None,
+        positions: Tensor | None = None, logits_to_keep: int | None = None,
     ) -> Tensor:
-        """Logits (b, n, vocab); with ``cache`` the tokens extend the cached context (updated in place)."""
+        """Logits (b, n, vocab), or of the last ``logits_to_keep`` positions only (b, k, vocab); with
+        ``cache`` the tokens extend the cached context (updated in place)."""
+        if logits_to_keep is not None and (not _is_int(logits_to_keep) or logits_to_keep < 1):
+            raise ConfigError("logits_to_keep", logits_to_keep, "a positive integer (the last k positions), or None")
         check_tensor("input_ids", input_ids)
         check_tensor("mask", mask, optional=True)
         check_tensor("positions", positions, optional=True)
@@ -37,6 +40,8 @@ class CausalLM(nn.Module):
         if isinstance(input_ids, Tensor) and input_ids.dim() == 2:
             _check_positions_and_cache(positions, cache, tuple(input_ids.shape))
         h = self.backbone(self.backbone.embed_tokens(input_ids), mask=mask, positions=positions, cache=cache)
+        if logits_to_keep is not None and logits_to_keep < h.shape[1]:
+            h = h[:, -logits_to_keep:]  # the vocab projection dominates a long prefill; skip unused rows
         if self.cfg.tie_embeddings:
             return h @ self.backbone.embed.weight.t()
         return self.lm_head(h)
@@ -88,24 +93,27 @@ class CausalLM(nn.Module):
         use_cache = use_cache and self.backbone.can_decode
         cache = self.new_cache(b) if use_cache else None
         seq, seq_mask = ids, mask  # the full context, used when recomputing without a cache
-        logits = self(ids, mask=None if bool(mask.all()) else mask, cache=cache)[:, -1]
+        logits = self(ids, mask=None if bool(mask.all()) else mask, cache=cache, logits_to_keep=1)[:, -1]
         for t in range(max_new_tokens):
             tok = sample_next(logits, temperature, top_k, top_p, generator)
             new[active, t] = tok
-            done = torch.isin(tok, stops)
-            if t == max_new_tokens - 1 or bool(done.all()):
+            if t == max_new_tokens - 1:
                 break
-            if bool(done.any()):  # drop finished rows from the batch
-                keep = (~done).nonzero().squeeze(1)
-                active, tok = active[keep], tok[keep]
-                seq, seq_mask = seq[keep], seq_mask[keep]
-                cache = cache.select(keep) if cache is not None else None
+            if stops.numel():  # without stop tokens no row finishes early: no test, no device sync
+                done = torch.isin(tok, stops)
+                if bool(done.all()):
+                    break
+                if bool(done.any()):  # drop finished rows from the batch
+                    keep = (~done).nonzero().squeeze(1)
+                    active, tok = active[keep], tok[keep]
+                    seq, seq_mask = seq[keep], seq_mask[keep]
+                    cache = cache.select(keep) if cache is not None else None
             if cache is not None:
-                logits = self(tok[:, None], cache=cache)[:, -1]
+                logits = self(tok[:, None], cache=cache)[:, -1]  # one position: all logits are needed
             else:
                 seq = torch.cat([seq, tok[:, None]], dim=1)
                 seq_mask = torch.cat([seq_mask, torch.ones_like(tok[:, None], dtype=torch.bool)], dim=1)
-                logits = self(seq, mask=None if bool(seq_mask.all()) else seq_mask)[:, -1]
+                logits = self(seq, mask=None if bool(seq_mask.all()) else seq_mask, logits_to_keep=1)[:, -1]
         self.train(was_training)
         if as_list:
             return [list(p) + _cut(new[i].tolist(), stop_tokens) for i, p in enumerate(prompt_ids)]
