@@ -9,7 +9,9 @@ covers GLA (per-dim data-dependent gates), simple GLA (one data-dependent gate p
 retention (one fixed gate per head): the last two pass a scalar gate broadcast over K.
 
 Three torch forms define and check the kernel: :func:`gla_parallel` (quadratic, obviously
-correct), :func:`gla_recurrent` (the step loop) and :func:`chunk_gla_torch` (chunked; the fallback).
+correct), :func:`gla_recurrent` (the step loop) and :func:`chunk_gla_torch` (chunked, autograd);
+:func:`chunk_gla_recompute` is the chunked form with a hand-written, recomputing backward (the CPU
+fallback: lean in memory) that the tests hold to autograd's gradients of :func:`chunk_gla_torch`.
 Every exponent that is evaluated is a difference "later cumulative log-gate minus earlier" and so
 is <= 0: no form ever exponentiates a large positive number, whatever the sequence length.
 Shapes: q, k, g (B, H, T, K); v (B, H, T, V); states (B, H, K, V); g may also be (B, H, T, 1).
@@ -89,6 +91,67 @@ def gla_recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor, initial_state: Ten
     return torch.stack(out, 2).to(dtype), s
 
 
+def _chunks(q: Tensor, k: Tensor, v: Tensor, g: Tensor, chunk_size: int):
+    """q, k, v, g padded to whole chunks and split into them: (B, H, N, C, *), in the compute dtype."""
+    pad = (-q.shape[2]) % chunk_size  # zero q, k, v and log-gate 0 leave the state unchanged
+    return tuple(F.pad(_f(x), (0, 0, 0, pad)).unflatten(2, (-1, chunk_size)) for x in (q, k, v, g))
+
+
+def _chunk_terms(q: Tensor, k: Tensor, v: Tensor, g: Tensor, sub_chunk: int):
+    """Everything of chunks (B, H, n, C, *) that needs no carried state.
+
+    Returns the intra-chunk output (B, H, n, C, V), the decayed queries q e^{b} that read the state
+    entering a chunk, each chunk's write (B, H, n, K, V) into the state and its decay e^{b_C}
+    (B, H, n, K|1, 1), with b the cumulative log-gate within the chunk.
+    """
+    chunk_size = q.shape[3]
+    bc = g.cumsum(3)  # (B, H, n, C, K|1)
+    last = bc[:, :, :, -1:]  # (B, H, n, 1, K|1)
+    qd = q * bc.exp()
+    writes = (k * (last - bc).exp()).transpose(-1, -2) @ v
+    decay = last.transpose(-1, -2).exp()
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    if g.shape[-1] == 1:
+        # One gate per head: the decay of a pair is a (C, C) matrix, so the whole chunk is one
+        # masked matmul (masking before exp keeps every evaluated exponent <= 0).
+        diff = (bc - bc.transpose(-1, -2)).masked_fill(~causal, float("-inf"))
+        return ((q @ k.transpose(-1, -2)) * diff.exp()) @ v, qd, writes, decay
+    # Per-dim gates. Off-diagonal sub-chunk blocks: query sub-chunk i meets earlier keys through one
+    # matmul taken relative to r_i, the log-gate just before sub-chunk i starts.
+    c, ns = sub_chunk, chunk_size // sub_chunk
+    ref = F.pad(bc[:, :, :, c - 1 :: c][:, :, :, :-1], (0, 0, 1, 0))  # (B, H, n, ns, K)
+    qi = (q * (bc - ref.repeat_interleave(c, 3)).exp()).unflatten(3, (ns, c))
+    earlier = torch.arange(chunk_size, device=q.device)[None, :] < (torch.arange(ns, device=q.device) * c)[:, None]
+    kexp = torch.where(earlier[..., None], ref[:, :, :, :, None] - bc[:, :, :, None], float("-inf"))
+    kj = k[:, :, :, None] * kexp.exp()  # (B, H, n, ns, C, K): keys of earlier sub-chunks only
+    scores = torch.einsum("bhnicK,bhnisK->bhnics", qi, kj)  # (B, H, n, ns, c, C)
+    # Diagonal sub-chunk blocks: exact pairwise decay, placed on the block diagonal.
+    bs, qs, ks = (x.unflatten(3, (ns, c)) for x in (bc, q, k))
+    diag_exp = torch.where(causal[:c, :c, None], bs[..., :, None, :] - bs[..., None, :, :], float("-inf"))
+    diag = torch.einsum("bhnitK,bhnisK,bhnitsK->bhnits", qs, ks, diag_exp.exp())
+    eye = torch.eye(ns, device=q.device)[:, None, :, None]  # (ns, 1, ns, 1)
+    scores = (scores.unflatten(-1, (ns, c)) + eye * diag[..., None, :]).flatten(-2).flatten(3, 4)
+    return scores @ v, qd, writes, decay
+
+
+def _scan(s: Tensor, decay: Tensor, writes: Tensor) -> tuple[Tensor, Tensor]:
+    """States (B, H, n, K, V) entering each chunk from s (B, H, K, V), and the state leaving the last.
+
+    The chunk axis is unbound once: indexing it per chunk would make backward zero-fill a full-size
+    gradient buffer per chunk (N^2 / C work). The loop only decays and adds (K, V) states.
+    """
+    states = []
+    for a, w in zip(decay.unbind(2), writes.unbind(2), strict=True):
+        states.append(s)
+        s = a * s + w
+    return torch.stack(states, 2), s
+
+
+def _check_chunks(chunk_size: int, sub_chunk: int) -> None:
+    if chunk_size <= 0 or sub_chunk <= 0 or chunk_size % sub_chunk:
+        raise ConfigError("chunk_size", chunk_size, f"a positive multiple of sub_chunk={sub_chunk}")
+
+
 def chunk_gla_torch(
     q: Tensor,
     k: Tensor,
@@ -98,46 +161,100 @@ def chunk_gla_torch(
     chunk_size: int = 64,
     sub_chunk: int = 16,
 ):
-    """Chunked form in torch: matmuls within chunks, a state passed between them; returns (o, S_T).
+    """Chunked form in torch, differentiated by autograd: matmuls within chunks, a state passed between.
 
-    Within a chunk, query sub-chunk i meets earlier key sub-chunks through one matmul taken
-    relative to the log-gate at the start of sub-chunk i; pairs inside a sub-chunk use the exact
-    pairwise (c, c, K) decay. So every exponent is <= 0 and the matmuls stay large.
+    Returns (o, S_T). Within a chunk, query sub-chunk i meets earlier key sub-chunks through one
+    matmul taken relative to the log-gate at the start of sub-chunk i; pairs inside a sub-chunk use
+    the exact pairwise (c, c, K) decay (a scalar gate needs no sub-chunks: its decay is (C, C)). So
+    every exponent is <= 0 and the matmuls stay large.
     """
     _check(q, k, v, g, initial_state)
-    if chunk_size <= 0 or sub_chunk <= 0 or chunk_size % sub_chunk:
-        raise ConfigError("chunk_size", chunk_size, f"a positive multiple of sub_chunk={sub_chunk}")
-    dtype, (t, dk) = v.dtype, q.shape[2:]
-    c, ns = sub_chunk, chunk_size // sub_chunk
-    g = g.expand(-1, -1, -1, dk)
-    pad = (-t) % chunk_size  # zero q, k, v and log-gate 0 leave the state unchanged
-    q, k, v, g = (F.pad(_f(x), (0, 0, 0, pad)).unflatten(2, (-1, chunk_size)) for x in (q, k, v, g))
-    bc = g.cumsum(3)  # (B, H, N, C, K) cumulative log-gate within each chunk
-    # Off-diagonal sub-chunk blocks: reference point r_i = bc just before sub-chunk i starts.
-    ref = F.pad(bc[:, :, :, c - 1 :: c][:, :, :, :-1], (0, 0, 1, 0))  # (B, H, N, ns, K)
-    qi = (q * (bc - ref.repeat_interleave(c, 3)).exp()).unflatten(3, (ns, c))
-    earlier = torch.arange(chunk_size, device=q.device)[None, :] < (torch.arange(ns, device=q.device) * c)[:, None]
-    kexp = torch.where(earlier[..., None], ref[:, :, :, :, None] - bc[:, :, :, None], float("-inf"))
-    kj = k[:, :, :, None] * kexp.exp()  # (B, H, N, ns, C, K): keys of earlier sub-chunks only
-    scores = torch.einsum("bhnicK,bhnisK->bhnics", qi, kj)  # (B, H, N, ns, c, C)
-    # Diagonal sub-chunk blocks: exact pairwise decay, placed on the block diagonal.
-    bs, qs, ks = (x.unflatten(3, (ns, c)) for x in (bc, q, k))
-    tri = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()[..., None]
-    diag_exp = torch.where(tri, bs[..., :, None, :] - bs[..., None, :, :], float("-inf"))
-    diag = torch.einsum("bhnitK,bhnisK,bhnitsK->bhnits", qs, ks, diag_exp.exp())
-    eye = torch.eye(ns, device=q.device)[:, None, :, None]  # (ns, 1, ns, 1)
-    scores = (scores.unflatten(-1, (ns, c)) + eye * diag[..., None, :]).flatten(-2).flatten(3, 4)
-    o = scores @ v
-    # Between chunks: each chunk reads the state left by the previous ones.
-    last = bc[:, :, :, -1]  # (B, H, N, K)
-    qd, kd = q * bc.exp(), k * (last[:, :, :, None] - bc).exp()
-    s = _init(q, v, initial_state)
-    inter = []
-    for n in range(q.shape[2]):
-        inter.append(qd[:, :, n] @ s)
-        s = last[:, :, n, :, None].exp() * s + kd[:, :, n].transpose(-1, -2) @ v[:, :, n]
-    o = (o + torch.stack(inter, 2)).flatten(2, 3)[:, :, :t]
+    _check_chunks(chunk_size, sub_chunk)
+    dtype, t = v.dtype, q.shape[2]
+    q, k, v, g = _chunks(q, k, v, g, chunk_size)
+    o, qd, writes, decay = _chunk_terms(q, k, v, g, sub_chunk)
+    states, s = _scan(_init(q, v, initial_state), decay, writes)
+    o = (o + qd @ states).flatten(2, 3)[:, :, :t]
     return o.to(dtype), s
+
+
+CHUNKS_PER_GROUP = 16  # chunks recomputed together in the recomputing form's backward
+
+
+class ChunkGLARecompute(torch.autograd.Function):
+    """The chunked form with a hand-written backward that keeps only q, k, v, g and chunk states.
+
+    Inputs are chunked (B, H, N, C, *) in the compute dtype, s0 (B, H, K, V), and the sub-chunk and
+    group sizes. Forward runs groups of chunks without a graph and saves the inputs and the state
+    entering each chunk (B, H, N, K, V); backward walks the groups in reverse, recomputes each
+    group's chunk-local terms under autograd, carries dS across chunks by hand and lets autograd
+    take the chunk-local terms back to q, k, v, g. Peak memory is one group's graph, not the whole
+    sequence's, as in flash-linear-attention's chunk_gla.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, s0, sub_chunk, group):
+        o = v.new_empty(v.shape)
+        states = q.new_empty((*q.shape[:3], q.shape[-1], v.shape[-1]))
+        s = s0
+        for n in range(0, q.shape[2], group):
+            part = slice(n, n + group)
+            o_in, qd, writes, decay = _chunk_terms(*(x[:, :, part] for x in (q, k, v, g)), sub_chunk)
+            states[:, :, part], s = _scan(s, decay, writes)
+            o[:, :, part] = o_in + qd @ states[:, :, part]
+        ctx.save_for_backward(q, k, v, g, states)
+        ctx.sub_chunk, ctx.group = sub_chunk, group
+        return o, s
+
+    @staticmethod
+    def backward(ctx, do, ds):
+        q, k, v, g, states = ctx.saved_tensors
+        grads = [torch.empty_like(x) for x in (q, k, v, g)]
+        ds = torch.zeros_like(states[:, :, 0]) if ds is None else ds
+        do = torch.zeros_like(v) if do is None else do
+        starts = range(0, q.shape[2], ctx.group)
+        for n in reversed(starts):
+            part = slice(n, n + ctx.group)
+            ins = [x[:, :, part].detach().requires_grad_() for x in (q, k, v, g)]
+            h, do_n = states[:, :, part], do[:, :, part]
+            with torch.enable_grad():
+                o_in, qd, writes, decay = _chunk_terms(*ins, ctx.sub_chunk)
+                o_n = o_in + qd @ h
+            read = qd.detach().transpose(-1, -2) @ do_n  # dL/dh through the chunk's own outputs
+            # dS leaving chunk j is dS entering j + 1: h_{j+1} = a_j h_j + w_j.
+            d_writes, d_decay = [], []
+            for j in reversed(range(h.shape[2])):
+                d_writes.append(ds)
+                d_decay.append((h[:, :, j] * ds).sum(-1, keepdim=True))
+                ds = read[:, :, j] + decay[:, :, j].detach() * ds
+            d_writes, d_decay = torch.stack(d_writes[::-1], 2), torch.stack(d_decay[::-1], 2)
+            if decay.shape[-2] == 1:  # a scalar gate's decay (.., 1, 1) was broadcast over K
+                d_decay = d_decay.sum(-2, keepdim=True)
+            got = torch.autograd.grad((o_n, writes, decay), ins, (do_n, d_writes, d_decay))
+            for buf, gr in zip(grads, got, strict=True):
+                buf[:, :, part] = gr
+        return *grads, ds, None, None
+
+
+def chunk_gla_recompute(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    initial_state: Tensor | None = None,
+    chunk_size: int = 64,
+    sub_chunk: int = 16,
+    chunks_per_group: int = CHUNKS_PER_GROUP,
+):
+    """:func:`chunk_gla_torch` with the lean backward of :class:`ChunkGLARecompute`; returns (o, S_T)."""
+    _check(q, k, v, g, initial_state)
+    _check_chunks(chunk_size, sub_chunk)
+    if chunks_per_group <= 0:
+        raise ConfigError("chunks_per_group", chunks_per_group, "a positive integer")
+    dtype, t = v.dtype, q.shape[2]
+    q, k, v, g = _chunks(q, k, v, g, chunk_size)
+    o, s = ChunkGLARecompute.apply(q, k, v, g, _init(q, v, initial_state), sub_chunk, chunks_per_group)
+    return o.flatten(2, 3)[:, :, :t].to(dtype), s
 
 
 # ---- Triton kernel ------------------------------------------------------------------------------
@@ -387,15 +504,15 @@ def chunk_gla(
 ):
     """Chunkwise gated linear attention -> (o (B, H, T, V), final state (B, H, K, V) float32).
 
-    ``backend``: "triton" (the kernel), "torch" (:func:`chunk_gla_torch` with ``chunk_size`` and
-    ``sub_chunk``) or "auto" (Triton where :func:`triton_runs` and K, V <= 128, else torch).
+    ``backend``: "triton" (the kernel), "torch" (:func:`chunk_gla_recompute` with ``chunk_size``
+    and ``sub_chunk``) or "auto" (Triton where :func:`triton_runs` and K, V <= 128, else torch).
     """
     _check(q, k, v, g, initial_state)
     fits = max(q.shape[-1], v.shape[-1]) <= TRITON_MAX_DIM
     if backend == "auto":
         backend = "triton" if triton_runs(q.device) and fits else "torch"
     if backend == "torch":
-        return chunk_gla_torch(q, k, v, g, initial_state, chunk_size, sub_chunk)
+        return chunk_gla_recompute(q, k, v, g, initial_state, chunk_size, sub_chunk)
     if backend != "triton":
         raise ConfigError("backend", backend, "one of 'auto', 'triton', 'torch'")
     if not triton_runs(q.device):

@@ -73,10 +73,54 @@ def delta_rule_recurrent(q, k, v, beta, log_alpha=None, initial_state=None) -> t
     return torch.stack(outs, dim=2), S
 
 
+def _delta_chunks(q, k, v, beta, log_alpha, c: int):
+    """Inputs padded to whole chunks of c and split: q, k, v (b, h, n, c, d); beta, log_alpha (b, h, n, c)."""
+    # Right-padding with k = v = beta = log_alpha = 0 appends identity steps: S is unchanged.
+    q, k, v = (rearrange(pad_to_multiple(x, c, dim=2)[0], "b h (n c) d -> b h n c d", c=c) for x in (q, k, v))
+    beta, g = (rearrange(pad_to_multiple(x, c, dim=2)[0], "b h (n c) -> b h n c", c=c) for x in (beta, log_alpha))
+    return q, k, v, beta, g
+
+
+def _delta_terms(q, k, v, beta, g):
+    """Everything of chunks (b, h, n, c, *) that needs no carried state.
+
+    Returns U0 (b, h, n, c, V) and W (b, h, n, c, K) of U = U0 - W S0, the intra-chunk scores
+    (Q K^T * Gamma) (b, h, n, c, c), the decayed queries e^G Q, the transposed decayed keys
+    (e^{G_C - G} K)^T (b, h, n, K, c) and the chunk decay e^{G_C} (b, h, n, 1, 1).
+    """
+    c, dv = q.shape[3], v.shape[-1]
+    g = g.cumsum(-1)
+    lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    gamma = (g[..., :, None] - g[..., None, :]).masked_fill(~lower, float("-inf")).exp()  # 0 above the diagonal
+    a = ((k @ k.transpose(-1, -2)) * gamma * beta[..., :, None]).tril(-1)
+    eye = torch.eye(c, dtype=q.dtype, device=q.device)
+    rhs = torch.cat([v * beta[..., None], k * (beta * g.exp())[..., None]], dim=-1)
+    u0, w = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True).split([dv, q.shape[-1]], -1)
+    qk = (q @ k.transpose(-1, -2)) * gamma
+    q_dec = q * g.exp()[..., None]
+    k_dec_t = (k * (g[..., -1:] - g).exp()[..., None]).transpose(-1, -2)
+    return u0, w, qk, q_dec, k_dec_t, g[..., -1, None, None].exp()
+
+
+def _delta_scan(S: Tensor, u0: Tensor, w: Tensor, k_dec_t: Tensor, decay: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """States entering each chunk (b, h, n, K, V), the values written U (b, h, n, c, V), and the last state.
+
+    The chunk axis is unbound once: indexing it per chunk would make backward zero-fill a full-size
+    gradient buffer per chunk (N^2 / C work).
+    """
+    states, us = [], []
+    for u0_j, w_j, kd_j, a_j in zip(*(x.unbind(2) for x in (u0, w, k_dec_t, decay)), strict=True):
+        u = u0_j - w_j @ S
+        states.append(S)
+        us.append(u)
+        S = a_j * S + kd_j @ u
+    return torch.stack(states, 2), torch.stack(us, 2), S
+
+
 def delta_rule_chunked(
     q, k, v, beta, log_alpha=None, initial_state=None, chunk_size: int = 64
 ) -> tuple[Tensor, Tensor]:
-    """Chunkwise parallel form (WY / UT transform): O(T C) memory, a loop over T / C chunks only.
+    """Chunkwise parallel form (WY / UT transform), differentiated by autograd; a loop over T / C chunks only.
 
     Within a chunk started from state S0, with G_t the cumulative log decay and
     Gamma_ti = exp(G_t - G_i) (i <= t), the values actually written, u_t = beta_t (v_t - alpha_t
@@ -89,29 +133,85 @@ def delta_rule_chunked(
     Only differences G_t - G_i <= 0 are exponentiated, so strong decay never overflows.
     """
     log_alpha, S = _start(q, v, beta, log_alpha, initial_state)
-    t, dk, dv = q.shape[2], q.shape[-1], v.shape[-1]
-    c = min(chunk_size, t)
-    # Right-padding with k = v = beta = log_alpha = 0 appends identity steps: S is unchanged.
-    q, k, v = (rearrange(pad_to_multiple(x, c, dim=2)[0], "b h (n c) d -> b h n c d", c=c) for x in (q, k, v))
-    beta, g = (rearrange(pad_to_multiple(x, c, dim=2)[0], "b h (n c) -> b h n c", c=c) for x in (beta, log_alpha))
-    g = g.cumsum(-1)
-    lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    gamma = (g[..., :, None] - g[..., None, :]).masked_fill(~lower, float("-inf")).exp()  # 0 above the diagonal
-    a = ((k @ k.transpose(-1, -2)) * gamma * beta[..., :, None]).tril(-1)
-    eye = torch.eye(c, dtype=q.dtype, device=q.device)
-    rhs = torch.cat([v * beta[..., None], k * (beta * g.exp())[..., None]], dim=-1)
-    u0, w = torch.linalg.solve_triangular(eye + a, rhs, upper=False, unitriangular=True).split([dv, dk], -1)
-    qk = (q @ k.transpose(-1, -2)) * gamma
-    q_dec = q * g.exp()[..., None]
-    k_dec = k * (g[..., -1:] - g).exp()[..., None]
-    chunk_decay = g[..., -1, None, None].exp()
-    outs = []
-    for j in range(q.shape[2]):
-        u = u0[:, :, j] - w[:, :, j] @ S
-        outs.append(q_dec[:, :, j] @ S + qk[:, :, j] @ u)
-        S = chunk_decay[:, :, j] * S + k_dec[:, :, j].transpose(-1, -2) @ u
-    o = rearrange(torch.stack(outs, dim=2), "b h n c d -> b h (n c) d")
+    t = q.shape[2]
+    u0, w, qk, q_dec, k_dec_t, decay = _delta_terms(*_delta_chunks(q, k, v, beta, log_alpha, min(chunk_size, t)))
+    states, u, S = _delta_scan(S, u0, w, k_dec_t, decay)
+    o = rearrange(q_dec @ states + qk @ u, "b h n c d -> b h (n c) d")
     return o[:, :, :t], S
+
+
+CHUNKS_PER_GROUP = 16  # chunks recomputed together in the recomputing form's backward
+
+
+class DeltaRuleRecompute(torch.autograd.Function):
+    """The chunked delta rule with a hand-written backward that keeps only its inputs and chunk states.
+
+    Inputs are chunked (see :func:`_delta_chunks`), S0 (b, h, K, V) and the group size. Forward runs
+    groups of chunks without a graph and saves the inputs and the state entering each chunk;
+    backward walks the groups in reverse, recomputes each group's chunk-local terms under autograd,
+    carries dS across chunks by hand (U_j = U0_j - W_j S_j, O_j = Qd_j S_j + QK_j U_j,
+    S_{j+1} = a_j S_j + Kd_j^T U_j) and lets autograd take the chunk-local terms back to the inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, S, group):
+        o = v.new_empty(v.shape)
+        states = q.new_empty((*q.shape[:3], q.shape[-1], v.shape[-1]))
+        for n in range(0, q.shape[2], group):
+            part = slice(n, n + group)
+            u0, w, qk, q_dec, k_dec_t, decay = _delta_terms(*(x[:, :, part] for x in (q, k, v, beta, g)))
+            states[:, :, part], u, S = _delta_scan(S, u0, w, k_dec_t, decay)
+            o[:, :, part] = q_dec @ states[:, :, part] + qk @ u
+        ctx.save_for_backward(q, k, v, beta, g, states)
+        ctx.group = group
+        return o, S
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        q, k, v, beta, g, states = ctx.saved_tensors
+        grads = [torch.empty_like(x) for x in (q, k, v, beta, g)]
+        dS = torch.zeros_like(states[:, :, 0]) if dS is None else dS
+        do = torch.zeros_like(v) if do is None else do
+        for n in reversed(range(0, q.shape[2], ctx.group)):
+            part = slice(n, n + ctx.group)
+            ins = [x[:, :, part].detach().requires_grad_() for x in (q, k, v, beta, g)]
+            h, do_n = states[:, :, part], do[:, :, part]
+            with torch.enable_grad():
+                terms = _delta_terms(*ins)
+            u0, w, qk, q_dec, k_dec_t, decay = (x.detach() for x in terms)
+            u = u0 - w @ h
+            from_o = qk.transpose(-1, -2) @ do_n  # dL/dU through the chunk's own outputs
+            read = q_dec.transpose(-1, -2) @ do_n  # dL/dS_j through the chunk's own outputs
+            du, ds_next = [], []
+            for j in reversed(range(h.shape[2])):
+                ds_next.append(dS)
+                du_j = from_o[:, :, j] + k_dec_t[:, :, j].transpose(-1, -2) @ dS
+                du.append(du_j)
+                dS = read[:, :, j] - w[:, :, j].transpose(-1, -2) @ du_j + decay[:, :, j] * dS
+            du, ds_next = torch.stack(du[::-1], 2), torch.stack(ds_next[::-1], 2)
+            cot = (
+                du,  # U0
+                -du @ h.transpose(-1, -2),  # W
+                do_n @ u.transpose(-1, -2),  # QK
+                do_n @ h.transpose(-1, -2),  # Qd
+                ds_next @ u.transpose(-1, -2),  # Kd^T
+                (h * ds_next).sum((-1, -2), keepdim=True),  # a
+            )
+            got = torch.autograd.grad(terms, ins, cot)
+            for buf, gr in zip(grads, got, strict=True):
+                buf[:, :, part] = gr
+        return *grads, dS, None
+
+
+def delta_rule_recompute(
+    q, k, v, beta, log_alpha=None, initial_state=None, chunk_size: int = 64, chunks_per_group: int = CHUNKS_PER_GROUP
+) -> tuple[Tensor, Tensor]:
+    """:func:`delta_rule_chunked` with the lean backward of :class:`DeltaRuleRecompute`; (o, final state)."""
+    log_alpha, S = _start(q, v, beta, log_alpha, initial_state)
+    t = q.shape[2]
+    chunks = _delta_chunks(q, k, v, beta, log_alpha, min(chunk_size, t))
+    o, S = DeltaRuleRecompute.apply(*chunks, S, chunks_per_group)
+    return rearrange(o, "b h n c d -> b h (n c) d")[:, :, :t], S
 
 
 # ---- the layers -------------------------------------------------------------------------------------
@@ -142,7 +242,7 @@ class GatedDeltaNetOptions(DeltaNetOptions):
     output_gate: bool = pydantic.Field(True, description="multiply the normed output by silu(W_g x)")
 
 
-_FORMS = {"reference": delta_rule_reference, "recurrent": delta_rule_recurrent, "chunked": delta_rule_chunked}
+_FORMS = {"reference": delta_rule_reference, "recurrent": delta_rule_recurrent, "chunked": delta_rule_recompute}
 
 
 @register_mixer("deltanet")

@@ -74,8 +74,9 @@ def s6_scan_reference(u, delta, A, B, C, h):
 def s6_scan_chunked(u, delta, A, B, C, h, chunk: int):
     """Chunked S6 scan (same shapes): masked segment-sum decays inside a chunk, state passing across."""
     ys = []
-    for s in range(0, u.shape[1], chunk):
-        dc, uc, bc, cc = delta[:, s : s + chunk], u[:, s : s + chunk], B[:, s : s + chunk], C[:, s : s + chunk]
+    # Split the time axis once: slicing it per chunk would make backward zero-fill a full-size
+    # gradient buffer per chunk (N^2 / C work).
+    for dc, uc, bc, cc in zip(*(x.split(chunk, 1) for x in (delta, u, B, C)), strict=True):
         decay, cum = segment_decay(dc[..., None] * A)  # (b, t, s, d, n), (b, c, d, n)
         bx = (dc * uc)[..., None] * bc[:, :, None]  # (b, c, d, n): what each step writes
         y = torch.einsum("btsdn,bsdn,btn->btd", decay, bx, cc)
@@ -97,9 +98,9 @@ def ssd_scan_reference(x, dt, A, B, C, h):
 def ssd_scan_chunked(x, dt, A, B, C, h, chunk: int):
     """Chunked SSD (same shapes): quadratic masked (C B^T) * decay inside a chunk, state passing across."""
     ys = []
-    for s in range(0, x.shape[1], chunk):
-        dtc, bc, cc = dt[:, s : s + chunk], B[:, s : s + chunk], C[:, s : s + chunk]
-        xdt = x[:, s : s + chunk] * dtc[..., None]
+    # Split the time axis once (see s6_scan_chunked).
+    for xc, dtc, bc, cc in zip(*(t.split(chunk, 1) for t in (x, dt, B, C)), strict=True):
+        xdt = xc * dtc[..., None]
         decay, cum = segment_decay(dtc * A)  # (b, t, s, H), (b, c, H)
         scores = torch.einsum("bthn,bshn->btsh", cc, bc) * decay
         y = torch.einsum("btsh,bshp->bthp", scores, xdt)
