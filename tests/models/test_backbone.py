@@ -43,7 +43,6 @@ def test_an_empty_row_or_a_non_tensor_input_is_refused():
     mask[1] = False
     with pytest.raises(efformer.ShapeError, match="mask row 1 is all False"):
         model(ids, mask=mask)
-    with pytest.raises(efformer.ShapeError, match="got (a )?list"):
-        model([[1, 2, 3]])
-    with pytest.raises(efformer.ShapeError, match="got a list"):
-        model.backbone.embed_tokens([[1, 2, 3]])
+    for call in (model, model.backbone.embed_tokens):  # one check, one wording, at every entry
+        with pytest.raises(efformer.ShapeError, match="input_ids must be a torch.Tensor, got list"):
+            call([[1, 2, 3]])

@@ -307,7 +307,9 @@ class Mixer(nn.Module):
                 )
             if not self.capabilities.padding_mask:
                 raise CapabilityError(self.capabilities.why_not(self.name, mask=True)[0])
-            if state is None and not bool(mask.any(1).all()):  # (a decode step may be all padding)
+            # A model checked this once for all layers (it passes a context); a direct call is checked here.
+            # (A decode step may be all padding.)
+            if state is None and not isinstance(positions, PositionalContext) and not bool(mask.any(1).all()):
                 raise ShapeError(f"{self.name}: mask keeps no token in some batch row (all False); every row "
                                  "needs at least one real token")
         pos = positions.positions if isinstance(positions, PositionalContext) else positions

@@ -38,9 +38,7 @@ class Backbone(nn.Module):
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         """Token ids (b, n) -> embeddings (b, n, d)."""
-        if not isinstance(ids, Tensor):
-            raise ShapeError(f"input ids must be an integer tensor (batch, seq), got a {type(ids).__name__}; "
-                             "wrap token lists with torch.tensor(ids) (or pass lists to generate)")
+        check_tensor("input_ids", ids)
         if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2:
             raise ShapeError(f"input ids must be an integer tensor (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
@@ -55,17 +53,22 @@ class Backbone(nn.Module):
     ) -> Tensor:
         """Embeddings (b, n, d) -> hidden states (b, n, d); ``cache`` is updated in place."""
         b, n, _ = h.shape
+        check_tensor("mask", mask, optional=True)
+        check_tensor("positions", positions, optional=True)
         if mask is not None:
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (b, n):
-                got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
-                raise ShapeError(f"mask must be a bool keep-mask ({b}, {n}), got {got}")
-            empty = (~mask.any(1)).nonzero().flatten().tolist()
-            if empty and cache is None:
-                raise ShapeError(f"mask keeps no token in batch row(s) {empty[:8]}: every row needs at least one "
-                                 "real token; drop empty rows before calling the model")
-        if positions is not None and (not isinstance(positions, Tensor) or tuple(positions.shape) != (b, n)):
-            got = tuple(positions.shape) if isinstance(positions, Tensor) else type(positions).__name__
-            raise ShapeError(f"positions must be a ({b}, {n}) integer tensor of absolute positions, got {got}")
+            if mask.dtype != torch.bool or tuple(mask.shape) != (b, n):
+                raise ShapeError(f"mask must be a bool keep-mask ({b}, {n}), got {mask.dtype} {tuple(mask.shape)}")
+            if cache is None:  # (a cached step may be all padding: left-padded prompts arrive in pieces)
+                empty = (~mask.any(1)).nonzero().flatten()
+                if empty.numel():
+                    raise ShapeError(f"mask row {int(empty[0])} is all False (keeps no token); a keep-mask marks "
+                                     "real tokens True, and every row needs at least one")
+        if positions is not None:
+            if positions.dtype not in (torch.int32, torch.int64) or tuple(positions.shape) != (b, n):
+                raise ShapeError(f"positions must be an integer tensor ({b}, {n}) like the input ids, got "
+                                 f"{positions.dtype} {tuple(positions.shape)}")
+            if positions.numel() and int(positions.min()) < 0:
+                raise ShapeError(f"positions must be >= 0, got {int(positions.min())}")
         if positions is None:
             positions = default_positions(b, n, mask, h.device)
             if cache is not None:
@@ -105,3 +108,12 @@ def default_positions(b: int, n: int, mask: Tensor | None, device) -> Tensor:
 def _init_weights(m: nn.Module) -> None:
     if isinstance(m, nn.Embedding):
         nn.init.normal_(m.weight, std=0.02)
+
+
+def check_tensor(name: str, x, optional: bool = False) -> None:
+    """A ShapeError unless ``x`` is a torch tensor (or None when ``optional``): lists are refused by name."""
+    if x is None and optional:
+        return
+    if not isinstance(x, Tensor):
+        hint = " (wrap token lists with torch.tensor(ids))" if isinstance(x, list | tuple) else ""
+        raise ShapeError(f"{name} must be a torch.Tensor, got {type(x).__name__}{hint}")

@@ -6,9 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from efformer.errors import CapabilityError, ShapeError
-from efformer.models.backbone import Backbone
+from efformer.models.backbone import Backbone, check_tensor
 from efformer.models.config import ModelConfig
-from efformer.models.lm import check_keeps_tokens, check_tensor
 
 
 class _Encoder(nn.Module):
@@ -24,8 +23,6 @@ class _Encoder(nn.Module):
     def encode(self, input_ids: Tensor, mask: Tensor | None = None) -> Tensor:
         """Pooled representation (b, d): CLS vector or mean over kept tokens."""
         check_tensor("input_ids", input_ids)
-        check_tensor("mask", mask, optional=True)
-        check_keeps_tokens(mask)
         h = self.backbone.embed_tokens(input_ids)
         # A learned CLS vector: first in a bidirectional encoder, last in a causal one (where only
         # the last position has seen every token).

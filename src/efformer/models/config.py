@@ -136,6 +136,7 @@ def check_parts(cfg: ModelConfig) -> None:
     NORMS.get(cfg.norm)
     FFNS.get(cfg.ffn)
     per_layer = isinstance(cfg.mixer, list)
+    checked: set[str] = set()
     for i, (name, opts) in enumerate(cfg.layer_mixers()):
         cls = MIXERS.get(name)
         where = f"mixer_options[{i}]" if per_layer and isinstance(cfg.mixer_options, list) else f"mixer_options[{name}]"
@@ -146,7 +147,10 @@ def check_parts(cfg: ModelConfig) -> None:
         if reasons:
             layer = f"layer {i}: " if per_layer else ""
             raise CapabilityError(layer + "; ".join(reasons))
-        _check_constructor(cls, cfg, validated)
+        key = f"{name}:{validated.model_dump_json()}"
+        if key not in checked:  # layers with the same mixer and options need one trial build
+            checked.add(key)
+            _check_constructor(cls, cfg, validated)
 
 
 def _check_constructor(cls, cfg: ModelConfig, options) -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efformer.errors import ConfigError, ShapeError
-from efformer.models.backbone import Backbone
+from efformer.models.backbone import Backbone, check_tensor
 from efformer.models.cache import Cache
 from efformer.models.config import ModelConfig
 
@@ -34,11 +34,8 @@ class CausalLM(nn.Module):
         if logits_to_keep is not None and (not _is_int(logits_to_keep) or logits_to_keep < 1):
             raise ConfigError("logits_to_keep", logits_to_keep, "a positive integer (the last k positions), or None")
         check_tensor("input_ids", input_ids)
-        check_tensor("mask", mask, optional=True)
-        check_tensor("positions", positions, optional=True)
-        check_keeps_tokens(mask)
-        if isinstance(input_ids, Tensor) and input_ids.dim() == 2:
-            _check_positions_and_cache(positions, cache, tuple(input_ids.shape))
+        if input_ids.dim() == 2:
+            _check_cache(cache, tuple(input_ids.shape))
         h = self.backbone(self.backbone.embed_tokens(input_ids), mask=mask, positions=positions, cache=cache)
         if logits_to_keep is not None and logits_to_keep < h.shape[1]:
             h = h[:, -logits_to_keep:]  # the vocab projection dominates a long prefill; skip unused rows
@@ -155,31 +152,7 @@ def _iterable(x) -> list:
         return [None]  # not iterable: fails the integer check
 
 
-def check_tensor(name: str, x, optional: bool = False) -> None:
-    """A ShapeError unless ``x`` is a torch tensor (or None when ``optional``): lists are refused by name."""
-    if x is None and optional:
-        return
-    if not isinstance(x, Tensor):
-        hint = " (wrap token lists with torch.tensor(ids))" if isinstance(x, list | tuple) else ""
-        raise ShapeError(f"{name} must be a torch.Tensor, got {type(x).__name__}{hint}")
-
-
-def check_keeps_tokens(mask: Tensor | None) -> None:
-    """A ShapeError if a row of a (batch, seq) bool keep-mask keeps no token: its output would be undefined."""
-    if isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() == 2 and mask.shape[1] > 0:
-        empty = (~mask.any(dim=1)).nonzero().flatten()
-        if empty.numel():
-            raise ShapeError(f"mask row {int(empty[0])} is all False (keeps no token); a keep-mask marks real "
-                             "tokens True, and every row needs at least one")
-
-
-def _check_positions_and_cache(positions: Tensor | None, cache: Cache | None, shape: tuple[int, int]) -> None:
-    if positions is not None:
-        if positions.dtype not in (torch.int32, torch.int64) or tuple(positions.shape) != shape:
-            raise ShapeError(f"positions must be an integer tensor {shape} like input_ids, got {positions.dtype} "
-                             f"{tuple(positions.shape)}")
-        if positions.numel() and int(positions.min()) < 0:
-            raise ShapeError(f"positions must be >= 0, got {int(positions.min())}")
+def _check_cache(cache: Cache | None, shape: tuple[int, int]) -> None:
     if cache is not None:
         if not isinstance(cache, Cache):
             raise ShapeError(f"cache must be a Cache from model.new_cache(batch), got {type(cache).__name__}")
