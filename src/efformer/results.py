@@ -87,16 +87,7 @@ class ResultsStore:
             raise StoreError(f"{self.path}: cannot create its folder ({e.strerror}); "
                              "pick another results path") from None
         try:
-            con = sqlite3.connect(self.path, timeout=60)
-            try:
-                con.execute("PRAGMA busy_timeout=60000")
-                con.execute("PRAGMA journal_mode=WAL")
-                con.executescript(_DDL)  # idempotent; executescript commits by itself
-                con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                con.commit()
-                row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            finally:
-                con.close()
+            row = self._create_schema()
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path} is not a usable results database ({e})") from None
         if int(row[0]) != SCHEMA_VERSION:
@@ -108,13 +99,41 @@ class ResultsStore:
 
     _ready = False
 
+    def _create_schema(self) -> tuple[str]:
+        """Make the file WAL and its tables exist, under the write lock; return the schema-version row.
+
+        Several processes may do this at once on a new file. Two things in SQLite fail fast instead
+        of waiting on the busy timeout: switching to WAL while another connection holds the file, and
+        a deferred transaction that read first and then wants to write. So the switch is retried
+        here, and the tables are made inside ``BEGIN IMMEDIATE``, which waits for the lock properly.
+        """
+        deadline = time.monotonic() + 60
+        con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            con.execute("PRAGMA busy_timeout=60000")
+            while True:
+                try:
+                    con.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+            con.execute("BEGIN IMMEDIATE")
+            for statement in filter(str.strip, _DDL.split(";")):
+                con.execute(statement)
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            con.execute("COMMIT")
+            return con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        finally:
+            con.close()
+
     @contextmanager
     def _connect(self):
         if not self._ready or not self.path.exists():
             self._ensure()
         con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        try:
-            con.execute("PRAGMA journal_mode=WAL")
+        try:  # WAL is a property of the file, set once by _create_schema
             con.execute("PRAGMA busy_timeout=60000")
             con.execute("BEGIN IMMEDIATE")
             yield con

@@ -45,6 +45,28 @@ def test_concurrent_writers_lose_no_rows(tmp_path):
     assert {r["status"] for r in store.runs()} == {"done"}
 
 
+def _first_writer(path: str, worker: int, barrier) -> None:
+    store = ResultsStore(path)  # the file does not exist yet: the first write makes it
+    barrier.wait()
+    store.start_run(f"w{worker}", "train", {})
+
+
+def test_many_processes_creating_a_new_results_file_at_once_all_succeed(tmp_path):
+    # Switching a new file to WAL and making its tables raced here: SQLite answers "database is
+    # locked" at once, without waiting, to a deferred transaction that must upgrade to a write.
+    ctx = mp.get_context("fork")
+    for attempt in range(4):
+        path = str(tmp_path / f"new{attempt}.db")
+        barrier = ctx.Barrier(12)
+        procs = [ctx.Process(target=_first_writer, args=(path, w, barrier)) for w in range(12)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        assert [p.exitcode for p in procs] == [0] * 12
+        assert len(ResultsStore(path).runs()) == 12
+
+
 def _filled(tmp_path) -> ResultsStore:
     store = ResultsStore(tmp_path / "r.db")
     for run, lr in (("alpha", 1e-3), ("beta", 3e-4)):
