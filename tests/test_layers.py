@@ -21,7 +21,8 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"data"},
     {"train", "bench"},
-    {"arena"},
+    {"arena", "interop"},
+    {"compress", "reduce", "serve"},
     {"cli", "__init__"},
 ]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
