@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from efformer.errors import ConfigError
 from efformer.mixers.base import Mixer, MixerOptions, MixerState, causal_recurrent
-from efformer.nn.recurrent import ShortConv, inverse_softplus_dt, log_decay_rates
+from efformer.nn.recurrent import ShortConv, inverse_softplus_dt, linear_scan, log_decay_rates
 from efformer.registry import register_mixer
 
 
@@ -83,6 +83,19 @@ def s6_scan_chunked(u, delta, A, B, C, h, chunk: int):
         ys.append(y + torch.einsum("btdn,bdn,btn->btd", cum.exp(), h, cc))
         h = cum[:, -1].exp() * h + ((cum[:, -1:] - cum).exp() * bx).sum(1)
     return torch.cat(ys, 1), h
+
+
+def s6_scan_fast(u, delta, A, B, C, h):
+    """S6 as one exact linear scan over materialised (seq, b, d, n) decays and writes (same shapes).
+
+    The chunked form needs a (c, c, d, n) decay block per chunk; here each step is one fused update
+    and the backward is the adjoint scan (``linear_scan``), so nothing grows with a chunk size.
+    """
+    delta_t = delta.transpose(0, 1)  # (l, b, d): time-major, so each step reads contiguous memory
+    decay = torch.exp(delta_t[..., None] * A)  # (l, b, d, n)
+    write = (delta_t * u.transpose(0, 1))[..., None] * B.transpose(0, 1)[:, :, None]
+    states = linear_scan(decay, write, h)
+    return torch.einsum("lbdn,bln->bld", states, C), states[-1]
 
 
 def ssd_scan_reference(x, dt, A, B, C, h):
@@ -186,8 +199,8 @@ class Mamba(_Selective):
         paper="Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
         family="ssm",
         time="O(N d_inner d_state); chunked O(N c d_inner d_state) for chunk c",
-        memory="O(N c d_inner d_state) chunked (training), O(d_inner d_state) decode state",
-        forms=("reference", "chunked", "recurrent"),
+        memory="O(N d_inner d_state) fast (training), O(d_inner d_state) decode state",
+        forms=("reference", "fast", "chunked", "recurrent"),
     )
 
     class Options(SelectiveOptions):
@@ -234,6 +247,13 @@ class Mamba(_Selective):
     def _scan_reference(self, u, delta, B, C, h):
         return s6_scan_reference(u, delta, -torch.exp(self.A_log), B, C, h)
 
+    def forward_fast(self, x, *, mask, state, pos):
+        """One exact linear scan per layer with a hand-written backward (``s6_scan_fast``)."""
+        return self._forward(x, mask, state, self._scan_fast)
+
+    def _scan_fast(self, u, delta, B, C, h):
+        return s6_scan_fast(u, delta, -torch.exp(self.A_log), B, C, h)
+
     def _scan_chunked(self, u, delta, B, C, h):
         return s6_scan_chunked(u, delta, -torch.exp(self.A_log), B, C, h, self.opts.chunk_size)
 
@@ -252,6 +272,7 @@ class Mamba2(_Selective):
         "Duality",
         time="O(N c d_inner + N d_inner d_state) chunked for chunk c",
         memory="O(N (c heads + d_inner d_state / c)) chunked, O(d_inner d_state) decode state",
+        forms=("reference", "chunked", "recurrent"),
     )
 
     class Options(SelectiveOptions):
