@@ -192,8 +192,6 @@ class _Selective(Mixer):
 class Mamba(_Selective):
     """Mamba (S6): gated selective SSM, per-channel diagonal A and input-dependent dt, B, C; O(N) time."""
 
-    # The sequential scan beats the chunked one up to ~256 tokens on CPU (measured at N=128 and 1024).
-    reference_below = 256
 
     capabilities = causal_recurrent(
         paper="Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
