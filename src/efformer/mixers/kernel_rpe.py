@@ -131,7 +131,7 @@ class KernelRPE(Performer):
             return torch.where(j <= i, coef[:, (i - j).clamp_min(0)], 0.0)
         return coef[:, j - i + self.max_len - 1]
 
-    def _finish(self, num: Tensor, den: Tensor, state):
+    def _out(self, num: Tensor, den: Tensor, state):
         o = num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None]
         return self.out_proj(self.merge_heads(o)), state
 
@@ -139,7 +139,7 @@ class KernelRPE(Performer):
         """A = (phi(Q) phi(K)^T) * C with C the explicit Toeplitz matrix; z = A V / rowsum(A)."""
         fq, fk, v, coef = self._project(x, mask, state, pos)
         a = (fq @ fk.transpose(-1, -2)) * self.toeplitz(coef, fq.shape[2], fk.shape[2])
-        return self._finish(a @ v, a.sum(-1), state)
+        return self._out(a @ v, a.sum(-1), state)
 
     def forward_fast(self, x, *, mask, state, pos):
         """sum_j C_ij phi(k_j) [v_j, 1]^T by FFT for every feature, then contracted with phi(q_i)."""
@@ -149,4 +149,4 @@ class KernelRPE(Performer):
         u = (fk[..., :, None] * v1[..., None, :]).to(wide)  # (b, h, t, m, d + 1)
         s = toeplitz_product(u, coef.to(wide), self.causal, fq.shape[2])
         y = torch.einsum("bhnm,bhnme->bhne", fq.to(wide), s).to(v.dtype)
-        return self._finish(y[..., :-1], y[..., -1], state)
+        return self._out(y[..., :-1], y[..., -1], state)

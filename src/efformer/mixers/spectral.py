@@ -122,8 +122,8 @@ class SpectralGating(Mixer):
         self.filter = nn.Parameter(torch.randn(f, d_model, 2) * self.opts.init_std)
 
     def init_roles(self) -> dict[str, list[Tensor]]:
-        """No value or output projection: the filter is the only weight."""
-        return {"value": [], "output": []}
+        """No value projection; the filter, the branch's only (and last) linear map, is the output weight."""
+        return {"value": [], "output": [self.filter]}
 
     def _check_len(self, n: int) -> None:
         if n > self.max_len:
