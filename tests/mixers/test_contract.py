@@ -264,7 +264,7 @@ def test_every_parameter_gets_a_gradient(case):
     name, causal = case
     m = make_mixer(name, causal)
     gen = torch.Generator().manual_seed(8)
-    x = torch.randn(2, 13, m.d_model, generator=gen)
+    x = torch.randn(2, 13, m.d_model, generator=gen, requires_grad=True)  # a mixer may have no parameters (FNet)
     y, _ = m(x)
     (y * torch.randn(y.shape, generator=gen)).sum().backward()
     for pname, p in m.named_parameters():

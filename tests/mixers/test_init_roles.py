@@ -35,12 +35,14 @@ def test_init_roles_are_views_of_the_mixers_own_parameters(case):
     torch.manual_seed(0)
     m = cls(32, 4, causal=causal, options=cls.test_options, max_len=cls.test_max_len)
     roles = m.init_roles()
-    assert set(roles) == {"value", "output"} and roles["output"], f"{name}: roles {sorted(roles)}"
+    has_weights = any(True for _ in m.parameters())  # a parameter-free mixer (FNet) has nothing to scale
+    assert set(roles) == {"value", "output"} and (roles["output"] or not has_weights), f"{name}: roles {sorted(roles)}"
     storages = {p.untyped_storage().data_ptr() for p in m.parameters()}
     for t in roles["value"] + roles["output"]:
         assert t.untyped_storage().data_ptr() in storages, f"{name}: a role tensor is not a view of a parameter"
     counts = _role_counts(m)
-    assert max(c.max().item() for c in counts.values()) == 1, f"{name}: roles overlap (DeepNorm would scale twice)"
+    overlap = has_weights and max(c.max().item() for c in counts.values()) > 1
+    assert not overlap, f"{name}: roles overlap (DeepNorm would scale twice)"
     assert sum(c.sum().item() for c in counts.values()) == sum(t.numel() for t in roles["value"] + roles["output"])
 
 
@@ -63,4 +65,4 @@ def test_deepnorm_scales_exactly_the_declared_roles(case):
     for k, p in deep.mixer.named_parameters():
         want = torch.where(counts[k] > 0, plain[k] * beta, plain[k])
         assert torch.equal(p, want), f"{name}.{k}: DeepNorm must scale its role elements by beta, nothing else"
-    assert any((c > 0).any() for c in counts.values())
+    assert any((c > 0).any() for c in counts.values()) or not counts

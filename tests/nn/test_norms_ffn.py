@@ -14,8 +14,11 @@ def test_norm_formula(name):
     norm = NORMS.get(name)(16)
     x = torch.randn(3, 5, 16) * 4 + 2
     y = norm(x)
-    if name == "layernorm":
+    if name in ("layernorm", "prepbn"):  # PRepBN starts as LayerNorm (gamma = 1 at step 0)
         expected = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    elif name == "repbn":  # training-mode BatchNorm over every token, plus alpha (1 at init) times x
+        flat = x.reshape(-1, 16)
+        expected = ((flat - flat.mean(0)) / torch.sqrt(flat.var(0, unbiased=False) + 1e-5) + flat).reshape(x.shape)
     else:
         expected = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6)
     assert torch.allclose(y, expected, atol=1e-5)
@@ -29,6 +32,11 @@ _ACT = {"gelu": F.gelu, "relu": F.relu, "relu2": lambda t: F.relu(t) ** 2, "swig
 def test_ffn_formula_and_width(name):
     ffn = FFNS.get(name)(24, 4.0, 0.0)
     x = torch.randn(2, 3, 24)
+    if name == "pattention":  # TokenFormer: GeLU of L2-normalised scores against mult * d parameter tokens
+        s = x @ ffn.layer.keys.t()
+        expected = F.gelu(s * 96**0.5 / s.norm(dim=-1, keepdim=True)) @ ffn.layer.values
+        assert ffn.layer.n_tokens == 96 and torch.allclose(ffn(x), expected, atol=1e-6)
+        return
     act = _ACT[name]
     if hasattr(ffn, "gate_up"):
         gate, up = (x @ ffn.gate_up.weight.t()).chunk(2, -1)

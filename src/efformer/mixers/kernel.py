@@ -133,9 +133,14 @@ class KernelAttention(Mixer):
             s, z = state.s, state.z
         return q, k, v, fq, fk, s, z
 
-    def _finish(self, num: Tensor, den: Tensor, state, s: Tensor, z: Tensor):
+    def mix_values(self, o: Tensor, v: Tensor, state) -> Tensor:
+        """The attention output o (b, h, n, d) plus whatever term a mechanism adds from the values v
+        (b, h, n, d) of the same tokens (SLAB's depthwise convolution); plain kernel attention adds none."""
+        return o
+
+    def _finish(self, num: Tensor, den: Tensor, state, s: Tensor, z: Tensor, v: Tensor):
         eps = max(self.eps, torch.finfo(den.dtype).tiny)
-        o = num / den.clamp_min(eps)[..., None]
+        o = self.mix_values(num / den.clamp_min(eps)[..., None], v, state)
         if state is not None:
             state.s, state.z = s, z
         return self.out_proj(self.merge_heads(o)), state
@@ -149,16 +154,16 @@ class KernelAttention(Mixer):
             a = a.masked_fill(~causal_keep(a.shape[-2], a.shape[-1], x.device), 0.0)
         num = a @ v + fq @ s
         den = a.sum(-1) + (fq @ z[..., None]).squeeze(-1)
-        return self._finish(num, den, state, s + fk.transpose(-1, -2) @ v, z + fk.sum(2))
+        return self._finish(num, den, state, s + fk.transpose(-1, -2) @ v, z + fk.sum(2), v)
 
     def forward_chunked(self, x, *, mask, state, pos):
         """Linear time: phi(Q) (phi(K)^T V) when bidirectional; chunkwise prefix sums when causal."""
         q, k, v, fq, fk, s, z = self._project(x, mask, state, pos)
         if self.causal:
             num, den, s, z = _chunked_causal(fq, fk, v, s, z, self.opts.chunk)
-            return self._finish(num, den, state, s, z)
+            return self._finish(num, den, state, s, z, v)
         s, z = s + fk.transpose(-1, -2) @ v, z + fk.sum(2)
-        return self._finish(fq @ s, (fq @ z[..., None]).squeeze(-1), state, s, z)
+        return self._finish(fq @ s, (fq @ z[..., None]).squeeze(-1), state, s, z, v)
 
     def forward_recurrent(self, x, *, mask, state, pos):
         """Token-by-token scan of the running sums (read out after each token when causal, at the end if not)."""
@@ -171,8 +176,8 @@ class KernelAttention(Mixer):
                 nums.append((fq[:, :, t, None, :] @ s).squeeze(-2))
                 dens.append((fq[:, :, t] * z).sum(-1))
         if self.causal:
-            return self._finish(torch.stack(nums, 2), torch.stack(dens, 2), state, s, z)
-        return self._finish(fq @ s, (fq @ z[..., None]).squeeze(-1), state, s, z)
+            return self._finish(torch.stack(nums, 2), torch.stack(dens, 2), state, s, z, v)
+        return self._finish(fq @ s, (fq @ z[..., None]).squeeze(-1), state, s, z, v)
 
 
 _FORMS = ("reference", "chunked", "recurrent")
