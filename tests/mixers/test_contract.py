@@ -41,7 +41,7 @@ def _forms(name):
 def _run(m, x, mask=None):
     x = x.clone().requires_grad_(True)
     y, _ = m(x, mask=mask)
-    g = torch.randn_like(y)
+    g = torch.randn(y.shape, dtype=y.dtype)  # not randn_like: it follows y's memory layout, which forms may differ in
     (y * g).sum().backward()
     grads = [x.grad] + [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in m.parameters()]
     m.zero_grad(set_to_none=True)
