@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from efformer.compress.qlinear import IntWeightLinear, W8A8Linear, pack_nibbles, quantize_activations, unpack_nibbles
+from efformer.compress.qlinear import (
+    IntWeightLinear,
+    W8A8Linear,
+    int8_matmul,
+    pack_nibbles,
+    quantize_activations,
+    unpack_nibbles,
+)
 from efformer.compress.rtn import rtn_quantize, weight_format
 
 
@@ -113,3 +120,21 @@ def test_int4_group_rtn_matches_torchao_intx(layer, group):
         step = q.scale.repeat_interleave(group, 1)
         assert ((ours.dequantize() - w_ao).abs() <= step + 1e-7).all()
         assert sqnr(lin(x), ours(x)) > 20 and sqnr(ao(x), ours(x)) > 20
+
+
+@pytest.mark.parametrize("m,k", [(1, 7), (16, 64), (17, 64), (40, 2500)])
+def test_int8_matmul_is_exact_on_both_paths(m, k):
+    g = torch.Generator().manual_seed(m)
+    xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    wq = torch.randint(-127, 128, (9, k), generator=g, dtype=torch.int8)
+    xq[0], wq[0] = 127, 127  # the largest partial sums
+    assert torch.equal(int8_matmul(xq, wq), xq.long().matmul(wq.long().t()).to(torch.int32))
+
+
+def test_int8_weight_only_kernel_and_float_paths_agree():
+    torch.manual_seed(3)
+    lin = nn.Linear(64, 32)
+    m = IntWeightLinear.from_quantized(rtn_quantize(lin.weight, weight_format(8, -1, True)), lin.bias)
+    x = torch.randn(40, 64)
+    many, few = m(x), torch.cat([m(x[i:i + 8]) for i in range(0, 40, 8)])
+    assert torch.allclose(many, few, atol=1e-5)
