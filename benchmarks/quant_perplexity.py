@@ -16,21 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from train_shakespeare_lm import DATA, VALIDATION, split  # the same split as training (sibling script)
 
 import efformer
 from efformer.compress import FloatConfig, GPTQConfig, RTNConfig, W8A8Config, calibration_windows, quantize
 from efformer.compress.evaluate import perplexity
-
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "shakespeare"
-VALIDATION = ("othello_gut.txt", "richard_iii_gut.txt")
-
-
-def split(data: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    train, val = [], []
-    for f in sorted(data.glob("*.txt")):
-        (val if f.name in VALIDATION else train).append(f.read_bytes())
-    as_t = lambda parts: torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8).long()
-    return as_t(train), as_t(val)
 
 
 @torch.no_grad()

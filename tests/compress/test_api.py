@@ -66,6 +66,7 @@ def test_filter_and_default_exclusions():
     assert api_mod.default_filter("router", nn.Linear(2, 2)) is False
 
 
+@pytest.mark.slow  # importing transformers alone takes most of its ~30 s on a busy 2-core machine
 def test_hf_llama_is_quantized_with_gptq_and_smoothquant():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

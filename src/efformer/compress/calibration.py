@@ -82,6 +82,9 @@ class _Stop(Exception):
     """Raised by the ``stop_after`` hook to end a calibration forward early."""
 
 
+def _raise_stop(*_args) -> None:
+    raise _Stop
+
 @contextlib.contextmanager
 def _hooks(modules: dict[str, nn.Module], observers: dict[str, object], stop_after: nn.Module | None) -> Iterator:
     handles = []
@@ -90,7 +93,7 @@ def _hooks(modules: dict[str, nn.Module], observers: dict[str, object], stop_aft
         handles.append(mod.register_forward_pre_hook(
             lambda _m, args, obs=obs: obs(args[0].detach().reshape(-1, args[0].shape[-1]))))
     if stop_after is not None:
-        handles.append(stop_after.register_forward_hook(lambda *_: (_ for _ in ()).throw(_Stop())))
+        handles.append(stop_after.register_forward_hook(_raise_stop))
     try:
         yield
     finally:

@@ -18,9 +18,11 @@ from torch import Tensor, nn
 from efformer.compress.formats import IntFormat
 from efformer.compress.rtn import QuantizedWeight, rtn_quantize, weight_format
 
-# Rows (tokens) up to which the CPU int8 kernels win; above it they fall back to slow scalar loops here
-# (measured on torch 2.13 CPU: 64 rows x 512 took ~450 ms in _weight_int8pack_mm vs ~1 ms as a float GEMM).
-SMALL_M = 16
+# Rows (tokens) up to which the CPU int8 kernels are used. Measured on torch 2.13 CPU (busy 2-core machine,
+# 1024x1024): _weight_int8pack_mm / _int_mm took ~10 / ~1 ms for one row but 130 / 57 ms for 16 rows, against
+# ~6 ms for the same product as float32 GEMMs; so they serve decode steps only, and larger batches use the
+# exact float path (dequantized weights for weight-only; chunked float GEMMs for int8 x int8, see EXACT_K).
+SMALL_M = 1
 EXACT_K = 1024  # int8 x int8 products summed over <= 1040 terms stay below 2^24: exact in float32
 
 
