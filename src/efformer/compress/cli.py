@@ -6,12 +6,11 @@ import sys
 import time
 from pathlib import Path
 
-import efformer
 from efformer.compress.api import make_config, quantize
 from efformer.compress.calibration import calibration_windows, read_text_ids
 from efformer.compress.evaluate import perplexity
 from efformer.errors import CapabilityError, CheckpointError, ConfigError, DataError
-from efformer.models import CausalLM
+from efformer.models import CausalLM, load, save
 
 METHODS = ("rtn", "gptq", "w8a8", "float")
 
@@ -63,7 +62,7 @@ def _method_config(args):
 
 
 def _load_lm(path: str) -> CausalLM:
-    model = efformer.load(path)
+    model = load(path)
     if not isinstance(model, CausalLM):
         raise CapabilityError(f"{path} holds a {model.cfg.task!r} model; these commands take a byte-level "
                               "language model (task='lm')")
@@ -98,7 +97,7 @@ def _cmd_quantize(args) -> int:
         print(f"[{i + 1:>3}/{total}] {name:<48} {seconds:7.2f}s", file=sys.stderr, flush=True)
 
     quantize(model, config, calib, progress=progress)
-    efformer.save(model, out)
+    save(model, out)
     print(f"quantized {len(model.quantization['modules']) or 'all'} linears with {args.method} in "
           f"{time.perf_counter() - start:.1f}s; saved to {out}")
     return 0
