@@ -48,11 +48,11 @@ def test_int_weight_linear_holds_exactly_the_rtn_weight(bits, group, sym):
         assert m.qweight.numel() == 24 * 64  # two codes per byte
 
 
-def test_int8_kernel_path_is_used_and_matches():
+def test_int8_scale_after_path_is_used_and_matches():
     torch.manual_seed(0)
     lin = nn.Linear(33, 17)
     m = IntWeightLinear.from_quantized(rtn_quantize(lin.weight, weight_format(8, -1, True)), lin.bias)
-    assert m.int8_kernel and m.qweight.dtype == torch.int8
+    assert m.scale_after and m.qweight.dtype == torch.int8
     x = torch.randn(4, 33)
     assert torch.allclose(m(x), nn.functional.linear(x, m.dequantize(), lin.bias), atol=1e-5)
 
@@ -131,10 +131,10 @@ def test_int8_matmul_is_exact_on_both_paths(m, k):
     assert torch.equal(int8_matmul(xq, wq), xq.long().matmul(wq.long().t()).to(torch.int32))
 
 
-def test_int8_weight_only_kernel_and_float_paths_agree():
+def test_w8a8_decode_rows_and_batches_agree():
     torch.manual_seed(3)
     lin = nn.Linear(64, 32)
-    m = IntWeightLinear.from_quantized(rtn_quantize(lin.weight, weight_format(8, -1, True)), lin.bias)
+    m = W8A8Linear.from_linear(lin.weight, lin.bias)
     x = torch.randn(12, 64)
-    many, one_by_one = m(x), torch.cat([m(x[i:i + 1]) for i in range(12)])  # float path vs the int8 kernel
-    assert torch.allclose(many, one_by_one, atol=1e-5)
+    many, one_by_one = m(x), torch.cat([m(x[i:i + 1]) for i in range(12)])  # float-GEMM path vs torch._int_mm
+    assert torch.equal(many, one_by_one)

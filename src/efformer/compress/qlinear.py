@@ -1,9 +1,9 @@
 """Linears that execute in low precision: int weight-only (int8 matmul kernel, or packed int2..int4
 dequantize-matmul) and W8A8 (int8 x int8 -> int32 matmul with per-token dynamic activation scales).
 
-Weight-only, 8-bit symmetric per channel runs ``torch._weight_int8pack_mm`` (int8 weights, float
-activations); other bit widths and groups keep codes (two 4-bit codes per byte at <= 4 bits) and
-dequantize before the matmul. W8A8 ("LLM.int8()"/"SmoothQuant" style, without outlier decomposition)
+Weight-only, signed symmetric per channel (int8 in practice) casts its codes for the matmul and scales
+the output per channel; other bit widths and groups keep codes (two 4-bit codes per byte at <= 4 bits)
+and dequantize before the matmul. W8A8 ("LLM.int8()"/"SmoothQuant" style, without outlier decomposition)
 quantizes each token's activations to int8 with its own absmax scale on the fly and runs
 ``torch._int_mm``; the int32 result is rescaled by the token and channel scales. Each module's
 ``spec()`` is the JSON a quantized checkpoint records to rebuild it (see ``compress/io.py``).
@@ -18,10 +18,10 @@ from torch import Tensor, nn
 from efformer.compress.formats import IntFormat
 from efformer.compress.rtn import QuantizedWeight, rtn_quantize, weight_format
 
-# Rows (tokens) up to which the CPU int8 kernels are used. Measured on torch 2.13 CPU (busy 2-core machine,
-# 1024x1024): _weight_int8pack_mm / _int_mm took ~10 / ~1 ms for one row but 130 / 57 ms for 16 rows, against
-# ~6 ms for the same product as float32 GEMMs; so they serve decode steps only, and larger batches use the
-# exact float path (dequantized weights for weight-only; chunked float GEMMs for int8 x int8, see EXACT_K).
+# Rows up to which W8A8 calls torch._int_mm. Measured on torch 2.13 CPU (busy 2-core machine, 1024x1024):
+# _int_mm ~1 ms for one row but 57 ms for 16, against ~6 ms for the same exact product as float32 GEMMs
+# (EXACT_K); _weight_int8pack_mm was slower still (10 ms for one row), so weight-only int8 casts its codes
+# and scales the output instead, as torchao's CPU path does.
 SMALL_M = 1
 EXACT_K = 1024  # int8 x int8 products summed over <= 1040 terms stay below 2^24: exact in float32
 
@@ -55,7 +55,8 @@ class IntWeightLinear(nn.Module):
         self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.int16))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32) if act_order else None)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self.int8_kernel = fmt.bits == 8 and fmt.signed and fmt.symmetric and fmt.granularity == "channel"
+        # signed symmetric codes per channel: y = (x W_q^T) * scale, so the codes are only cast, never rescaled
+        self.scale_after = not self.packed and fmt.signed and fmt.symmetric and fmt.granularity == "channel"
 
     @classmethod
     def from_quantized(cls, q: QuantizedWeight, bias: Tensor | None) -> IntWeightLinear:
@@ -91,12 +92,9 @@ class IntWeightLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., out)."""
-        rows = x.numel() // self.in_features
-        if self.int8_kernel and x.dtype == torch.float32 and x.device.type == "cpu" and rows <= SMALL_M:
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.qweight,
-                                          self.scale[:, 0])
-            y = y.reshape(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
+        if self.scale_after:
+            y = F.linear(x, self.qweight.to(x.dtype)) * self.scale[:, 0].to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def spec(self) -> dict:
