@@ -1,6 +1,7 @@
 """efformer: every efficient-Transformer mechanism as a tested, drop-in token mixer."""
 
 # The parts register themselves on import: nn (norms, positional schemes, FFNs), then the mixers.
+import efformer.compress  # noqa: F401  (efformer.load reads quantized folders)
 import efformer.mixers  # noqa: F401
 import efformer.nn  # noqa: F401
 from efformer.errors import (

@@ -17,6 +17,7 @@ from typing import Any
 
 from efformer.arena import cli as arena_cli
 from efformer.bench import cli as bench_cli
+from efformer.compress import cli as compress_cli
 from efformer.data import cli as data_cli
 from efformer.errors import CapabilityError, ConfigError, EfformerError
 from efformer.models import CausalLM, load
@@ -124,6 +125,7 @@ PLUGINS = (
     data_cli,  # data listops | pathfinder
     arena_cli,  # arena
     bench_cli,  # bench, advise
+    compress_cli,  # quantize, perplexity
 )
 
 

@@ -4,13 +4,17 @@ Papers: "Attention Is All You Need" (Vaswani et al., 2017); grouped-query attent
 "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints"
 (Ainslie et al., 2023); multi-query from "Fast Transformer Decoding: One Write-Head is All
 You Need" (Shazeer, 2019); QK-norm from "Scaling Vision Transformers to 22 Billion Parameters".
+Outlier-free variants (options ``normalizer`` and ``gated``): clipped softmax and gated attention from
+"Quantizable Transformers: Removing Outliers by Helping Attention Heads Do Nothing" (Bondarenko et al.,
+2023), and softmax_1 = exp(s_i) / (1 + sum_j exp(s_j)) from "Attention Is Off By One" (Miller, 2023),
+which lets a head attend to nothing. The defaults keep plain softmax exactly.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import pydantic
 import torch
@@ -146,6 +150,16 @@ class SoftmaxOptions(MixerOptions):
     qkv_bias: bool = pydantic.Field(False, description="biases on the q/k/v/out projections")
 
 
+class OutlierFreeOptions(SoftmaxOptions):
+    """Options of exact attention, plus the outlier-free normalizers and gate (plain softmax by default)."""
+
+    normalizer: Literal["softmax", "softmax1", "clipped"] = pydantic.Field(
+        "softmax", description="softmax; softmax1 (+1 in the denominator); clipped: clip((zeta-gamma)p+gamma, 0, 1)")
+    clip_zeta: float = pydantic.Field(1.0, ge=1.0, description="clipped softmax stretch zeta (>= 1)")
+    clip_gamma: float = pydantic.Field(0.0, le=0.0, description="clipped softmax stretch gamma (<= 0)")
+    gated: bool = pydantic.Field(False, description="gated attention: each head's output times sigmoid(Linear(x))")
+
+
 def attention_keep(
     q_keep: Tensor | None, k_keep: Tensor | None, n_q: int, n_k: int, causal: bool, device
 ) -> Tensor | None:
@@ -183,7 +197,7 @@ class SoftmaxAttention(Mixer):
         attention_bias=True,
         rotary=True,
     )
-    Options = SoftmaxOptions
+    Options = OutlierFreeOptions
     test_options = {"n_kv_heads": 2}
 
     def __init__(self, d_model: int, n_heads: int, **kw):
@@ -199,6 +213,8 @@ class SoftmaxAttention(Mixer):
         if self.opts.qk_norm:
             self.q_norm = nn.RMSNorm(hd)
             self.k_norm = nn.RMSNorm(hd)
+        if getattr(self.opts, "gated", False):  # subclasses with plain SoftmaxOptions have no gate
+            self.gate = nn.Linear(d_model, n_heads)
 
     def init_state(self, batch, device, dtype) -> KVState:
         """An empty KV cache."""
@@ -242,8 +258,23 @@ class SoftmaxAttention(Mixer):
         bias = pos.score_bias(positions, k_pos)
         return q, k, v, allowed, bias, plain_causal
 
-    def _finish(self, o: Tensor) -> Tensor:
+    def _finish(self, o: Tensor, x: Tensor | None = None) -> Tensor:
+        # gated attention: gates (b, n, h) -> (b, h, n, 1), so a head can switch its update off
+        if x is not None and getattr(self.opts, "gated", False):
+            o = o * torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]
         return self.out_proj(self.merge_heads(o))
+
+    def _normalize(self, scores: Tensor) -> Tensor:
+        """Scores (b, h, n, t) with -inf where masked -> attention weights."""
+        if self.opts.normalizer == "softmax1":  # an extra logit 0 that no value is attached to
+            m = scores.amax(-1, keepdim=True).clamp(min=0).detach()
+            e = torch.exp(scores - m)
+            return e / (torch.exp(-m) + e.sum(-1, keepdim=True))
+        p = scores.softmax(dim=-1)
+        if self.opts.normalizer == "clipped":
+            zeta, gamma = self.opts.clip_zeta, self.opts.clip_gamma
+            p = ((zeta - gamma) * p + gamma).clamp(0, 1)
+        return p
 
     # ---- forms ----------------------------------------------------------------------------
     def forward_reference(self, x, *, mask, state, pos):
@@ -258,13 +289,17 @@ class SoftmaxAttention(Mixer):
             scores = scores + bias
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
-        p = scores.softmax(dim=-1)
+        p = self._normalize(scores)
         p = F.dropout(p, self.dropout, self.training)
-        return self._finish(p @ v), state
+        return self._finish(p @ v, x), state
 
     def forward_fast(self, x, *, mask, state, pos):
         """``scaled_dot_product_attention``: FlashAttention on GPUs, a fused kernel on CPUs."""
+        if self.opts.normalizer == "clipped":  # no fused kernel clips weights: the explicit form is the fast one
+            return self.forward_reference(x, mask=mask, state=state, pos=pos)
         q, k, v, allowed, bias, plain_causal = self._project(x, mask, state, pos)
+        if self.opts.normalizer == "softmax1":
+            return self._finish(self._sdpa_softmax1(q, k, v, allowed, bias, plain_causal), x), state
         is_causal = plain_causal and bias is None
         if plain_causal and bias is not None:
             allowed = causal_keep(q.shape[2], k.shape[2], x.device)
@@ -280,4 +315,21 @@ class SoftmaxAttention(Mixer):
             is_causal=is_causal,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self._finish(o), state
+        return self._finish(o, x), state
+
+    def _sdpa_softmax1(self, q, k, v, allowed, bias, plain_causal) -> Tensor:
+        """softmax_1 through SDPA: one extra key of zeros (score exactly 0) with a zero value, always allowed."""
+        b, h, n, _ = q.shape
+        t = k.shape[2]
+        k = torch.cat([k, k.new_zeros(*k.shape[:2], 1, k.shape[3])], 2)
+        v = torch.cat([v, v.new_zeros(*v.shape[:2], 1, v.shape[3])], 2)
+        if plain_causal:
+            allowed = causal_keep(n, t, q.device)[None, None]
+        mask = torch.zeros(b, 1, n, t, device=q.device, dtype=q.dtype) if bias is None else \
+            bias.to(q.dtype).expand(b, -1, n, t)
+        if allowed is not None:
+            mask = mask.masked_fill(~allowed, float("-inf"))
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:3], 1)], -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                              dropout_p=self.dropout if self.training else 0.0,
+                                              enable_gqa=self.n_kv_heads != self.n_heads)

@@ -34,7 +34,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -58,6 +58,9 @@ FORMAT, VERSION = "efformer-model", 1
 PAYLOAD = (CONFIG_FILE, WEIGHTS_FILE)
 _TMP, _OLD = ".tmp-", ".old-"
 _RESAVE = "re-save the model with efformer.save"
+# Extra sections of config.json, written from the model attribute of the same name and applied on load
+# before the weights are read (e.g. "quantization": compress/ swaps in its quantized linears).
+CONFIG_SECTIONS: dict[str, Callable[[nn.Module, dict, Path], None]] = {}
 
 
 # ---- save ------------------------------------------------------------------------------------
@@ -77,7 +80,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
             if had_old:  # a complete model is in place, so leftovers of killed saves are garbage now
                 _remove_leftovers(out)
             tmp = _make_temp_dir(out)
-            _write_folder(tmp, cfg, tensors)
+            _write_folder(tmp, cfg, tensors, {k: getattr(model, k) for k in CONFIG_SECTIONS if getattr(model, k, None)})
             _install(tmp, out)
         except BaseException as e:
             if tmp is not None:
@@ -177,9 +180,11 @@ def _sibling(out: Path, kind: str, token: str) -> Path:
     return out.with_name(f".{out.name}{kind}{token}")
 
 
-def _write_folder(folder: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
-    """Config, weights, then the manifest that vouches for both; each file fsynced, then the folder."""
-    cfg_bytes = cfg.to_json().encode("utf-8")
+def _write_folder(folder: Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], sections: dict | None = None) \
+        -> None:
+    """Config (plus extra sections), weights, then the manifest that vouches for both; each fsynced, then the folder."""
+    text = cfg.to_json() if not sections else json.dumps({**cfg.model_dump(), **sections}, indent=2, sort_keys=True)
+    cfg_bytes = text.encode("utf-8")
     _write_bytes(folder / CONFIG_FILE, cfg_bytes)
     # open() gave config.json 0o666 & ~umask; safetensors writes 0o600, so copy the mode over.
     mode = stat.S_IMODE(os.stat(folder / CONFIG_FILE).st_mode)
@@ -269,8 +274,10 @@ def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu")
                                   f"and {WEIGHTS_FILE} (made by efformer.save)")
     if files[MANIFEST_FILE] is not None:
         _verify(folder, files)
-    cfg = _parse_config(folder / CONFIG_FILE, files[CONFIG_FILE])
+    cfg, sections = _parse_config(folder / CONFIG_FILE, files[CONFIG_FILE])
     model = MODEL_CLASSES[cfg.task](cfg)
+    for key, section in sections.items():
+        CONFIG_SECTIONS[key](model, section, folder / CONFIG_FILE)
     _load_weights(model, folder / WEIGHTS_FILE, files[WEIGHTS_FILE], folder / CONFIG_FILE)
     return model.to(device)
 
@@ -386,8 +393,9 @@ _JSON_KIND = {list: "an array", str: "a string", int: "a number", float: "a numb
               type(None): "null"}
 
 
-def _parse_config(path: Path, data: bytes) -> ModelConfig:
-    """The validated config in ``config.json``; every problem is a CheckpointError naming the file."""
+def _parse_config(path: Path, data: bytes) -> tuple[ModelConfig, dict]:
+    """The validated config in ``config.json`` and its extra sections; every problem is a CheckpointError naming
+    the file."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -400,8 +408,9 @@ def _parse_config(path: Path, data: bytes) -> ModelConfig:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds {_JSON_KIND.get(type(obj), 'a JSON value')} ({text.strip()[:40]!r}) "
                               f"but a model config is a JSON object {{...}}; {_RESAVE}")
+    sections = {k: obj.pop(k) for k in list(obj) if k in CONFIG_SECTIONS}
     try:
-        return build_config(obj)
+        return build_config(obj), sections
     except EfformerError as e:
         raise CheckpointError(f"{path} is not a valid model config: {e}; fix that field or {_RESAVE}") from None
 

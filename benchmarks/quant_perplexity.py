@@ -1,0 +1,94 @@
+"""Validation perplexity of a byte-level LM under every quantization method (the GPTQ/SmoothQuant table shape).
+
+Usage: ``python benchmarks/quant_perplexity.py --model /tmp/shakespeare-lm`` (train one first with
+``benchmarks/train_shakespeare_lm.py``). Calibration: ``--n-samples`` random windows of the training
+plays; evaluation: the validation plays (othello, richard_iii), non-overlapping windows of
+``--window`` bytes (stride = window), the first ``--max-windows`` of them. Prints a markdown table and
+whether the paper's orderings hold (float < GPTQ4 < RTN4, GPTQ3 << RTN3), plus the kurtosis of the
+block outputs of the float model (outlier-heavy activations have a large kurtosis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+from train_shakespeare_lm import DATA, VALIDATION, split  # the same split as training (sibling script)
+
+import efformer
+from efformer.compress import FloatConfig, GPTQConfig, RTNConfig, W8A8Config, calibration_windows, quantize
+from efformer.compress.evaluate import perplexity
+
+
+@torch.no_grad()
+def block_kurtosis(model, ids: torch.Tensor) -> float:
+    """Mean over blocks of the kurtosis E[(x-mu)^4]/sigma^4 of each block's output entries."""
+    ks = []
+    hooks = [b.register_forward_hook(lambda _m, _a, out: ks.append(_kurt(out[0]))) for b in model.backbone.blocks]
+    model(ids)
+    for h in hooks:
+        h.remove()
+    return sum(ks) / len(ks)
+
+
+def _kurt(x: torch.Tensor) -> float:
+    x = x.double().flatten()
+    x = x - x.mean()
+    return (x.pow(4).mean() / x.pow(2).mean().square()).item()
+
+
+def configs() -> list[tuple[str, object]]:
+    rows = []
+    for bits in (8, 4, 3):
+        for g, gname in ((128, "g128"), (-1, "per-channel")):
+            rows.append((f"RTN int{bits} {gname}", RTNConfig(bits=bits, group_size=g)))
+            rows.append((f"GPTQ int{bits} {gname}", GPTQConfig(bits=bits, group_size=g, act_order=True)))
+    rows += [("W8A8 naive", W8A8Config()), ("W8A8 SmoothQuant a=0.5", W8A8Config(smoothing="smoothquant")),
+             ("W8A8 OS+", W8A8Config(smoothing="osplus")),
+             ("FP8 E4M3 per-channel", FloatConfig(format="fp8_e4m3")),
+             ("FP8 E5M2 per-channel", FloatConfig(format="fp8_e5m2")),
+             ("FP4 E2M1 MX (pow2 / 32)", FloatConfig(format="fp4_e2m1", scaling="mx")),
+             ("FP4 E2M1 NV (fp8 / 16)", FloatConfig(format="fp4_e2m1", scaling="nv"))]
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="/tmp/shakespeare-lm")
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--max-windows", type=int, default=200)
+    p.add_argument("--n-samples", type=int, default=64)
+    p.add_argument("--only", nargs="*", default=None, help="run only rows whose name contains one of these")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    train, val = split(Path(args.data))
+    base = efformer.load(args.model).eval()
+    calib = calibration_windows(train, args.window, args.n_samples, seed=0)
+    ppl = {"float": perplexity(base, val, args.window, max_windows=args.max_windows)}
+    print(f"model {args.model}: {sum(p.numel() for p in base.parameters())} params; eval {args.max_windows} windows "
+          f"x {args.window} bytes of {', '.join(VALIDATION)}; calibration {args.n_samples} x {args.window} bytes")
+    print(f"block-output kurtosis (float): {block_kurtosis(base, val[: 8 * args.window].view(8, -1)):.2f}\n")
+    print("| method | val PPL | quantize s |\n|---|---|---|")
+    print(f"| float | {ppl['float']:.3f} | - |", flush=True)
+    for name, cfg in configs():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        t0 = time.perf_counter()
+        q = quantize(copy.deepcopy(base), cfg, calib)
+        secs = time.perf_counter() - t0
+        ppl[name] = perplexity(q, val, args.window, max_windows=args.max_windows)
+        print(f"| {name} | {ppl[name]:.3f} | {secs:.1f} |", flush=True)
+    for g in ("g128", "per-channel"):
+        r4, g4, r3, g3 = (ppl.get(f"{m} int{b} {g}") for m, b in (("RTN", 4), ("GPTQ", 4), ("RTN", 3), ("GPTQ", 3)))
+        if None not in (r4, g4, r3, g3):
+            print(f"\n{g}: float < GPTQ4 < RTN4: {ppl['float'] < g4 < r4}; GPTQ3 << RTN3 (gap GPTQ3-float at most "
+                  f"half of RTN3-float): {g3 - ppl['float'] <= 0.5 * (r3 - ppl['float'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Compression: post-training quantization (RTN, GPTQ, SmoothQuant, OS+, FP8/FP4) with real low-bit linears."""
+
+from efformer.compress import io  # noqa: F401  (registers the config.json "quantization" section)
+from efformer.compress.api import (
+    FloatConfig,
+    GPTQConfig,
+    RTNConfig,
+    W8A8Config,
+    default_filter,
+    make_config,
+    quantize,
+)
+from efformer.compress.calibration import calibration_windows, read_text_ids
+from efformer.compress.qlinear import IntWeightLinear, W8A8Linear
+
+__all__ = [
+    "FloatConfig", "GPTQConfig", "IntWeightLinear", "RTNConfig", "W8A8Config", "W8A8Linear", "calibration_windows",
+    "default_filter", "make_config", "quantize", "read_text_ids",
+]
