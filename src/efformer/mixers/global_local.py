@@ -51,6 +51,19 @@ def _masked_softmax_attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, ext
     return s.softmax(-1) @ v
 
 
+def _grouped_sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """SDPA on (b, h, groups, n, d) tensors with a bool mask (b|1, 1, groups, n, m): groups folded into the batch
+    (4-D calls are what SDPA's fused CPU kernel, and the flop counter, handle)."""
+    b, h, g = q.shape[:3]
+
+    def fold(t: Tensor) -> Tensor:
+        return t.transpose(1, 2).flatten(0, 1)
+
+    mask = fold(allowed.expand(b, 1, *allowed.shape[2:]))
+    o = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=mask)
+    return o.unflatten(0, (b, g)).transpose(1, 2)
+
+
 class _Heads(SoftmaxAttention):
     """Softmax layout (q/kv/out projections) with GQA heads repeated: shared by ETC and FIT."""
 
@@ -212,14 +225,17 @@ class FITAttention(_Heads):
             self.g_qkv = nn.Linear(d_model, 3 * d_model, bias=False)  # the global layer over all latents
             self.g_out = nn.Linear(d_model, d_model, bias=False)
 
-    def _kv(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values (b, h, ..., d) of any (b, ..., d_model) through the shared kv projection."""
-        k, v = self.kv_proj(t).unflatten(-1, (2 * self.n_kv_heads, self.head_dim)).movedim(-2, 1).chunk(2, dim=1)
+    def _kv(self, t: Tensor, projected: bool = False) -> tuple[Tensor, Tensor]:
+        """Keys and values (b, h, ..., d) of any (b, ..., d_model) through the shared kv projection (or of its
+        output, if ``projected``)."""
+        t = t if projected else self.kv_proj(t)
+        k, v = t.unflatten(-1, (2 * self.n_kv_heads, self.head_dim)).movedim(-2, 1).chunk(2, dim=1)
         g = self.n_heads // self.n_kv_heads
         return (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)) if g > 1 else (k, v)
 
-    def _q(self, proj: nn.Linear, t: Tensor) -> Tensor:
-        return proj(t).unflatten(-1, (self.n_heads, self.head_dim)).movedim(-2, 1)
+    def _q(self, t: Tensor) -> Tensor:
+        """(b, ..., h * d) projected queries -> (b, h, ..., d)."""
+        return t.unflatten(-1, (self.n_heads, self.head_dim)).movedim(-2, 1)
 
     def _merge(self, o: Tensor) -> Tensor:
         return o.movedim(1, -2).flatten(-2)
@@ -244,7 +260,7 @@ class FITAttention(_Heads):
         tok_ok = (grp[:, None] == grp[None]) & (keep[:, None, :] | (i == j))  # (b, n, n)
         if self.causal:
             tok_ok = tok_ok & (j <= i)
-        q = self._q(self.q_proj, x)
+        q = self._q(self.q_proj(x))
         kx, vx = self._kv(x)
         if not L:
             return self._finish(_masked_softmax_attend(q, kx, vx, tok_ok[:, None])), state
@@ -253,7 +269,7 @@ class FITAttention(_Heads):
         kz, vz = self._kv(z)
         read_ok = torch.cat([(lg[:, None] == lg[None]).expand(b, -1, -1),
                              (lg[:, None] == grp[None]) & keep[:, None, :]], -1)  # (b, ng L, ng L + n)
-        read = _masked_softmax_attend(self._q(self.lq, z), torch.cat([kz, kx], 2), torch.cat([vz, vx], 2),
+        read = _masked_softmax_attend(self._q(self.lq(z)), torch.cat([kz, kx], 2), torch.cat([vz, vx], 2),
                                       read_ok[:, None])
         z = self._global(z + self.l_out(self._merge(read)), ng)
         kz, vz = self._kv(z)
@@ -275,22 +291,23 @@ class FITAttention(_Heads):
         tok_ok = kg[:, None, :, None, :] | eye  # (b, 1, ng, G, G): a padded query still sees itself
         if self.causal:
             tok_ok = tok_ok & torch.ones(G, G, dtype=torch.bool, device=dev).tril()
-        q = self._q(self.q_proj, xg)  # (b, h, ng, G, d)
+        q = self._q(self.q_proj(xg))  # (b, h, ng, G, d)
         kx, vx = self._kv(xg)
         if not L:
-            o = F.scaled_dot_product_attention(q, kx, vx, attn_mask=tok_ok)
+            o = _grouped_sdpa(q, kx, vx, tok_ok)
         else:
-            z = self.latents.to(x.dtype).expand(b, ng, L, dm)
-            kz, vz = self._kv(z)
+            # Every group starts from the same latents: project them once, then broadcast over groups.
+            lat = self.latents.to(x.dtype)  # (L, d_model), projected as is (no view of a parameter)
+            kz, vz = (t.expand(b, -1, ng, -1, -1) for t in self._kv(self.kv_proj(lat)[None, None], projected=True))
+            lq = self._q(self.lq(lat)[None, None]).expand(b, -1, ng, -1, -1)
             read_ok = torch.cat([torch.ones_like(kg[:, :, :1]).expand(b, ng, L), kg], -1)[:, None, :, None]
-            read = F.scaled_dot_product_attention(self._q(self.lq, z), torch.cat([kz, kx], 3),
-                                                  torch.cat([vz, vx], 3), attn_mask=read_ok)
-            z = self._global((z + self.l_out(self._merge(read))).flatten(1, 2), ng).unflatten(1, (ng, L))
+            read = _grouped_sdpa(lq, torch.cat([kz, kx], 3), torch.cat([vz, vx], 3), read_ok)
+            z = self._global((lat + self.l_out(self._merge(read))).flatten(1, 2), ng).unflatten(1, (ng, L))
             kz, vz = self._kv(z)
             lat_ok = torch.ones(ng, 1, L, dtype=torch.bool, device=dev)
             if self.causal:  # group s reads the latents of group s - 1
                 kz, vz = (torch.cat([torch.zeros_like(t[:, :, :1]), t[:, :, :-1]], 2) for t in (kz, vz))
                 lat_ok[0] = False
             ok = torch.cat([tok_ok, lat_ok.expand(b, 1, ng, G, L)], -1)
-            o = F.scaled_dot_product_attention(q, torch.cat([kx, kz], 3), torch.cat([vx, vz], 3), attn_mask=ok)
+            o = _grouped_sdpa(q, torch.cat([kx, kz], 3), torch.cat([vx, vz], 3), ok)
         return self._finish(o.flatten(2, 3)[:, :, :n]), state
