@@ -26,10 +26,11 @@ def _ice(causal, **options):
 
 
 @DIRECTIONS
+@pytest.mark.parametrize("metric", ["inner_product", "cosine"])
 @pytest.mark.parametrize("block", [4, 11, 64])
-def test_k_equal_to_n_with_a_covering_probe_is_softmax(causal, block):
+def test_k_equal_to_n_with_a_covering_probe_is_softmax(causal, block, metric):
     n = 11
-    m = _ice(causal, top_k=n, probe=32, index_block=block)
+    m = _ice(causal, top_k=n, probe=32, index_block=block, metric=metric)
     rope = Rope(m.d_model, m.n_heads, 64, causal)
     sm, mr = WithPositional(_softmax_twin(m), rope), WithPositional(m, rope)
     x = torch.randn(2, n, m.d_model, generator=torch.Generator().manual_seed(4))
@@ -62,9 +63,10 @@ def test_error_falls_as_k_grows(causal):
     assert errs[-1] < 1e-5
 
 
-def test_error_falls_as_the_search_probes_more():
+@pytest.mark.parametrize("metric", ["inner_product", "cosine"])
+def test_error_falls_as_the_search_probes_more(metric):
     """Fixed k: a wider probe retrieves more of the true top-k, so the output gets closer to softmax."""
-    errs = [_mean_error(64, top_k=8, probe=p, n_projections=2, index_block=64) for p in (1, 2, 4, 8, 32)]
+    errs = [_mean_error(64, top_k=8, probe=p, n_projections=2, index_block=64, metric=metric) for p in (1, 2, 4, 8, 32)]
     assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
 
 
@@ -102,6 +104,7 @@ def test_fast_form_memory_is_bounded_by_the_query_chunk():
     ({"n_projections": 0}, "n_projections"),
     ({"index_block": 0}, "index_block"),
     ({"query_chunk": 0}, "query_chunk"),
+    ({"metric": "l1"}, "metric"),
 ])
 def test_bad_options_name_the_field(options, field):
     with pytest.raises(ConfigError, match=rf"iceformer\.{field}="):

@@ -15,8 +15,10 @@ keys. A query's candidates in a block are the ``probe`` keys on either side of i
 each sorted list (a binary search, as in DCI's simple indices); the candidates of all projections are
 pooled, scored exactly, and the top k kept. Bidirectional queries search every block; causal queries
 search the blocks before their own and take their own block's keys j <= i directly, so no index ever
-contains a later key and the pattern is causal. With probe >= index_block / 2 every key is a
-candidate, and with k = N the result is softmax attention exactly.
+contains a later key and the pattern is causal. ``metric="cosine"`` searches by angle instead of the
+lift (exact top-k still ranks by q.k): 1-D projections find near neighbours only when they are near,
+and after the lift a query's best key is near it only if that key has the largest norm. With
+probe >= index_block / 2 every key is a candidate, and with k = N the result is softmax attention exactly.
 
 The reference form writes the candidate set densely from the ranks (query window vs key rank) and
 takes a masked top-k of the full score matrix; the fast form gathers only candidates, one chunk of
@@ -27,9 +29,11 @@ queries at a time: O(N (C d + L log index_block)) time with C = L * 2 probe * bl
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import pydantic
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from efformer.errors import ConfigError
@@ -41,6 +45,10 @@ from efformer.registry import register_mixer
 class IceFormerOptions(SoftmaxOptions):
     """Options of IceFormer's top-k attention."""
 
+    metric: Literal["inner_product", "cosine"] = pydantic.Field(
+        "inner_product",
+        description="search by q.k through the MIPS lift (the paper), or by angle (finds keys aligned with q better)",
+    )
     top_k: int = pydantic.Field(32, ge=1, description="k: keys each query attends to (the k best-scoring candidates)")
     n_projections: int = pydantic.Field(4, ge=1, description="L: random projections, each a sorted index of the keys")
     probe: int = pydantic.Field(
@@ -49,7 +57,9 @@ class IceFormerOptions(SoftmaxOptions):
     index_block: int = pydantic.Field(
         2048, ge=1, description="keys per index block (causal: a query searches earlier blocks, scans its own)"
     )
-    query_chunk: int = pydantic.Field(512, ge=1, description="queries the fast form handles at once (bounds memory)")
+    query_chunk: int = pydantic.Field(
+        512, ge=1, description="queries the fast form handles at once, bidirectional (causal: one index block)"
+    )
     seed: int = pydantic.Field(
         0, ge=0, description="seed of the random projections (not saved, so the weights are softmax's)"
     )
@@ -113,9 +123,13 @@ class IceFormerAttention(SoftmaxAttention):
         bs = min(self.opts.index_block, n)
         k = pad_to_multiple(k, bs, dim=2)[0].unflatten(2, (-1, bs))  # (b, h, blocks, B, d)
         keep = pad_to_multiple(keep, bs, dim=1, value=False)[0].unflatten(1, (-1, bs))[:, None]  # (b, 1, blocks, B)
-        kn2 = k.square().sum(-1)
-        m2 = kn2.masked_fill(~keep, 0).amax(-1, keepdim=True)  # (b, h, blocks, 1)
-        kx = torch.cat([k, (m2 - kn2).clamp_min(0).sqrt()[..., None]], -1)
+        if self.opts.metric == "cosine":  # unit keys, nothing lifted
+            m2 = torch.ones_like(k[..., :1, 0])
+            kx = torch.cat([F.normalize(k, dim=-1), torch.zeros_like(k[..., :1])], -1)
+        else:
+            kn2 = k.square().sum(-1)
+            m2 = kn2.masked_fill(~keep, 0).amax(-1, keepdim=True)  # (b, h, blocks, 1)
+            kx = torch.cat([k, (m2 - kn2).clamp_min(0).sqrt()[..., None]], -1)
         u = self.projections.to(q.dtype)
         pk = torch.einsum("bhcje,le->bhlcj", kx, u).masked_fill(~keep[:, :, None], float("inf"))
         unit = q / q.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
@@ -162,34 +176,43 @@ class IceFormerAttention(SoftmaxAttention):
         return self._finish(_softmax_rows(s.masked_fill(~chosen, float("-inf"))) @ v), state
 
     def forward_fast(self, x, *, mask, state, pos):
-        """Per chunk of queries: binary-search windows, gather the candidates, exact scores, top-k, softmax."""
+        """Per chunk of queries (causal: per index block): binary-search windows, candidate keys gathered as
+        rows, exact scores (the own block by one matmul), top-k, softmax over the kept scores."""
         q, k, v, keep = self._heads(x, mask, pos)
         b, h, n, d = q.shape
         sorted_pk, order, pq, bs = self._index(q, k, keep)
-        order = order + bs * torch.arange(order.shape[3], device=x.device)[:, None]  # global key ids
-        width = min(2 * self.opts.probe, bs)
+        nb, width, dev = order.shape[3], min(2 * self.opts.probe, bs), x.device
+        # Candidate ids by flat offsets into the index (rank r of projection l, block c), rows of k/v by
+        # flat offsets into (b h n): plain row gathers, the cheap kind on CPU.
+        order = (order + bs * torch.arange(nb, device=dev)[:, None]).flatten(2)  # (b, h, L nb bs) key ids
+        slot = (torch.arange(order.shape[2] // bs, device=dev) * bs).view(-1, nb)  # (L, nb) list offsets
+        rows = (torch.arange(b * h, device=dev) * n).view(b, h, 1, 1)
+        kf, vf = k.reshape(b * h * n, d), v.reshape(b * h * n, d)
         keep_pad = torch.cat([keep, keep.new_zeros(b, 1)], 1)  # id n: an empty slot
+        chunk = bs if self.causal else self.opts.query_chunk  # causal: one index block of queries at a time
         outs = []
-        for q0 in range(0, n, self.opts.query_chunk):
-            qi = torch.arange(q0, min(n, q0 + self.opts.query_chunk), device=x.device)
-            start = self._windows(pq[..., qi], sorted_pk, bs)  # (b, h, L, blocks, c)
-            ranks = start[..., None] + torch.arange(width, device=x.device)  # (b, h, L, blocks, c, width)
-            cand = order[:, :, :, :, None].expand(*ranks.shape[:-1], bs).gather(-1, ranks)
-            cand = torch.where(self._block_ok(qi, order.shape[3], bs).T[:, :, None], cand, n)
-            cand = cand.permute(0, 1, 4, 2, 3, 5).flatten(3).sort(-1).values  # (b, h, c, C)
+        for q0 in range(0, n, chunk):
+            qi = torch.arange(q0, min(n, q0 + chunk), device=dev)
+            c = qi.shape[0]
+            start = self._windows(pq[..., qi], sorted_pk, bs)  # (b, h, L, nb, c)
+            at = (start + slot[:, :, None])[..., None] + torch.arange(width, device=dev)  # (b, h, L, nb, c, w)
+            at = at.permute(0, 1, 4, 2, 3, 5)  # (b, h, c, L, nb, w)
+            ok_block = self._block_ok(qi, nb, bs)[:, None, :, None]  # (c, 1, nb, 1)
+            cand = order.gather(2, at.reshape(b, h, -1)).view(at.shape)
+            cand = torch.where(ok_block, cand, n).flatten(3).sort(-1).values  # (b, h, c, C)
             dup = torch.cat([torch.zeros_like(cand[..., :1], dtype=torch.bool), cand[..., 1:] == cand[..., :-1]], -1)
-            cand = torch.where(dup, n, cand)
-            if self.causal:  # the own block, scanned directly: keys j <= i
-                own = (qi // bs * bs)[:, None] + torch.arange(bs, device=x.device)
-                cand = torch.cat([cand, torch.where(own <= qi[:, None], own, n).expand(b, h, -1, -1)], -1)
-            cand = cand.clamp(max=n)
-            ok = keep_pad[torch.arange(b, device=x.device)[:, None, None, None], cand]
+            cand = torch.where(dup, n, cand).clamp(max=n)
+            ok = keep_pad[torch.arange(b, device=dev)[:, None, None, None], cand]
             idx = cand.clamp(max=n - 1)
-            kc = k.gather(2, idx.flatten(2)[..., None].expand(-1, -1, -1, d)).view(*idx.shape, d)
-            s = torch.einsum("bhcd,bhckd->bhck", q[:, :, qi], kc) / math.sqrt(d)
+            qc = q[:, :, qi]
+            s = torch.einsum("bhcd,bhckd->bhck", qc, kf[rows + idx]) / math.sqrt(d)
             s = s.masked_fill(~ok, float("-inf"))
-            top, at = s.topk(min(self.opts.top_k, s.shape[-1]), dim=-1)
-            sel = idx.gather(-1, at)
-            vs = v.gather(2, sel.flatten(2)[..., None].expand(-1, -1, -1, d)).view(*sel.shape, d)
-            outs.append(torch.einsum("bhck,bhckd->bhcd", _softmax_rows(top), vs))
+            if self.causal:  # the own block (this chunk is one block): a (c x c) matmul, keys j <= i
+                own_ok = torch.ones(c, c, dtype=torch.bool, device=dev).tril() & keep[:, None, None, q0 : q0 + c]
+                s_own = (qc @ k[:, :, q0 : q0 + c].transpose(-1, -2) / math.sqrt(d)).masked_fill(~own_ok, float("-inf"))
+                s = torch.cat([s, s_own], -1)
+                idx = torch.cat([idx, qi.expand(b, h, c, c)], -1)
+            top, pick = s.topk(min(self.opts.top_k, s.shape[-1]), dim=-1)
+            sel = idx.gather(-1, pick)
+            outs.append(torch.einsum("bhck,bhckd->bhcd", _softmax_rows(top), vf[rows + sel]))
         return self._finish(torch.cat(outs, 2)), state
