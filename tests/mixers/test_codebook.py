@@ -9,16 +9,9 @@ import torch
 from efformer.errors import ConfigError
 from efformer.nn.positional import PositionalContext
 from efformer.registry import MIXERS
-from tests.helpers import make_mixer, rel_err, with_form
+from tests.helpers import make_mixer, rel_err, softmax_twin_of, with_form
 
 DIRECTIONS = pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
-
-
-def _softmax_twin(m):
-    sm = MIXERS.get("softmax")(m.d_model, m.n_heads, causal=m.causal, options={"n_kv_heads": m.n_kv_heads})
-    missing, unexpected = sm.load_state_dict(m.state_dict(), strict=False)
-    assert not missing and set(unexpected) == {"codebook"}
-    return sm.eval()
 
 
 def _keys(m, x):
@@ -41,7 +34,7 @@ def test_codebook_equal_to_the_keys_is_softmax(causal):
     x = torch.randn(1, n, m.d_model, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         m.codebook.copy_(_keys(m, x)[0])
-    want, _ = _softmax_twin(m)(x)
+    want, _ = softmax_twin_of(m, {"codebook"})(x)
     for form in ("reference", "chunked"):
         got, _ = with_form(m, form)(x)
         assert rel_err(want, got) < 1e-5, form
@@ -63,7 +56,7 @@ def test_error_falls_as_the_codebook_grows():
             x = torch.randn(1, n, m.d_model, generator=torch.Generator().manual_seed(seed))
             with torch.no_grad():
                 m.codebook.copy_(_keys(m, x)[0, :, :s])
-            total += rel_err(_softmax_twin(m)(x)[0], m(x)[0])
+            total += rel_err(softmax_twin_of(m, {"codebook"})(x)[0], m(x)[0])
         errs.append(total / 3)
     assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
     assert errs[-1] < 1e-5

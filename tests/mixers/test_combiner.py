@@ -11,17 +11,10 @@ import torch
 from efformer.errors import ConfigError
 from efformer.nn.positional import Rope
 from efformer.registry import MIXERS
-from tests.helpers import WithPositional, make_mixer, rel_err, with_form
+from tests.helpers import WithPositional, make_mixer, rel_err, softmax_twin_of, with_form
 from tests.mixers.test_local import assert_no_dense_matrix
 
 DIRECTIONS = pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
-
-
-def _softmax_twin(m):
-    sm = MIXERS.get("softmax")(m.d_model, m.n_heads, causal=m.causal, options={"n_kv_heads": m.n_kv_heads})
-    missing, unexpected = sm.load_state_dict(m.state_dict(), strict=False)
-    assert not missing and set(unexpected) == {"region_query"}
-    return sm.eval()
 
 
 # ---- the partitions, written out independently ------------------------------------------
@@ -88,7 +81,7 @@ def test_full_covering_partition_is_softmax(name, options, causal):
     with torch.no_grad():
         m.region_query.normal_()  # no region exists, so it must not matter
     rope = Rope(m.d_model, m.n_heads, 64, causal)
-    sm, mr = WithPositional(_softmax_twin(m), rope), WithPositional(m, rope)
+    sm, mr = WithPositional(softmax_twin_of(m, {"region_query"}), rope), WithPositional(m, rope)
     x = torch.randn(2, n, m.d_model, generator=torch.Generator().manual_seed(3))
     keep = torch.ones(2, n, dtype=torch.bool)
     keep[1, :4] = False
@@ -110,7 +103,7 @@ def test_regions_of_equal_keys_are_exact(name, options, causal):
         m.kv_proj.weight[: m.n_kv_heads * m.head_dim] = 0  # every key is 0
         m.region_query.normal_()
     x = torch.randn(2, 23, m.d_model)
-    want, _ = _softmax_twin(m)(x)
+    want, _ = softmax_twin_of(m, {"region_query"})(x)
     for form in ("reference", "fast"):
         got, _ = with_form(m, form)(x)
         assert rel_err(want, got) < 1e-5, form
@@ -124,7 +117,7 @@ def test_wider_direct_span_is_closer_to_softmax():
         for seed in range(3):
             m = make_mixer("combiner_logsparse", True, window=w)
             x = torch.randn(2, n, m.d_model, generator=torch.Generator().manual_seed(seed))
-            total += rel_err(_softmax_twin(m)(x)[0], m(x)[0])
+            total += rel_err(softmax_twin_of(m, {"region_query"})(x)[0], m(x)[0])
         errs.append(total / 3)
     assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
     assert errs[-1] < 1e-5

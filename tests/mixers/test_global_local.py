@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from efformer.errors import ConfigError
+from efformer.nn.positional import PositionalContext
 from efformer.registry import MIXERS
 from tests.helpers import make_mixer, rel_err, with_form
 
@@ -36,7 +37,7 @@ def _etc_by_hand(m, x, keep):
     if m.opts.global_tokens == "learned":
         x = torch.cat([m.global_embed.expand(x.shape[0], -1, -1), x], 1)
         keep = torch.cat([torch.ones(x.shape[0], g, dtype=torch.bool), keep], 1)
-    q, k, v = m._heads_of(x)
+    q, k, v = m.qkv_heads(x, PositionalContext(torch.arange(x.shape[1])[None]))
     b, h, t, d = q.shape
     out = torch.zeros_like(q)
     for bi in range(b):

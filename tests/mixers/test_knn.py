@@ -9,16 +9,10 @@ import torch
 from efformer.errors import ConfigError
 from efformer.nn.positional import Rope
 from efformer.registry import MIXERS
-from tests.helpers import WithPositional, make_mixer, rel_err, with_form
+from tests.helpers import WithPositional, make_mixer, rel_err, softmax_twin_of, with_form
 from tests.mixers.test_local import assert_no_dense_matrix
 
 DIRECTIONS = pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
-
-
-def _softmax_twin(m):
-    sm = MIXERS.get("softmax")(m.d_model, m.n_heads, causal=m.causal, options={"n_kv_heads": m.n_kv_heads})
-    sm.load_state_dict(m.state_dict())  # strict: IceFormer has exactly softmax's weights
-    return sm.eval()
 
 
 def _ice(causal, **options):
@@ -32,7 +26,7 @@ def test_k_equal_to_n_with_a_covering_probe_is_softmax(causal, block, metric):
     n = 11
     m = _ice(causal, top_k=n, probe=32, index_block=block, metric=metric)
     rope = Rope(m.d_model, m.n_heads, 64, causal)
-    sm, mr = WithPositional(_softmax_twin(m), rope), WithPositional(m, rope)
+    sm, mr = WithPositional(softmax_twin_of(m), rope), WithPositional(m, rope)
     x = torch.randn(2, n, m.d_model, generator=torch.Generator().manual_seed(4))
     keep = torch.ones(2, n, dtype=torch.bool)
     keep[1, :4] = False
@@ -52,7 +46,7 @@ def _mean_error(n: int, seeds: int = 4, causal: bool = False, **options) -> floa
         with torch.no_grad():
             m.q_proj.weight.mul_(6.0)
         x = torch.randn(2, n, m.d_model, generator=torch.Generator().manual_seed(seed))
-        total += rel_err(_softmax_twin(m)(x)[0], with_form(m, "fast")(x)[0])
+        total += rel_err(softmax_twin_of(m)(x)[0], with_form(m, "fast")(x)[0])
     return total / seeds
 
 
@@ -86,7 +80,7 @@ def test_the_lift_ranks_keys_by_inner_product():
 
 def test_softmax_checkpoint_loads_unchanged_and_nothing_extra_is_saved():
     m = _ice(True)
-    assert set(m.state_dict()) == set(_softmax_twin(m).state_dict())
+    assert set(m.state_dict()) == set(softmax_twin_of(m).state_dict())
     twin = _ice(True)
     assert torch.equal(m.projections, twin.projections)  # the seed fixes the index's projections
 

@@ -64,21 +64,6 @@ def _grouped_sdpa(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
     return o.unflatten(0, (b, g)).transpose(1, 2)
 
 
-class _Heads(SoftmaxAttention):
-    """Softmax layout (q/kv/out projections) with GQA heads repeated: shared by ETC and FIT."""
-
-    def _heads_of(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v (b, h, n, d) of ``x`` (b, n, d_model), key/value heads repeated for GQA."""
-        q = self.split_heads(self.q_proj(x))
-        k, v = self.split_heads(self.kv_proj(x), 2 * self.n_kv_heads).chunk(2, dim=1)
-        if self.opts.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        g = self.n_heads // self.n_kv_heads
-        if g > 1:
-            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-        return q, k, v
-
-
 # ---- ETC ---------------------------------------------------------------------------------
 class ETCOptions(SoftmaxOptions):
     """Options of ETC global-local attention."""
@@ -92,7 +77,7 @@ class ETCOptions(SoftmaxOptions):
 
 
 @register_mixer("etc")
-class ETCAttention(_Heads):
+class ETCAttention(SoftmaxAttention):
     """ETC: global tokens attend everywhere, long tokens within a radius, scores with relative-position vectors."""
 
     capabilities = Capabilities(
@@ -142,7 +127,7 @@ class ETCAttention(_Heads):
     def forward_reference(self, x, *, mask, state, pos):
         """Dense (T x T) scores plus q . a_label written per pair, masked to the pattern."""
         xs, keep, g, start = self._inputs(x, mask)
-        q, k, v = self._heads_of(xs)
+        q, k, v = self.qkv_heads(xs, pos)  # no rotary scheme reaches ETC, so pos rotates nothing
         t = xs.shape[1]
         i = torch.arange(t, device=x.device)[:, None]
         j = torch.arange(t, device=x.device)[None]
@@ -154,7 +139,7 @@ class ETCAttention(_Heads):
     def forward_fast(self, x, *, mask, state, pos):
         """Global rows dense; long rows over the global columns and a gathered window of 2r + 1 long keys."""
         xs, keep, g, start = self._inputs(x, mask)
-        q, k, v = self._heads_of(xs)
+        q, k, v = self.qkv_heads(xs, pos)  # no rotary scheme reaches ETC, so pos rotates nothing
         b, h, t, d = q.shape
         kd, dev = self.opts.max_distance, x.device
         qa = torch.einsum("bhtd,hld->bhtl", q, self.relative.to(q.dtype))  # q . a_l for every label
@@ -198,7 +183,7 @@ class FITOptions(SoftmaxOptions):
 
 
 @register_mixer("fit")
-class FITAttention(_Heads):
+class FITAttention(SoftmaxAttention):
     """FIT: latents read their group, attend globally to each other, and are read back by their group's tokens."""
 
     capabilities = Capabilities(

@@ -105,10 +105,7 @@ class IceFormerAttention(SoftmaxAttention):
     # ---- the index ------------------------------------------------------------------------
     def _heads(self, x, mask, pos):
         """q, k, v (b, h, n, d) with GQA heads repeated, and the key keep-mask (b, n)."""
-        q, k, v = self._qkv(x, pos)
-        g = self.n_heads // self.n_kv_heads
-        if g > 1:
-            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        q, k, v = self.qkv_heads(x, pos)
         keep = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return q, k, v, keep
 
