@@ -24,6 +24,15 @@ def make_mixer(name: str, causal: bool, d_model: int = 32, n_heads: int = 4, max
     return cls(d_model, n_heads, causal=causal, options=opts, max_len=max_len).eval()
 
 
+def softmax_twin_of(m, extra: set[str] = frozenset()):
+    """A SoftmaxAttention with the weights (q/kv/out) and direction of softmax-layout mixer ``m``; its state
+    dict may hold only ``extra`` beyond softmax's."""
+    sm = MIXERS.get("softmax")(m.d_model, m.n_heads, causal=m.causal, options={"n_kv_heads": m.n_kv_heads})
+    missing, unexpected = sm.load_state_dict(m.state_dict(), strict=False)
+    assert not missing and set(unexpected) == set(extra), (missing, unexpected)
+    return sm.eval()
+
+
 def with_form(mixer, form: str):
     """The same mixer (same weights) forced to run ``form``."""
     inner = mixer.mixer if isinstance(mixer, WithPositional) else mixer

@@ -229,6 +229,14 @@ class SoftmaxAttention(Mixer):
             q, k = self.q_norm(q), self.k_norm(k)
         return pos.rotate_queries(q), pos.rotate_keys(k), v
 
+    def qkv_heads(self, x: Tensor, pos: PositionalContext) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (b, h, n, d) of the new tokens, key/value heads repeated for the query heads they serve (GQA)."""
+        q, k, v = self._qkv(x, pos)
+        g = self.n_heads // self.n_kv_heads
+        if g > 1:
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        return q, k, v
+
     def init_roles(self) -> dict[str, list[Tensor]]:
         """Value rows of the fused k|v projection, and the output projection."""
         return {"value": [self.kv_proj.weight[self.n_kv_heads * self.head_dim :]], "output": [self.out_proj.weight]}
