@@ -101,6 +101,17 @@ def fft_conv(u: Tensor, k: Tensor) -> Tensor:
     return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., : u.shape[-1]]
 
 
+def carried_state(ut: Tensor, dt_a: Tensor, a_bar: Tensor, b_bar: Tensor, c: Tensor,
+                  h0: Tensor) -> tuple[Tensor, Tensor]:
+    """A diagonal SSM's carried state in closed form: what h0 (b, H, M) adds to the outputs of a call on
+    ut (b, H, L), namely 2 Re(C A_bar^(l+1) h0) at step l, and the state after the call (b, H, M)."""
+    n = ut.shape[-1]
+    vander = cexp(dt_a[..., None] * torch.arange(n, device=ut.device))  # (H, M, L): A_bar^l
+    y = 2 * torch.einsum("hm,bhm,hml->bhl", c, h0 * a_bar, vander).real
+    written = torch.einsum("bhl,hml->bhm", ut.to(vander.dtype), vander.flip(-1)) * b_bar
+    return y, h0 * cexp(dt_a * n) + written
+
+
 @register_mixer("s4d")
 class S4D(Mixer):
     """S4D: per-channel diagonal complex SSM as an FFT long convolution, GELU and a GLU output projection."""
@@ -145,7 +156,8 @@ class S4D(Mixer):
     def init_state(self, batch, device, dtype) -> S4DState:
         """A zero state (causal layers only: a bidirectional layer reads the future)."""
         if not self.causal:
-            raise CapabilityError("s4d: a bidirectional (causal=False) layer has no decode state; use causal=True")
+            raise CapabilityError(f"{self.name}: a bidirectional (causal=False) layer has no decode state; "
+                                  "use causal=True")
         return S4DState(h=torch.zeros(batch, self.d_model, self.modes, 2, device=device, dtype=dtype))
 
     # ---- shared parts ---------------------------------------------------------------------
@@ -162,7 +174,8 @@ class S4D(Mixer):
 
     def _begin(self, x, mask, state):
         if state is not None and not self.causal:
-            raise CapabilityError("s4d: a bidirectional (causal=False) layer has no decode state; use causal=True")
+            raise CapabilityError(f"{self.name}: a bidirectional (causal=False) layer has no decode state; "
+                                  "use causal=True")
         u = _wide(x if mask is None else x * mask[..., None].to(x.dtype))  # a pad is a zero input
         h0 = None if state is None else torch.view_as_complex(_wide(state.h).contiguous())
         return u, h0
@@ -196,11 +209,8 @@ class S4D(Mixer):
             y = y + fft_conv(ut.flip(-1), k[1]).flip(-1)
         h = None
         if h0 is not None:
-            # The carried state adds 2 Re(C A_bar^(l+1) h0) to step l and decays by A_bar^L over the call.
-            vander = cexp(dt_a[..., None] * torch.arange(n, device=x.device))  # (H, M, L): A_bar^l
-            y = y + 2 * torch.einsum("hm,bhm,hml->bhl", c[0], h0 * a_bar, vander).real
-            written = torch.einsum("bhl,hml->bhm", ut.to(vander.dtype), vander.flip(-1)) * b_bar
-            h = h0 * cexp(dt_a * n) + written
+            carried, h = carried_state(ut, dt_a, a_bar, b_bar, c[0], h0)
+            y = y + carried
         return self._end(y.transpose(1, 2), u, state, h)
 
     def forward_recurrent(self, x, *, mask, state, pos):

@@ -1,0 +1,220 @@
+"""S4: the structured state space layer with a normal-plus-low-rank state matrix and a Cauchy kernel.
+
+Paper: "Efficiently Modeling Long Sequences with Structured State Spaces" (Gu, Goel & Re, ICLR 2022).
+
+Each of the d_model channels is a linear time-invariant SSM ``x' = A x + B u``, ``y = C x + D u`` of
+state size N whose A starts as HiPPO-LegS. HiPPO-LegS is normal plus low rank: ``A = V (Lambda - p p*)
+V*`` with Lambda diagonal (real part -1/2) and p = V* P, P_n = sqrt(n + 1/2). In the eigenbasis the
+layer learns Lambda, p, B and C. The eigenvalues come in conjugate pairs, so only N/2 are stored and
+the other half (their conjugates, with conjugate p, B, C) is implied: the system stays real.
+
+Discretisation is bilinear: ``A_bar = (I - dt/2 A)^-1 (I + dt/2 A)``, ``B_bar = (I - dt/2 A)^-1 dt B``.
+Unrolled, the layer is a causal convolution with ``K[l] = C A_bar^l B_bar``. S4 never forms those
+powers. It evaluates the truncated generating function ``sum_(l<L) K[l] z^l = C~ (I - A_bar z)^-1 B_bar``
+(with ``C~ = C (I - A_bar^L)``) at the L roots of unity, where the resolvent of a diagonal plus
+rank-one matrix is a Cauchy sum corrected by the Woodbury identity. An inverse FFT then gives K.
+
+Forms: "fast" is the Cauchy kernel plus an FFT convolution; a decode state enters through the powers
+of A_bar applied to it, in O(sqrt L) sequential steps. "reference" is the sequential bilinear
+recurrence with dense A_bar. "recurrent" feeds the tokens one at a time through the decode state.
+Direction, padding, the D skip, GELU and the GLU output are those of S4D (:mod:`efformer.mixers.s4d`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from efformer.errors import ConfigError
+from efformer.mixers.base import Mixer, MixerOptions
+from efformer.mixers.s4d import S4D, fft_conv
+from efformer.registry import register_mixer
+
+
+class S4Options(MixerOptions):
+    """Options of S4."""
+
+    d_state: int = Field(64, ge=2, multiple_of=2,
+                         description="N: state size per channel (even); N // 2 conjugate-pair modes are stored")
+    dt_min: float = Field(0.001, gt=0, description="initial log_dt is uniform in [log dt_min, log dt_max]")
+    dt_max: float = Field(0.1, gt=0, description="upper end of the initial step sizes")
+
+
+def hippo_legs(n: int) -> tuple[Tensor, Tensor]:
+    """The HiPPO-LegS matrices in float64: A (n, n) and B (n,)."""
+    q = torch.sqrt(2 * torch.arange(n, dtype=torch.float64) + 1)
+    a = -torch.tril(q[:, None] * q[None, :], diagonal=-1) - torch.diag(torch.arange(1, n + 1, dtype=torch.float64))
+    return a, q.clone()
+
+
+def nplr_legs(n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """HiPPO-LegS in its normal-plus-low-rank eigenbasis: Lambda, p, B (n // 2,) complex128 (one of each
+    conjugate pair) and the eigenvectors V (n, n // 2), so that ``A = V_full (Lambda - p p*) V_full*``."""
+    a, b = hippo_legs(n)
+    p = torch.sqrt(torch.arange(n, dtype=torch.float64) + 0.5)
+    skew = a + p[:, None] * p[None, :] + 0.5 * torch.eye(n, dtype=torch.float64)  # S + I/2: skew-symmetric
+    mu, v = torch.linalg.eigh(-1j * skew.to(torch.complex128))  # eigenvalues of skew are i mu, mu real
+    keep = torch.argsort(mu, descending=True)[: n // 2]  # the positive halves of the +-mu pairs
+    v = v[:, keep]
+    lam = torch.complex(torch.full((n // 2,), -0.5, dtype=torch.float64), mu[keep])
+    vh = v.conj().T
+    return lam, vh @ p.to(v.dtype), vh @ b.to(v.dtype), v
+
+
+def full(t: Tensor) -> Tensor:
+    """The stored N/2 modes and their implied conjugates: (..., M) -> (..., 2M)."""
+    return torch.cat([t, t.conj()], dim=-1)
+
+
+def matvec(a: Tensor, v: Tensor) -> Tensor:
+    """a (H, S, S) times v (..., H, S) -> (..., H, S)."""
+    return torch.einsum("hij,...hj->...hi", a, v)
+
+
+def powers_applied(a: Tensor, v: Tensor, n: int) -> Tensor:
+    """``a^l v`` for l < n: a (H, S, S), v (..., H, S) -> (..., H, n, S).
+
+    Powers are split as ``a^(cB + j) = a^(cB) a^j`` with B ~ sqrt(n): sqrt(n) sequential products
+    instead of n, then one batched contraction.
+    """
+    block = max(1, math.isqrt(n))
+    inner = [v]
+    for _ in range(block - 1):
+        inner.append(matvec(a, inner[-1]))
+    step = torch.linalg.matrix_power(a, block)
+    outer = [torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)]
+    for _ in range(-(-n // block) - 1):
+        outer.append(outer[-1] @ step)
+    out = torch.einsum("chij,...hbj->...hcbi", torch.stack(outer), torch.stack(inner, -2))
+    return out.flatten(-3, -2)[..., :n, :]
+
+
+def cauchy_kernel(c_tilde: Tensor, lam: Tensor, p: Tensor, b: Tensor, dt: Tensor, n: int) -> Tensor:
+    """K (directions, H, n) of the bilinear NPLR SSM from its truncated generating function at the roots of unity.
+
+    c_tilde (directions, H, S), lam, p, b (H, S) complex over all S = 2M modes; dt (H,). With
+    ``A = diag(lam) - p p*`` and z_k = exp(-2 pi i k / n), the generating function is
+    ``2 c~ [(2/dt)(1 - z) - (1 + z) A]^-1 b``: the diagonal part gives Cauchy sums
+    ``k_uv(z) = sum_s u_s v_s / ((2/dt)(1 - z) - (1 + z) lam_s)`` (the usual ``1 / (g(z) - lam)`` times
+    ``1 / (1 + z)``, written so that z = -1, a root when n is even, stays finite) and the rank-one part the
+    Woodbury correction ``k_cb - (1 + z) k_cp k_pb / (1 + (1 + z) k_pp)``.
+    """
+    k = torch.arange(n, device=lam.device, dtype=lam.real.dtype)
+    z = torch.polar(torch.ones_like(k), -2 * math.pi * k / n)  # (n,)
+    one_plus = (1 + z)[None, :, None]
+    cauchy = 1 / ((2 / dt)[:, None, None] * (1 - z)[None, :, None] - one_plus * lam[:, None, :])  # (H, n, S)
+    k_cb = torch.einsum("dhs,hks->dhk", c_tilde * b, cauchy)
+    k_cp = torch.einsum("dhs,hks->dhk", c_tilde * p, cauchy)
+    k_pb = torch.einsum("hs,hks->hk", p.conj() * b, cauchy)
+    k_pp = torch.einsum("hs,hks->hk", p.conj() * p, cauchy)
+    u = 1 + z
+    generating = 2 * (k_cb - u * k_cp * k_pb / (1 + u * k_pp))
+    return torch.fft.ifft(generating, n=n).real
+
+
+@register_mixer("s4")
+class S4(S4D):
+    """S4: per-channel NPLR (HiPPO-LegS) SSM, bilinear, Cauchy-kernel FFT convolution, GELU and a GLU output."""
+
+    capabilities = dataclasses.replace(
+        S4D.capabilities,
+        paper="Efficiently Modeling Long Sequences with Structured State Spaces",
+        time="O(N d_model (d_state + log N)) for the Cauchy kernel, plus O(d_model d_state^3 log N) for C~",
+        memory="O(N d_model d_state) for the Cauchy matrix, O(d_model d_state) decode state",
+    )
+    Options = S4Options
+    test_options = {"d_state": 8}
+
+    def __init__(self, d_model: int, n_heads: int, **kw):
+        Mixer.__init__(self, d_model, n_heads, **kw)  # S4D's own parameters are not S4's; its helpers are
+        o = self.opts
+        if o.dt_min > o.dt_max:
+            raise ConfigError("s4.dt_min", o.dt_min, f"must not exceed dt_max={o.dt_max}")
+        h, m = d_model, o.d_state // 2
+        self.modes = o.d_state  # the decode state holds every mode, conjugates included (S4D.init_state)
+        lam, p, b, _ = nplr_legs(o.d_state)
+        self.log_dt = nn.Parameter(torch.rand(h) * (math.log(o.dt_max) - math.log(o.dt_min)) + math.log(o.dt_min))
+        self.log_lam_real = nn.Parameter(torch.log(-lam.real).float().repeat(h, 1))
+        self.lam_imag = nn.Parameter(lam.imag.float().repeat(h, 1))
+        self.P = nn.Parameter(torch.view_as_real(p.to(torch.cfloat)).repeat(h, 1, 1))
+        self.B = nn.Parameter(torch.view_as_real(b.to(torch.cfloat)).repeat(h, 1, 1))
+        c = torch.randn(1 if self.causal else 2, h, m, dtype=torch.cfloat) * math.sqrt(0.5)
+        self.C = nn.Parameter(torch.view_as_real(c))
+        self.D = nn.Parameter(torch.randn(h))
+        self.out_proj = nn.Linear(h, 2 * h)
+
+    def system(self) -> tuple[Tensor, ...]:
+        """dt (H,); lam, p, b (H, S) over all S modes; c (directions, H, S); dense A_bar (H, S, S), B_bar (H, S)."""
+        dt = torch.exp(self.log_dt.float() if self.log_dt.dtype != torch.float64 else self.log_dt)
+        real = dt.dtype
+        cplx = torch.complex(*(t.to(real) for t in (-torch.exp(self.log_lam_real), self.lam_imag)))
+        lam = full(cplx)
+        p, b, c = (full(torch.view_as_complex(t.to(real).contiguous())) for t in (self.P, self.B, self.C))
+        a = torch.diag_embed(lam) - p[..., :, None] * p.conj()[..., None, :]
+        eye = torch.eye(lam.shape[-1], dtype=lam.dtype, device=lam.device)
+        half = (dt / 2)[:, None, None] * a
+        a_bar = torch.linalg.solve(eye - half, eye + half)
+        b_bar = torch.linalg.solve(eye - half, (dt[:, None] * b)[..., None])[..., 0]
+        return dt, lam, p, b, c, a_bar, b_bar
+
+    def kernel(self, n: int) -> Tensor:
+        """The convolution kernel K (directions, H, n) by the Cauchy/Woodbury generating function."""
+        dt, lam, p, b, c, a_bar, _ = self.system()
+        c_tilde = c - torch.einsum("dhi,hij->dhj", c, torch.linalg.matrix_power(a_bar, n))
+        return cauchy_kernel(c_tilde, lam, p, b, dt, n)
+
+    # ---- forms ----------------------------------------------------------------------------
+    def _scan(self, u: Tensor, a_bar: Tensor, b_bar: Tensor, c: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The recurrence: u (b, L, H) real; h (b, H, S) complex -> y (b, L, H), h."""
+        ys = []
+        for t in range(u.shape[1]):
+            h = matvec(a_bar, h) + b_bar * u[:, t, :, None]
+            ys.append(torch.einsum("hs,bhs->bh", c, h).real)
+        return torch.stack(ys, 1), h
+
+    def _zero(self, x: Tensor, like: Tensor) -> Tensor:
+        return torch.zeros(x.shape[0], self.d_model, self.modes, dtype=like.dtype, device=x.device)
+
+    def forward_reference(self, x, *, mask, state, pos):
+        """The bilinear recurrence one step at a time with dense A_bar (reversed too if bidirectional)."""
+        u, h0 = self._begin(x, mask, state)
+        *_, c, a_bar, b_bar = self.system()
+        y, h = self._scan(u, a_bar, b_bar, c[0], self._zero(x, a_bar) if h0 is None else h0)
+        if not self.causal:
+            y = y + self._scan(u.flip(1), a_bar, b_bar, c[1], self._zero(x, a_bar))[0].flip(1)
+        return self._end(y, u, state, h)
+
+    def forward_fast(self, x, *, mask, state, pos):
+        """Kernel by the Cauchy generating function, convolution by FFT; a carried state by powers of A_bar."""
+        u, h0 = self._begin(x, mask, state)
+        n = x.shape[1]
+        k = self.kernel(n)
+        ut = u.transpose(1, 2)  # (b, H, L)
+        y = fft_conv(ut, k[0])
+        if not self.causal:
+            y = y + fft_conv(ut.flip(-1), k[1]).flip(-1)
+        h = None
+        if h0 is not None:
+            *_, c, a_bar, b_bar = self.system()
+            carried = powers_applied(a_bar, matvec(a_bar, h0), n)  # (b, H, L, S): A_bar^(l+1) h0
+            y = y + torch.einsum("hs,bhls->bhl", c[0], carried).real
+            written = torch.einsum("bhl,hls->bhs", ut.flip(-1).to(a_bar.dtype), powers_applied(a_bar, b_bar, n))
+            h = carried[:, :, -1] + written
+        return self._end(y.transpose(1, 2), u, state, h)
+
+    def forward_recurrent(self, x, *, mask, state, pos):
+        """Token by token through the decode state (a bidirectional layer has none: it runs the reference)."""
+        if not self.causal:
+            return self.forward_reference(x, mask=mask, state=state, pos=pos)
+        u, h = self._begin(x, mask, state)
+        *_, c, a_bar, b_bar = self.system()
+        h = self._zero(x, a_bar) if h is None else h
+        ys = []
+        for t in range(x.shape[1]):
+            y, h = self._scan(u[:, t : t + 1], a_bar, b_bar, c[0], h)
+            ys.append(y)
+        return self._end(torch.cat(ys, 1), u, state, h)
