@@ -26,14 +26,15 @@ MIXERS = ("softmax", "sliding_window", "linear", "s4d", "s4", "h3", "mamba", "ga
 N_HEADS = 4
 # Options that keep the mixers comparable at this width: SSM state 16; H3's heads as wide as the attention
 # heads (d_model / 4: with 1-wide heads its k~ v^T memory cannot tell 8+ keys apart); sliding_window's window
-# shorter than the sequences, so that it must recall from outside it.
-OPTIONS = {"sliding_window": {"window": 16}, "s4d": {"d_state": 16}, "s4": {"d_state": 16},
-           "h3": {"d_state": 16, "shift_size": 4}}
+# a quarter of the sequence, so that it must recall from outside it.
+OPTIONS = {"s4d": {"d_state": 16}, "s4": {"d_state": 16}, "h3": {"d_state": 16, "shift_size": 4}}
 
 
-def options_for(mixer: str, d_model: int) -> dict:
+def options_for(mixer: str, d_model: int, seq_len: int) -> dict:
     """The mixer options of a cell."""
     extra = {"head_dim": d_model // N_HEADS} if mixer == "h3" else {}
+    if mixer == "sliding_window":
+        extra = {"window": max(2, seq_len // 4)}
     return {**OPTIONS.get(mixer, {}), **extra}
 
 
@@ -45,7 +46,7 @@ def train_cell(mixer: str, seq_len: int, pairs: int, args) -> dict:
     torch.manual_seed(0)
     model = create_model({"task": "lm", "vocab_size": train.vocab_size, "d_model": args.d_model, "n_layers": 2,
                           "n_heads": N_HEADS, "max_len": seq_len, "pad_id": 0, "positional": "sinusoidal",
-                          "mixer": mixer, "mixer_options": options_for(mixer, args.d_model), "ffn": "gelu",
+                          "mixer": mixer, "mixer_options": options_for(mixer, args.d_model, seq_len), "ffn": "gelu",
                           "ffn_mult": 2})
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     gen = torch.Generator().manual_seed(0)

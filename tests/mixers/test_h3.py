@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from efformer.errors import ConfigError
-from tests.helpers import make_mixer, rel_err, with_form
+from tests.helpers import assert_forms_agree, make_mixer, rel_err, with_form
 
 FORMS = ("reference", "fast", "recurrent")
 
@@ -51,22 +51,6 @@ def test_every_form_equals_the_explicit_matrix_oracle(head_dim, n):
             assert rel_err(want, got) < 1e-5, f"{form} at n={n}"
 
 
-def _run(m, form, x, mask, init):
-    with_form(m, form)
-    x = x.clone().requires_grad_(True)
-    state, leaves = None, []
-    if init is not None:
-        leaves = [t.clone().requires_grad_(True) for t in init]
-        state = m.init_state(x.shape[0], "cpu", x.dtype)
-        state.conv, state.h = leaves
-    y, state = m(x, mask=mask, state=state)
-    outs = [y] if state is None else [y, state.conv, state.h]
-    gen = torch.Generator().manual_seed(5)
-    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
-    grads = torch.autograd.grad(loss, [x, *leaves, *m.parameters()])
-    return [o.detach() for o in outs], grads
-
-
 @pytest.mark.parametrize("with_state", [False, True], ids=["fresh", "carried"])
 def test_forms_agree_on_outputs_states_and_gradients(with_state):
     m = make_mixer("h3", True)
@@ -75,18 +59,12 @@ def test_forms_agree_on_outputs_states_and_gradients(with_state):
         x = torch.randn(2, n, m.d_model, generator=gen)
         init = None
         if with_state:
-            init = (torch.randn(2, m.d_model, 3, generator=gen), torch.randn(2, m.channels, m.modes, 2, generator=gen))
+            init = {"conv": torch.randn(2, m.d_model, 3, generator=gen),
+                    "h": torch.randn(2, m.channels, m.modes, 2, generator=gen)}
         keep = torch.rand(2, n, generator=gen) > 0.3
         keep[:, -1] = True
         for mask in (None, keep):
-            ref_out, ref_grad = _run(m, "reference", x, mask, init)
-            for form in FORMS[1:]:
-                out, grad = _run(m, form, x, mask, init)
-                for i, (a, b) in enumerate(zip(ref_out, out, strict=True)):
-                    assert rel_err(a, b) <= 1e-5, f"{form} output/state #{i} differs at n={n}"
-                for i, (a, b) in enumerate(zip(ref_grad, grad, strict=True)):
-                    if a.abs().max() > 0:
-                        assert rel_err(a, b) <= 1e-4, f"{form} gradient #{i} differs at n={n}"
+            assert_forms_agree(m, FORMS, x, mask, init)
 
 
 def test_shift_ssm_sees_exactly_its_window():

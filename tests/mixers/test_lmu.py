@@ -7,7 +7,7 @@ import torch
 
 from efformer.errors import ConfigError
 from efformer.mixers.lmu import legendre_ab, legendre_memory, shifted_legendre
-from tests.helpers import make_mixer, rel_err, with_form
+from tests.helpers import assert_forms_agree, make_mixer
 
 
 def test_closed_form_matrices_match_the_paper_by_hand():
@@ -58,38 +58,17 @@ def test_shifted_legendre_is_orthogonal_on_the_unit_interval():
     assert torch.allclose(gram, torch.diag(1 / (2 * torch.arange(6, dtype=torch.float64) + 1)), atol=1e-6)
 
 
-def _run(m, form, x, mask, init):
-    with_form(m, form)
-    x = x.clone().requires_grad_(True)
-    state, leaves = None, []
-    if init is not None:
-        leaves.append(init.clone().requires_grad_(True))
-        state = m.init_state(x.shape[0], "cpu", x.dtype)
-        state.m = leaves[0]
-    y, state = m(x, mask=mask, state=state)
-    outs = [y] if state is None else [y, state.m]
-    gen = torch.Generator().manual_seed(5)
-    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
-    grads = torch.autograd.grad(loss, [x, *leaves, *m.parameters()])
-    return [o.detach() for o in outs], grads
-
-
 @pytest.mark.parametrize("with_state", [False, True], ids=["fresh", "carried"])
 def test_parallel_form_equals_the_recurrence(with_state):
     m = make_mixer("lmu", True, order=12, theta=20.0, channels=3)
     gen = torch.Generator().manual_seed(0)
     for n in (1, 7, 13, 67):
         x = torch.randn(2, n, m.d_model, generator=gen)
-        init = torch.randn(2, 3, 12, generator=gen) if with_state else None
+        init = {"m": torch.randn(2, 3, 12, generator=gen)} if with_state else None
         keep = torch.rand(2, n, generator=gen) > 0.3
         keep[:, -1] = True
         for mask in (None, keep):
-            ref_out, ref_grad = _run(m, "reference", x, mask, init)
-            out, grad = _run(m, "fast", x, mask, init)
-            for i, (a, b) in enumerate(zip(ref_out, out, strict=True)):
-                assert rel_err(a, b) <= 1e-5, f"output/state #{i} differs at n={n}"
-            for i, (a, b) in enumerate(zip(ref_grad, grad, strict=True)):
-                assert rel_err(a, b) <= 1e-4, f"gradient #{i} differs at n={n}"
+            assert_forms_agree(m, ("reference", "fast"), x, mask, init)
 
 
 def test_defaults_and_bad_options():

@@ -8,7 +8,7 @@ import torch
 from efformer.errors import CapabilityError, ConfigError
 from efformer.mixers.s4 import full, hippo_legs, nplr_legs
 from efformer.mixers.s4d import fft_conv
-from tests.helpers import make_mixer, rel_err, with_form
+from tests.helpers import assert_forms_agree, make_mixer, rel_err, with_form
 
 FORMS = ("reference", "fast", "recurrent")
 
@@ -71,23 +71,6 @@ def test_cauchy_kernel_equals_powers_of_a_bar_and_the_recurrence(causal, n):
     assert rel_err(direct, fft_conv(u, k[0])) < 1e-10
 
 
-def _run(m, form, x, init):
-    """Outputs (and final state) of one form, and gradients w.r.t. x, the initial state and the weights."""
-    with_form(m, form)
-    x = x.clone().requires_grad_(True)
-    state, leaves = None, []
-    if init is not None:
-        leaves.append(init.clone().requires_grad_(True))
-        state = m.init_state(x.shape[0], "cpu", x.dtype)
-        state.h = leaves[0]
-    y, state = m(x, state=state)
-    outs = [y] if state is None else [y, state.h]
-    gen = torch.Generator().manual_seed(5)
-    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
-    grads = torch.autograd.grad(loss, [x, *leaves, *m.parameters()])
-    return [o.detach() for o in outs], grads
-
-
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_forms_agree_on_outputs_states_and_gradients(causal):
     m = make_mixer("s4", causal)
@@ -95,13 +78,7 @@ def test_forms_agree_on_outputs_states_and_gradients(causal):
     for n in (1, 7, 13, 40):
         x = torch.randn(2, n, m.d_model, generator=gen)
         h0 = torch.randn(2, m.d_model, m.modes, 2, generator=gen) * 0.3 if causal else None
-        ref_out, ref_grad = _run(m, "reference", x, h0)
-        for form in FORMS[1:]:
-            out, grad = _run(m, form, x, h0)
-            for i, (a, b) in enumerate(zip(ref_out, out, strict=True)):
-                assert rel_err(a, b) <= 1e-5, f"{form} output/state #{i} differs at n={n}"
-            for i, (a, b) in enumerate(zip(ref_grad, grad, strict=True)):
-                assert rel_err(a, b) <= 1e-4, f"{form} gradient #{i} differs at n={n}"
+        assert_forms_agree(m, FORMS, x, init=None if h0 is None else {"h": h0})
 
 
 def test_prefill_state_continues_exactly():
