@@ -49,10 +49,11 @@ def test_bilinear_discretisation_of_the_learned_system_is_that_of_hippo_legs():
 @pytest.mark.parametrize("n", [1, 2, 7, 16, 33])
 def test_cauchy_kernel_equals_powers_of_a_bar_and_the_recurrence(causal, n):
     """K from the generating function at the roots of unity (Cauchy sums, Woodbury) == C A_bar^l B_bar
-    formed by matrix powers == the impulse response of the unrolled recurrence; odd and even n (z = -1)."""
-    m = make_mixer("s4", causal, d_state=8).double()
+    formed by matrix powers == the impulse response of the unrolled recurrence; odd and even n (z = -1),
+    shorter than max_len (taps of the learned C~'s kernel) and longer (C~ formed for n from C)."""
+    m = make_mixer("s4", causal, d_state=8, max_len=16).double()  # n = 33 forms C~ for its own length
     with torch.no_grad():
-        m.C.normal_()  # both directions' output maps distinct and generic
+        m.C_tilde.normal_()  # both directions' output maps distinct and generic
         m.P.mul_(1.5)  # a low-rank term away from init, so the Woodbury correction carries weight
     k = m.kernel(n)
     *_, c, a_bar, b_bar = m.system()

@@ -13,6 +13,9 @@ Unrolled, the layer is a causal convolution with ``K[l] = C A_bar^l B_bar``. S4 
 powers. It evaluates the truncated generating function ``sum_(l<L) K[l] z^l = C~ (I - A_bar z)^-1 B_bar``
 (with ``C~ = C (I - A_bar^L)``) at the L roots of unity, where the resolvent of a diagonal plus
 rank-one matrix is a Cauchy sum corrected by the Woodbury identity. An inverse FFT then gives K.
+As in the paper, C~ (for L = max_len) is the learned parameter, so the training form never forms a
+dense matrix; the recurrence recovers ``C = C~ (I - A_bar^L)^-1``, and a call longer than max_len
+forms C~ for its own length from C.
 
 Forms: "fast" is the Cauchy kernel plus an FFT convolution; a decode state enters through the powers
 of A_bar applied to it, in O(sqrt L) sequential steps. "reference" is the sequential bilinear
@@ -123,8 +126,9 @@ class S4(S4D):
     capabilities = dataclasses.replace(
         S4D.capabilities,
         paper="Efficiently Modeling Long Sequences with Structured State Spaces",
-        time="O(N d_model (d_state + log N)) for the Cauchy kernel, plus O(d_model d_state^3 log N) for C~",
-        memory="O(N d_model d_state) for the Cauchy matrix, O(d_model d_state) decode state",
+        time="O(max_len d_model d_state + N d_model log N) training; decoding adds O(d_model d_state^3 log max_len) "
+             "per call for the dense A_bar and C",
+        memory="O(max_len d_model d_state) for the Cauchy matrix, O(d_model d_state) decode state",
     )
     Options = S4Options
     test_options = {"d_state": 8}
@@ -142,27 +146,48 @@ class S4(S4D):
         self.lam_imag = nn.Parameter(lam.imag.float().repeat(h, 1))
         self.P = nn.Parameter(torch.view_as_real(p.to(torch.cfloat)).repeat(h, 1, 1))
         self.B = nn.Parameter(torch.view_as_real(b.to(torch.cfloat)).repeat(h, 1, 1))
+        # S4 learns C~ = C (I - A_bar^L) for L = max_len directly (paper, section C.3), so that training
+        # never forms A_bar; the recurrence recovers C from it.
         c = torch.randn(1 if self.causal else 2, h, m, dtype=torch.cfloat) * math.sqrt(0.5)
-        self.C = nn.Parameter(torch.view_as_real(c))
+        self.C_tilde = nn.Parameter(torch.view_as_real(c))
         self.D = nn.Parameter(torch.randn(h))
         self.out_proj = nn.Linear(h, 2 * h)
 
-    def system(self) -> tuple[Tensor, ...]:
-        """dt (H,); lam, p, b (H, S) over all S modes; c (directions, H, S); dense A_bar (H, S, S), B_bar (H, S)."""
+    def _modes(self) -> tuple[Tensor, ...]:
+        """dt (H,); lam, p, b (H, S) over all S modes; C~ (directions, H, S): all that the kernel needs."""
         dt = torch.exp(self.log_dt.float() if self.log_dt.dtype != torch.float64 else self.log_dt)
         real = dt.dtype
-        cplx = torch.complex(*(t.to(real) for t in (-torch.exp(self.log_lam_real), self.lam_imag)))
-        lam = full(cplx)
-        p, b, c = (full(torch.view_as_complex(t.to(real).contiguous())) for t in (self.P, self.B, self.C))
+        lam = full(torch.complex(*(t.to(real) for t in (-torch.exp(self.log_lam_real), self.lam_imag))))
+        p, b, c_tilde = (full(torch.view_as_complex(t.to(real).contiguous())) for t in (self.P, self.B, self.C_tilde))
+        return dt, lam, p, b, c_tilde
+
+    def system(self) -> tuple[Tensor, ...]:
+        """dt, lam, p, b as in _modes; the output map C = C~ (I - A_bar^max_len)^-1 (directions, H, S); dense
+        A_bar (H, S, S) and B_bar (H, S): what the recurrence needs."""
+        modes = self._modes()
+        # The dense part runs in float64: I - A_bar^L is ill-conditioned when dt L is small, and float32
+        # lost 1e-4 of the gradients through its solve.
+        dt, lam, p, b, c_tilde = (t.to(torch.complex128 if t.is_complex() else torch.float64) for t in modes)
         a = torch.diag_embed(lam) - p[..., :, None] * p.conj()[..., None, :]
         eye = torch.eye(lam.shape[-1], dtype=lam.dtype, device=lam.device)
         half = (dt / 2)[:, None, None] * a
         a_bar = torch.linalg.solve(eye - half, eye + half)
         b_bar = torch.linalg.solve(eye - half, (dt[:, None] * b)[..., None])[..., 0]
-        return dt, lam, p, b, c, a_bar, b_bar
+        # C (I - A_bar^L) = C~ as row vectors, i.e. (I - A_bar^L)^T C^T = C~^T, per channel
+        lhs = (eye - torch.linalg.matrix_power(a_bar, self.max_len)).transpose(-1, -2)
+        c = torch.linalg.solve(lhs, c_tilde.permute(1, 2, 0)).permute(2, 0, 1)
+        cplx = modes[1].dtype
+        return (*modes[:4], c.to(cplx), a_bar.to(cplx), b_bar.to(cplx))
 
     def kernel(self, n: int) -> Tensor:
-        """The convolution kernel K (directions, H, n) by the Cauchy/Woodbury generating function."""
+        """The convolution kernel K (directions, H, n) by the Cauchy/Woodbury generating function.
+
+        Up to max_len it is the first n taps of the learned length-max_len kernel (no dense matrix is
+        formed); past it, C~ for length n is formed from C and A_bar^n.
+        """
+        if n <= self.max_len:
+            dt, lam, p, b, c_tilde = self._modes()
+            return cauchy_kernel(c_tilde, lam, p, b, dt, self.max_len)[..., :n]
         dt, lam, p, b, c, a_bar, _ = self.system()
         c_tilde = c - torch.einsum("dhi,hij->dhj", c, torch.linalg.matrix_power(a_bar, n))
         return cauchy_kernel(c_tilde, lam, p, b, dt, n)
