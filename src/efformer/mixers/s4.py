@@ -108,12 +108,13 @@ def cauchy_kernel(c_tilde: Tensor, lam: Tensor, p: Tensor, b: Tensor, dt: Tensor
     """
     k = torch.arange(n, device=lam.device, dtype=lam.real.dtype)
     z = torch.polar(torch.ones_like(k), -2 * math.pi * k / n)  # (n,)
-    one_plus = (1 + z)[None, :, None]
-    cauchy = 1 / ((2 / dt)[:, None, None] * (1 - z)[None, :, None] - one_plus * lam[:, None, :])  # (H, n, S)
-    k_cb = torch.einsum("dhs,hks->dhk", c_tilde * b, cauchy)
-    k_cp = torch.einsum("dhs,hks->dhk", c_tilde * p, cauchy)
-    k_pb = torch.einsum("hs,hks->hk", p.conj() * b, cauchy)
-    k_pp = torch.einsum("hs,hks->hk", p.conj() * p, cauchy)
+    cauchy = 1 / ((2 / dt)[:, None, None] * (1 - z) - lam[..., None] * (1 + z))  # (H, S, n)
+    dirs = c_tilde.shape[0]
+    # every Cauchy sum at once: one batched (H, 2 dirs + 2, S) @ (H, S, n) product
+    numer = torch.cat([(c_tilde * b).transpose(0, 1), (c_tilde * p).transpose(0, 1),
+                       (p.conj() * b)[:, None], (p.conj() * p)[:, None]], dim=1)
+    sums = (numer @ cauchy).transpose(0, 1)  # (2 dirs + 2, H, n)
+    k_cb, k_cp, k_pb, k_pp = sums[:dirs], sums[dirs : 2 * dirs], sums[2 * dirs], sums[2 * dirs + 1]
     u = 1 + z
     generating = 2 * (k_cb - u * k_cp * k_pb / (1 + u * k_pp))
     return torch.fft.ifft(generating, n=n).real
