@@ -115,3 +115,19 @@ def test_bad_options_name_the_field():
         make_mixer("s4", True, dt_min=1.0, dt_max=0.1)
     with pytest.raises(CapabilityError, match="s4: a bidirectional"):
         make_mixer("s4", False).init_state(1, "cpu", torch.float32)
+
+
+def test_cached_decode_system_follows_parameter_updates():
+    """Decoding without autograd keeps the dense A_bar and C between calls; an in-place update (an
+    optimiser step) must refresh them."""
+    m = make_mixer("s4", True)
+    x = torch.randn(1, 6, m.d_model)
+    with torch.no_grad():
+        for _ in range(2):
+            with torch.enable_grad():
+                want, _ = with_form(m, "reference")(x)  # autograd on: never cached
+            state = m.init_state(1, "cpu", torch.float32)
+            got = torch.cat([with_form(m, "recurrent")(x[:, t : t + 1], state=state)[0] for t in range(6)], 1)
+            assert rel_err(want, got) < 1e-5
+            m.log_dt.add_(0.5)
+            m.C_tilde.mul_(-1.0)

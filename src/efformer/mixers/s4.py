@@ -164,7 +164,19 @@ class S4(S4D):
 
     def system(self) -> tuple[Tensor, ...]:
         """dt, lam, p, b as in _modes; the output map C = C~ (I - A_bar^max_len)^-1 (directions, H, S); dense
-        A_bar (H, S, S) and B_bar (H, S): what the recurrence needs."""
+        A_bar (H, S, S) and B_bar (H, S): what the recurrence needs.
+
+        Without autograd (decoding) the result is kept until a parameter changes (in place, as optimisers
+        do, or replaced), so token-by-token decoding pays the O(H S^3 log max_len) setup once.
+        """
+        if torch.is_grad_enabled():
+            return self._dense_system()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        if getattr(self, "_system_cache", (None,))[0] != key:
+            self._system_cache = (key, self._dense_system())
+        return self._system_cache[1]
+
+    def _dense_system(self) -> tuple[Tensor, ...]:
         modes = self._modes()
         # The dense part runs in float64: I - A_bar^L is ill-conditioned when dt L is small, and float32
         # lost 1e-4 of the gradients through its solve.
