@@ -12,7 +12,7 @@ accuracy on held-out examples at the asked positions (chance = 1 / n_values).
 
 That small run (one seed, 400 steps of 32 examples, a busy 2-core CPU, 1-5 minutes a cell) gave, in % with
 chance 12.5: h3 62.4, s4 43.9, softmax 42.5, s4d 33.9, linear 25.5, mamba 25.2, sliding_window (window 4)
-24.0, gated_deltanet 23.9; at L=32, D=4 h3 and s4d were still at chance. Too small a budget to rank the
+24.0, gated_deltanet 23.9; at L=32, D=4 h3, s4d and softmax were all still at chance. Too small a budget to rank the
 mixers Zoology ranks; it agrees with H3's claim over S4D at L=16 and says nothing beyond it.
 """
 

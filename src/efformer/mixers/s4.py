@@ -19,7 +19,8 @@ forms C~ for its own length from C.
 
 Forms: "fast" is the Cauchy kernel plus an FFT convolution; a decode state enters through the powers
 of A_bar applied to it, in O(sqrt L) sequential steps. "reference" is the sequential bilinear
-recurrence with dense A_bar. "recurrent" feeds the tokens one at a time through the decode state.
+recurrence with dense A_bar; "recurrent" feeds the tokens one at a time through the decode state
+(both are S4D's forms, run with S4's dense-matrix step).
 Direction, padding, the D skip, GELU and the GLU output are those of S4D (:mod:`efformer.mixers.s4d`).
 """
 
@@ -205,8 +206,14 @@ class S4(S4D):
         c_tilde = c - torch.einsum("dhi,hij->dhj", c, torch.linalg.matrix_power(a_bar, n))
         return cauchy_kernel(c_tilde, lam, p, b, dt, n)
 
-    # ---- forms ----------------------------------------------------------------------------
-    def _scan(self, u: Tensor, a_bar: Tensor, b_bar: Tensor, c: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    # ---- the recurrence, in the terms of S4D's reference and recurrent forms (which S4 inherits) ----
+    def _discretise(self) -> tuple[None, Tensor, Tensor, Tensor]:
+        """(unused, dense A_bar (H, S, S), B_bar (H, S), C (directions, H, S))."""
+        *_, c, a_bar, b_bar = self.system()
+        return None, a_bar, b_bar, c
+
+    @staticmethod
+    def _scan(u: Tensor, a_bar: Tensor, b_bar: Tensor, c: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """The recurrence: u (b, L, H) real; h (b, H, S) complex -> y (b, L, H), h."""
         ys = []
         for t in range(u.shape[1]):
@@ -214,18 +221,7 @@ class S4(S4D):
             ys.append(torch.einsum("hs,bhs->bh", c, h).real)
         return torch.stack(ys, 1), h
 
-    def _zero(self, x: Tensor, like: Tensor) -> Tensor:
-        return torch.zeros(x.shape[0], self.d_model, self.modes, dtype=like.dtype, device=x.device)
-
-    def forward_reference(self, x, *, mask, state, pos):
-        """The bilinear recurrence one step at a time with dense A_bar (reversed too if bidirectional)."""
-        u, h0 = self._begin(x, mask, state)
-        *_, c, a_bar, b_bar = self.system()
-        y, h = self._scan(u, a_bar, b_bar, c[0], self._zero(x, a_bar) if h0 is None else h0)
-        if not self.causal:
-            y = y + self._scan(u.flip(1), a_bar, b_bar, c[1], self._zero(x, a_bar))[0].flip(1)
-        return self._end(y, u, state, h)
-
+    # ---- forms ----------------------------------------------------------------------------
     def forward_fast(self, x, *, mask, state, pos):
         """Kernel by the Cauchy generating function, convolution by FFT; a carried state by powers of A_bar."""
         u, h0 = self._begin(x, mask, state)
@@ -243,16 +239,3 @@ class S4(S4D):
             written = torch.einsum("bhl,hls->bhs", ut.flip(-1).to(a_bar.dtype), powers_applied(a_bar, b_bar, n))
             h = carried[:, :, -1] + written
         return self._end(y.transpose(1, 2), u, state, h)
-
-    def forward_recurrent(self, x, *, mask, state, pos):
-        """Token by token through the decode state (a bidirectional layer has none: it runs the reference)."""
-        if not self.causal:
-            return self.forward_reference(x, mask=mask, state=state, pos=pos)
-        u, h = self._begin(x, mask, state)
-        *_, c, a_bar, b_bar = self.system()
-        h = self._zero(x, a_bar) if h is None else h
-        ys = []
-        for t in range(x.shape[1]):
-            y, h = self._scan(u[:, t : t + 1], a_bar, b_bar, c[0], h)
-            ys.append(y)
-        return self._end(torch.cat(ys, 1), u, state, h)

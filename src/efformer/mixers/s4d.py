@@ -161,6 +161,8 @@ class S4D(Mixer):
         return S4DState(h=torch.zeros(batch, self.d_model, self.modes, 2, device=device, dtype=dtype))
 
     # ---- shared parts ---------------------------------------------------------------------
+    _scan = staticmethod(recurrence)  # the step-by-step SSM (S4 swaps in its dense-matrix one)
+
     def _discretise(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Complex dt*A, A_bar, B_bar (H, M) by zero-order hold, and C (directions, H, M)."""
         # The SSM runs in at least float32 (complex half precision is barely supported and too coarse).
@@ -192,9 +194,9 @@ class S4D(Mixer):
         u, h0 = self._begin(x, mask, state)
         _, a_bar, b_bar, c = self._discretise()
         zero = torch.zeros(x.shape[0], self.d_model, self.modes, dtype=a_bar.dtype, device=x.device)
-        y, h = recurrence(u, a_bar, b_bar, c[0], zero if h0 is None else h0)
+        y, h = self._scan(u, a_bar, b_bar, c[0], zero if h0 is None else h0)
         if not self.causal:
-            y = y + recurrence(u.flip(1), a_bar, b_bar, c[1], zero)[0].flip(1)
+            y = y + self._scan(u.flip(1), a_bar, b_bar, c[1], zero)[0].flip(1)
         return self._end(y, u, state, h)
 
     def forward_fast(self, x, *, mask, state, pos):
@@ -223,6 +225,6 @@ class S4D(Mixer):
             h = torch.zeros(x.shape[0], self.d_model, self.modes, dtype=a_bar.dtype, device=x.device)
         ys = []
         for t in range(x.shape[1]):
-            y, h = recurrence(u[:, t : t + 1], a_bar, b_bar, c[0], h)
+            y, h = self._scan(u[:, t : t + 1], a_bar, b_bar, c[0], h)
             ys.append(y)
         return self._end(torch.cat(ys, 1), u, state, h)
