@@ -20,7 +20,7 @@ forms C~ for its own length from C.
 Forms: "fast" is the Cauchy kernel plus an FFT convolution; a decode state enters through the powers
 of A_bar applied to it, in O(sqrt L) sequential steps. "reference" is the sequential bilinear
 recurrence with dense A_bar; "recurrent" feeds the tokens one at a time through the decode state
-(both are S4D's forms, run with S4's dense-matrix step).
+(S4D's three forms, run with S4's kernel, dense-matrix step and carried-state powers).
 Direction, padding, the D skip, GELU and the GLU output are those of S4D (:mod:`efformer.mixers.s4d`).
 """
 
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from efformer.errors import ConfigError
 from efformer.mixers.base import Mixer, MixerOptions
-from efformer.mixers.s4d import S4D, fft_conv
+from efformer.mixers.s4d import S4D
 from efformer.registry import register_mixer
 
 
@@ -206,7 +206,7 @@ class S4(S4D):
         c_tilde = c - torch.einsum("dhi,hij->dhj", c, torch.linalg.matrix_power(a_bar, n))
         return cauchy_kernel(c_tilde, lam, p, b, dt, n)
 
-    # ---- the recurrence, in the terms of S4D's reference and recurrent forms (which S4 inherits) ----
+    # ---- the pieces S4D's three forms call (S4 inherits the forms themselves) -----------------
     def _discretise(self) -> tuple[None, Tensor, Tensor, Tensor]:
         """(unused, dense A_bar (H, S, S), B_bar (H, S), C (directions, H, S))."""
         *_, c, a_bar, b_bar = self.system()
@@ -221,21 +221,11 @@ class S4(S4D):
             ys.append(torch.einsum("hs,bhs->bh", c, h).real)
         return torch.stack(ys, 1), h
 
-    # ---- forms ----------------------------------------------------------------------------
-    def forward_fast(self, x, *, mask, state, pos):
-        """Kernel by the Cauchy generating function, convolution by FFT; a carried state by powers of A_bar."""
-        u, h0 = self._begin(x, mask, state)
-        n = x.shape[1]
-        k = self.kernel(n)
-        ut = u.transpose(1, 2)  # (b, H, L)
-        y = fft_conv(ut, k[0])
-        if not self.causal:
-            y = y + fft_conv(ut.flip(-1), k[1]).flip(-1)
-        h = None
-        if h0 is not None:
-            *_, c, a_bar, b_bar = self.system()
-            carried = powers_applied(a_bar, matvec(a_bar, h0), n)  # (b, H, L, S): A_bar^(l+1) h0
-            y = y + torch.einsum("hs,bhls->bhl", c[0], carried).real
-            written = torch.einsum("bhl,hls->bhs", ut.flip(-1).to(a_bar.dtype), powers_applied(a_bar, b_bar, n))
-            h = carried[:, :, -1] + written
-        return self._end(y.transpose(1, 2), u, state, h)
+    def _carry(self, ut: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+        """What the carried state h0 (b, H, S) adds to the outputs (b, H, L) of a call on ut (b, H, L), by
+        powers of A_bar in O(sqrt L) sequential steps, and the state after the call."""
+        *_, c, a_bar, b_bar = self.system()
+        n = ut.shape[-1]
+        carried = powers_applied(a_bar, matvec(a_bar, h0), n)  # (b, H, L, S): A_bar^(l+1) h0
+        written = torch.einsum("bhl,hls->bhs", ut.flip(-1).to(a_bar.dtype), powers_applied(a_bar, b_bar, n))
+        return torch.einsum("hs,bhls->bhl", c[0], carried).real, carried[:, :, -1] + written

@@ -174,6 +174,16 @@ class S4D(Mixer):
         a_bar = cexp(dt_a)
         return dt_a, a_bar, (a_bar - 1) / a * torch.view_as_complex(b), torch.view_as_complex(c)
 
+    def kernel(self, n: int) -> Tensor:
+        """The convolution kernel K (directions, H, n), by the blocked Vandermonde product."""
+        dt_a, _, b_bar, c = self._discretise()
+        return ssm_kernel(c * b_bar, dt_a, n)
+
+    def _carry(self, ut: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+        """What the carried state h0 adds to the outputs (b, H, L) of a call on ut (b, H, L), and the state after."""
+        dt_a, a_bar, b_bar, c = self._discretise()
+        return carried_state(ut, dt_a, a_bar, b_bar, c[0], h0)
+
     def _begin(self, x, mask, state):
         if state is not None and not self.causal:
             raise CapabilityError(f"{self.name}: a bidirectional (causal=False) layer has no decode state; "
@@ -202,16 +212,14 @@ class S4D(Mixer):
     def forward_fast(self, x, *, mask, state, pos):
         """Kernel K by a Vandermonde product, convolution by FFT; a decode state enters in closed form."""
         u, h0 = self._begin(x, mask, state)
-        dt_a, a_bar, b_bar, c = self._discretise()
-        n = x.shape[1]
-        k = ssm_kernel(c * b_bar, dt_a, n)  # (directions, H, L)
+        k = self.kernel(x.shape[1])  # (directions, H, L)
         ut = u.transpose(1, 2)  # (b, H, L)
         y = fft_conv(ut, k[0])
         if not self.causal:
             y = y + fft_conv(ut.flip(-1), k[1]).flip(-1)
         h = None
         if h0 is not None:
-            carried, h = carried_state(ut, dt_a, a_bar, b_bar, c[0], h0)
+            carried, h = self._carry(ut, h0)
             y = y + carried
         return self._end(y.transpose(1, 2), u, state, h)
 
