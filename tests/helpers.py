@@ -90,3 +90,35 @@ class LargestTensor(TorchFunctionMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+def run_form_with_state(m, form: str, x: Tensor, mask: Tensor | None = None, init: dict[str, Tensor] | None = None):
+    """Run ``m`` in ``form`` from a decode state whose fields are ``init`` (None: no state); returns the
+    outputs ([y] or [y, *final state fields]) and the gradients of a fixed random loss w.r.t. x, the
+    initial state fields and every parameter."""
+    with_form(m, form)
+    x = x.clone().requires_grad_(True)
+    state, leaves = None, {}
+    if init is not None:
+        leaves = {k: v.clone().requires_grad_(True) for k, v in init.items()}
+        state = m.init_state(x.shape[0], "cpu", x.dtype)
+        for k, v in leaves.items():
+            setattr(state, k, v)
+    y, state = m(x, mask=mask, state=state)
+    outs = [y] if state is None else [y, *(getattr(state, k) for k in leaves)]
+    gen = torch.Generator().manual_seed(5)
+    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, [x, *leaves.values(), *m.parameters()])
+    return [o.detach() for o in outs], grads
+
+
+def assert_forms_agree(m, forms, x, mask=None, init=None, tol: float = 1e-5, grad_tol: float = 1e-4) -> None:
+    """Every form in ``forms[1:]`` matches ``forms[0]`` on outputs, final states and gradients."""
+    ref_out, ref_grad = run_form_with_state(m, forms[0], x, mask, init)
+    for form in forms[1:]:
+        out, grad = run_form_with_state(m, form, x, mask, init)
+        for i, (a, b) in enumerate(zip(ref_out, out, strict=True)):
+            assert rel_err(a, b) <= tol, f"{form} output/state #{i} differs at n={x.shape[1]}"
+        for i, (a, b) in enumerate(zip(ref_grad, grad, strict=True)):
+            if a.abs().max() > 0:
+                assert rel_err(a, b) <= grad_tol, f"{form} gradient #{i} differs at n={x.shape[1]}"

@@ -79,6 +79,23 @@ def test_classifier_and_dual_loss_and_accuracy(preset):
     assert metrics["accuracy"] == pytest.approx(float((logits.argmax(-1) == batch["label"]).float().mean()))
 
 
+def test_per_position_targets_score_only_the_asked_positions():
+    """Recall tasks' {input_ids, targets}: left-padded with IGNORE targets; loss and accuracy over asked tokens."""
+    model = _lm().eval()
+    a = {"input_ids": torch.tensor([5, 6, 7, 8]), "targets": torch.tensor([-100, 9, -100, 3])}
+    b = {"input_ids": torch.tensor([4, 2]), "targets": torch.tensor([-100, 11])}
+    batch = collate([a, b])
+    assert batch["targets"].tolist() == [[-100, 9, -100, 3], [-100, -100, -100, 11]]
+    assert count_terms(batch) == 3
+    loss, metrics = compute_loss(model, batch)
+    with torch.no_grad():
+        la, lb = model(a["input_ids"][None])[0], model(b["input_ids"][None])[0]
+    picked = torch.stack([la[1], la[3], lb[1]])
+    want = F.cross_entropy(picked, torch.tensor([9, 3, 11]))
+    assert torch.allclose(loss, want, atol=1e-5)
+    assert metrics["accuracy"] == (picked.argmax(-1) == torch.tensor([9, 3, 11])).float().mean().item()
+
+
 def test_batch_order_is_a_seeded_permutation_per_epoch():
     order = BatchOrder(n_examples=23, batch_size=5, seed=3)
     assert order.batches_per_epoch == 4

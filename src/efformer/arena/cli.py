@@ -22,7 +22,8 @@ def register(sub) -> None:
                         "the ones slow on CPU (it prints which)")
     a.add_argument("--tasks", nargs="+", default=None,
                    help="default: listops (quick) or listops and pathfinder (paper), plus text/retrieval/image if "
-                        "--data-dir has their files; quick pathfinder is not offered (it ended below chance)")
+                        "--data-dir has their files; quick pathfinder is not offered (it ended below chance); "
+                        "recall tasks (causal LMs): mqar, selective_copy, induction, needle")
     a.add_argument("--seeds", type=int, nargs="+", default=[0])
     a.add_argument("--data-dir", default=None, help="folder with the released LRA files (and the generated cache)")
     a.add_argument("--steps", type=int, default=None, help="override the preset's training steps")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from efformer.arena.runner import NOT_OFFERED, QUICK_SLOW_ON_CPU, summary_rows
-from efformer.arena.tasks import PAPER_TABLE1, TASK_NAMES, TASKS
+from efformer.arena.tasks import PAPER_TABLE1, RECALL_NAMES, TASK_NAMES, TASKS
 from efformer.results import ResultsStore
 
 # efformer mixer -> the row name in the LRA paper's Table 1
@@ -24,7 +24,7 @@ PAPER_NAMES = {
 
 def aggregate(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """(tasks present, per mixer: mean accuracy per task, average, params, steps/s, peak memory, seeds)."""
-    tasks = [t for t in TASK_NAMES if any(r["task"] == t for r in rows)]
+    tasks = [t for t in (*TASK_NAMES, *RECALL_NAMES) if any(r["task"] == t for r in rows)]
     acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     cost: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -126,7 +126,8 @@ def _fmt(v, spec: str) -> str:
 
 def _paper_table(table: dict, tasks: list[str], preset: str) -> list[str]:
     shown = [m for m in table if m in PAPER_NAMES]
-    if not shown:
+    tasks = [t for t in tasks if t in TASK_NAMES]  # the paper has no recall tasks
+    if not shown or not tasks:
         return []
     lines = ["## Beside the LRA paper (Table 1, test accuracy %)", "",
              f"Ours = preset `{preset}`" + ("" if preset == "paper" else ", not comparable to the paper's setup") + ".",

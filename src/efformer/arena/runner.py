@@ -21,6 +21,7 @@ import torch
 from efformer.arena.tasks import TaskSpec, build_datasets, get_task
 from efformer.bench.perf import reset_peak_rss, rss_kb
 from efformer.bench.runner import measure_in_worker
+from efformer.data.recall import IGNORE
 from efformer.errors import ConfigError, DataError, EfformerError
 from efformer.models import create_model
 from efformer.models.config import build_config
@@ -53,7 +54,11 @@ def default_mixers(preset: str) -> tuple[list[str], list[str]]:
 
 
 def chance_accuracy(data) -> float:
-    """Majority-class accuracy of a labelled dataset: what always predicting its commonest label scores."""
+    """Majority-class accuracy of a labelled dataset: what always predicting its commonest label scores
+    (for per-position targets, the commonest asked target)."""
+    if hasattr(data, "targets"):
+        asked = data.targets[data.targets != IGNORE]
+        return float(asked.bincount().max()) / max(1, asked.numel())
     counts: dict[int, int] = {}
     for i in range(len(data)):
         label = int(data[i]["label"])
@@ -116,7 +121,7 @@ class CellResult:
     """What one cell did: its run id, status and headline numbers (or the error)."""
 
     run_id: str
-    status: str  # done, skipped, failed, missing-data
+    status: str  # done, skipped, failed, missing-data, unsupported
     accuracy: float | None = None
     seconds: float = 0.0
     error: str = ""
@@ -245,6 +250,11 @@ def run_grid(preset: str = "quick", mixers: list[str] | None = None, tasks: list
         run_id = cell_run_id(spec.preset, task, mixer, seed)
         if task in missing:
             results.append(CellResult(run_id, "missing-data", error=missing[task]))
+            continue
+        if spec.task == "lm" and not MIXERS.get(mixer).capabilities.causal:  # recall tasks are causal LMs
+            results.append(CellResult(run_id, "unsupported", error=f"{mixer} is bidirectional only; {task} is a "
+                                                                   "causal language-model task"))
+            log(f"[{i}/{len(cells)}] {preset}/{task}/{mixer}/seed{seed}: unsupported — {results[-1].error}")
             continue
         if is_done(store, run_id):
             res = CellResult(run_id, "skipped")

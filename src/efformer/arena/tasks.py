@@ -18,10 +18,12 @@ from typing import Any, Literal
 from efformer.data import listops as lo
 from efformer.data import loaders as ld
 from efformer.data import pathfinder as pf
+from efformer.data import recall as rc
 from efformer.errors import ConfigError, DataError, UnknownNameError
 
 PRESETS = ("paper", "quick")
 TASK_NAMES = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
+RECALL_NAMES = ("mqar", "selective_copy", "induction", "needle")  # efformer.data.recall: causal LM tasks
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class TaskSpec:
 
     name: str
     preset: str
-    task: Literal["classifier", "dual"]
+    task: Literal["classifier", "dual", "lm"]  # lm: the recall tasks, per-position targets
     seq_len: int  # tokens per sequence (per document for the dual task)
     vocab_size: int
     n_classes: int
@@ -46,6 +48,9 @@ class TaskSpec:
 
     def model_config(self, **overrides: Any) -> dict[str, Any]:
         """Keyword arguments for efformer.config.build_config (a CLS token adds one position)."""
+        if self.task == "lm":
+            return {"task": "lm", "vocab_size": self.vocab_size, "max_len": self.seq_len, "pad_id": 0, **self.model,
+                    **{k: v for k, v in overrides.items() if k != "encoder_causal"}}  # an LM is causal anyway
         cfg = {"task": self.task, "vocab_size": self.vocab_size, "n_classes": self.n_classes,
                "pooling": self.pooling, "max_len": self.seq_len + (self.pooling == "cls"), "pad_id": 0,
                **self.model}
@@ -139,6 +144,47 @@ _QUICK = {
 }
 TASKS: dict[str, dict[str, TaskSpec]] = {"paper": _PAPER, "quick": _QUICK}
 
+
+def _generator_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """A recall task's generator options: its data settings less the split sizes."""
+    return {k: v for k, v in data.items() if k not in ("n_train", "n_val", "n_test")}
+
+
+def _recall(name: str, preset: str, data: dict[str, Any], model: dict[str, Any], optim: dict[str, Any],
+            notes: str = "") -> TaskSpec:
+    """A recall task: a causal LM scored on its asked positions (n_classes and pooling are unused)."""
+    opts, make = rc.GENERATORS[name]
+    probe = make(opts(**_generator_settings(data), n_examples=1))
+    return TaskSpec(name, preset, "lm", probe.seq_len, probe.vocab_size, probe.answers, "mean", "synthetic",
+                    data, model, optim, notes=notes)
+
+
+_RECALL_MODEL = _model(64, 2, 4, 128, 0.0, 0.0, "sinusoidal")  # one positional scheme every mixer takes
+_SPLITS = {"n_train": 4000, "n_val": 500, "n_test": 500}
+# Zoology's MQAR grid (Arora et al. 2023, section 3): sequence length 64-512, 4-64 key-value pairs, widths
+# 64-512, 2 layers, 8192-token vocabulary, 100K training examples; "paper" takes one cell of it.
+RECALL: dict[str, dict[str, TaskSpec]] = {
+    "quick": {
+        "mqar": _recall("mqar", "quick", {"seq_len": 64, "n_pairs": 8, "n_keys": 32, "n_values": 32, **_SPLITS},
+                        _RECALL_MODEL, _optim(3e-3, 0.1, 30, 400, 32, "cosine"),
+                        notes="64 tokens, 8 pairs, 32 keys and 32 values; chance 1/32"),
+        "selective_copy": _recall("selective_copy", "quick", {"seq_len": 48, "n_tokens": 8, "n_symbols": 16,
+                                                              **_SPLITS},
+                                  _RECALL_MODEL, _optim(3e-3, 0.1, 30, 400, 32, "cosine")),
+        "induction": _recall("induction", "quick", {"seq_len": 64, "n_symbols": 16, **_SPLITS},
+                             _RECALL_MODEL, _optim(3e-3, 0.1, 30, 400, 32, "cosine")),
+        "needle": _recall("needle", "quick", {"seq_len": 128, "n_keys": 16, "n_values": 16, "n_distractors": 3,
+                                              "n_noise": 32, **_SPLITS},
+                          _RECALL_MODEL, _optim(3e-3, 0.1, 30, 400, 32, "cosine")),
+    },
+    "paper": {
+        "mqar": _recall("mqar", "paper", {"seq_len": 256, "n_pairs": 16, "n_keys": 4096, "n_values": 4096,
+                                          "n_train": 100_000, "n_val": 3000, "n_test": 3000},
+                        dict(_RECALL_MODEL, d_model=128), _optim(1e-3, 0.1, 500, 20_000, 64, "cosine"),
+                        notes="one cell of Zoology's grid (L 256, 16 pairs, width 128)"),
+    },
+}
+
 # Table 1 of the LRA paper: test accuracy (%); None = FAIL. Averages over the 5 tasks without Path-X.
 PAPER_TABLE1: dict[str, dict[str, float | None]] = {
     name: dict(zip(("listops", "text", "retrieval", "image", "pathfinder", "pathx", "avg"), row, strict=True))
@@ -162,8 +208,10 @@ def get_task(name: str, preset: str = "quick") -> TaskSpec:
     """The TaskSpec of an LRA task under a preset."""
     if preset not in TASKS:
         raise ConfigError("preset", preset, f"one of {list(TASKS)}")
+    if name in RECALL[preset]:
+        return RECALL[preset][name]
     if name not in TASKS[preset]:
-        raise UnknownNameError("LRA task", name, TASKS[preset])
+        raise UnknownNameError("arena task", name, {**TASKS[preset], **RECALL[preset]})
     return TASKS[preset][name]
 
 
@@ -228,6 +276,10 @@ def build_datasets(spec: TaskSpec | str, preset: str = "quick", data_dir: str | 
         spec = get_task(spec, preset)
     if spec.source == "files":
         return _files(spec, None if data_dir is None else Path(data_dir))
+    if spec.name in RECALL_NAMES:  # generated in memory in well under a second: no cache
+        opts, make = rc.GENERATORS[spec.name]
+        return tuple(make(opts(**_generator_settings(spec.data), n_examples=spec.data[f"n_{s}"], seed=3 * seed + i))
+                     for i, s in enumerate(("train", "val", "test")))
     cache = Path(data_dir) / "generated" if data_dir is not None else Path("runs") / "data"
     cache.mkdir(parents=True, exist_ok=True)
     if spec.name == "listops":
@@ -235,4 +287,5 @@ def build_datasets(spec: TaskSpec | str, preset: str = "quick", data_dir: str | 
     return _pathfinder(spec, cache, seed, workers)
 
 
-__all__ = ["PAPER_TABLE1", "PRESETS", "TASKS", "TASK_NAMES", "TaskSpec", "build_datasets", "get_task"]
+__all__ = ["PAPER_TABLE1", "PRESETS", "RECALL", "RECALL_NAMES", "TASKS", "TASK_NAMES", "TaskSpec", "build_datasets",
+           "get_task"]

@@ -101,6 +101,17 @@ def fft_conv(u: Tensor, k: Tensor) -> Tensor:
     return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., : u.shape[-1]]
 
 
+def carried_state(ut: Tensor, dt_a: Tensor, a_bar: Tensor, b_bar: Tensor, c: Tensor,
+                  h0: Tensor) -> tuple[Tensor, Tensor]:
+    """A diagonal SSM's carried state in closed form: what h0 (b, H, M) adds to the outputs of a call on
+    ut (b, H, L), namely 2 Re(C A_bar^(l+1) h0) at step l, and the state after the call (b, H, M)."""
+    n = ut.shape[-1]
+    vander = cexp(dt_a[..., None] * torch.arange(n, device=ut.device))  # (H, M, L): A_bar^l
+    y = 2 * torch.einsum("hm,bhm,hml->bhl", c, h0 * a_bar, vander).real
+    written = torch.einsum("bhl,hml->bhm", ut.to(vander.dtype), vander.flip(-1)) * b_bar
+    return y, h0 * cexp(dt_a * n) + written
+
+
 @register_mixer("s4d")
 class S4D(Mixer):
     """S4D: per-channel diagonal complex SSM as an FFT long convolution, GELU and a GLU output projection."""
@@ -145,10 +156,13 @@ class S4D(Mixer):
     def init_state(self, batch, device, dtype) -> S4DState:
         """A zero state (causal layers only: a bidirectional layer reads the future)."""
         if not self.causal:
-            raise CapabilityError("s4d: a bidirectional (causal=False) layer has no decode state; use causal=True")
+            raise CapabilityError(f"{self.name}: a bidirectional (causal=False) layer has no decode state; "
+                                  "use causal=True")
         return S4DState(h=torch.zeros(batch, self.d_model, self.modes, 2, device=device, dtype=dtype))
 
     # ---- shared parts ---------------------------------------------------------------------
+    _scan = staticmethod(recurrence)  # the step-by-step SSM (S4 swaps in its dense-matrix one)
+
     def _discretise(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Complex dt*A, A_bar, B_bar (H, M) by zero-order hold, and C (directions, H, M)."""
         # The SSM runs in at least float32 (complex half precision is barely supported and too coarse).
@@ -160,9 +174,20 @@ class S4D(Mixer):
         a_bar = cexp(dt_a)
         return dt_a, a_bar, (a_bar - 1) / a * torch.view_as_complex(b), torch.view_as_complex(c)
 
+    def kernel(self, n: int) -> Tensor:
+        """The convolution kernel K (directions, H, n), by the blocked Vandermonde product."""
+        dt_a, _, b_bar, c = self._discretise()
+        return ssm_kernel(c * b_bar, dt_a, n)
+
+    def _carry(self, ut: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+        """What the carried state h0 adds to the outputs (b, H, L) of a call on ut (b, H, L), and the state after."""
+        dt_a, a_bar, b_bar, c = self._discretise()
+        return carried_state(ut, dt_a, a_bar, b_bar, c[0], h0)
+
     def _begin(self, x, mask, state):
         if state is not None and not self.causal:
-            raise CapabilityError("s4d: a bidirectional (causal=False) layer has no decode state; use causal=True")
+            raise CapabilityError(f"{self.name}: a bidirectional (causal=False) layer has no decode state; "
+                                  "use causal=True")
         u = _wide(x if mask is None else x * mask[..., None].to(x.dtype))  # a pad is a zero input
         h0 = None if state is None else torch.view_as_complex(_wide(state.h).contiguous())
         return u, h0
@@ -179,28 +204,23 @@ class S4D(Mixer):
         u, h0 = self._begin(x, mask, state)
         _, a_bar, b_bar, c = self._discretise()
         zero = torch.zeros(x.shape[0], self.d_model, self.modes, dtype=a_bar.dtype, device=x.device)
-        y, h = recurrence(u, a_bar, b_bar, c[0], zero if h0 is None else h0)
+        y, h = self._scan(u, a_bar, b_bar, c[0], zero if h0 is None else h0)
         if not self.causal:
-            y = y + recurrence(u.flip(1), a_bar, b_bar, c[1], zero)[0].flip(1)
+            y = y + self._scan(u.flip(1), a_bar, b_bar, c[1], zero)[0].flip(1)
         return self._end(y, u, state, h)
 
     def forward_fast(self, x, *, mask, state, pos):
         """Kernel K by a Vandermonde product, convolution by FFT; a decode state enters in closed form."""
         u, h0 = self._begin(x, mask, state)
-        dt_a, a_bar, b_bar, c = self._discretise()
-        n = x.shape[1]
-        k = ssm_kernel(c * b_bar, dt_a, n)  # (directions, H, L)
+        k = self.kernel(x.shape[1])  # (directions, H, L)
         ut = u.transpose(1, 2)  # (b, H, L)
         y = fft_conv(ut, k[0])
         if not self.causal:
             y = y + fft_conv(ut.flip(-1), k[1]).flip(-1)
         h = None
         if h0 is not None:
-            # The carried state adds 2 Re(C A_bar^(l+1) h0) to step l and decays by A_bar^L over the call.
-            vander = cexp(dt_a[..., None] * torch.arange(n, device=x.device))  # (H, M, L): A_bar^l
-            y = y + 2 * torch.einsum("hm,bhm,hml->bhl", c[0], h0 * a_bar, vander).real
-            written = torch.einsum("bhl,hml->bhm", ut.to(vander.dtype), vander.flip(-1)) * b_bar
-            h = h0 * cexp(dt_a * n) + written
+            carried, h = self._carry(ut, h0)
+            y = y + carried
         return self._end(y.transpose(1, 2), u, state, h)
 
     def forward_recurrent(self, x, *, mask, state, pos):
@@ -213,6 +233,6 @@ class S4D(Mixer):
             h = torch.zeros(x.shape[0], self.d_model, self.modes, dtype=a_bar.dtype, device=x.device)
         ys = []
         for t in range(x.shape[1]):
-            y, h = recurrence(u[:, t : t + 1], a_bar, b_bar, c[0], h)
+            y, h = self._scan(u[:, t : t + 1], a_bar, b_bar, c[0], h)
             ys.append(y)
         return self._end(torch.cat(ys, 1), u, state, h)

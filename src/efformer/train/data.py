@@ -1,7 +1,8 @@
 """Datasets, batching and losses for the trainer.
 
 A dataset is any Sequence of example dicts of 1-D/0-D tensors:
-  lm:         {"input_ids": LongTensor(n)}
+  lm:         {"input_ids": LongTensor(n)}, or with per-position targets {"input_ids", "targets": LongTensor(n)}
+              (the output at t must predict targets[t]; -100 where nothing is asked: recall tasks)
   classifier: {"input_ids": LongTensor(n), "label": LongTensor()}
   dual:       {"ids1": LongTensor(n1), "ids2": LongTensor(n2), "label": LongTensor()}
 The batch order is a seeded permutation per epoch, so (epoch, batch index) fixes the next batch.
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efformer.assets import bundled_text
+from efformer.data.recall import IGNORE
 from efformer.errors import ConfigError, DataError, UnknownNameError
 from efformer.models.config import ModelConfig
 from efformer.options import StrictModel, validate_options
@@ -56,12 +58,16 @@ def collate(examples: Sequence[Example], pad_id: int = 0) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     if keys == {"input_ids"} or keys == {"input_ids", "label"}:
         out["input_ids"], out["mask"] = _pad([e["input_ids"] for e in examples], pad_id, left="label" not in keys)
+    elif keys == {"input_ids", "targets"}:
+        out["input_ids"], out["mask"] = _pad([e["input_ids"] for e in examples], pad_id, left=True)
+        out["targets"], _ = _pad([e["targets"] for e in examples], IGNORE, left=True)
     elif keys == {"ids1", "ids2", "label"}:
         out["ids1"], out["mask1"] = _pad([e["ids1"] for e in examples], pad_id, left=False)
         out["ids2"], out["mask2"] = _pad([e["ids2"] for e in examples], pad_id, left=False)
     else:
         raise DataError(
-            f"unknown example keys {sorted(keys)}; use {{input_ids}} (lm), {{input_ids, label}} (classifier) "
+            f"unknown example keys {sorted(keys)}; use {{input_ids}} or {{input_ids, targets}} (lm), "
+            "{input_ids, label} (classifier) "
             "or {ids1, ids2, label} (dual)"
         )
     if "label" in keys:
@@ -99,6 +105,12 @@ def loss_terms(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tens
     """(summed loss, number of loss terms, summed metric counts) of a batch; sums make exact averages
     over micro-batches and ranks possible. Metric sums: ``correct`` (and ``count`` via the second item)."""
     task = task_of(model)
+    if task == "lm" and "targets" in batch:  # per-position targets: only the asked positions count
+        logits = model(batch["input_ids"], mask=batch["mask"]).float()
+        target = batch["targets"]
+        valid = batch["mask"] & (target != IGNORE)
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
+        return ce, valid.sum(), {"correct": ((logits.argmax(-1) == target) & valid).sum()}
     if task == "lm":
         ids, keep = batch["input_ids"], batch["mask"]
         logits = model(ids, mask=keep)[:, :-1].float()
@@ -124,6 +136,8 @@ def count_terms(batch: dict[str, Tensor]) -> Tensor:
     """Number of loss terms in a batch before any forward pass (predicted tokens, or examples)."""
     if "label" in batch:
         return torch.tensor(batch["label"].numel())
+    if "targets" in batch:
+        return (batch["mask"] & (batch["targets"] != IGNORE)).sum()
     keep = batch["mask"]
     return (keep[:, 1:] & keep[:, :-1]).sum()
 
