@@ -44,6 +44,7 @@ class Capabilities:
     attention_bias: bool = False  # accepts an additive score bias (ALiBi, T5, FIRE)
     rotary: bool = False  # accepts a rotary transform of q and k (RoPE, xPos)
     dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
+    packing: bool = False  # honours packed rows (positions.segments): no mixing across segment boundaries
 
     def why_not(
         self,
@@ -237,6 +238,8 @@ class Mixer(nn.Module):
             reasons = self.capabilities.why_not(self.name, positional=positions.kind)
             if reasons:
                 raise CapabilityError(reasons[0])
+        if isinstance(positions, PositionalContext) and positions.segments is not None:
+            self._check_segments(positions.segments, b, n, state)
         form = self.resolve_form(x, state)
         y, state = getattr(self, f"forward_{form}")(x, mask=mask, state=state, pos=positions)
         if state is not None:
@@ -320,6 +323,18 @@ class Mixer(nn.Module):
         if state is not None:
             self._check_state(state, b)
         return b, n
+
+    def _check_segments(self, segments: Tensor, b: int, n: int, state: MixerState | None) -> None:
+        if not self.capabilities.packing:
+            raise CapabilityError(f"mixer {self.name!r} cannot run packed rows (capabilities.packing is False); "
+                                  "pad the sequences into separate rows instead")
+        if state is not None:
+            raise CapabilityError(f"{self.name}: packed rows (segments) run without a decode state; prefill "
+                                  "each sequence into its own cache row")
+        if (not isinstance(segments, Tensor) or tuple(segments.shape) != (b, n) or segments.is_floating_point()
+                or segments.dtype == torch.bool):
+            got = f"{segments.dtype} {tuple(segments.shape)}" if isinstance(segments, Tensor) else type(segments)
+            raise ShapeError(f"{self.name}: segments must be a ({b}, {n}) integer tensor, got {got}")
 
     def _check_state(self, state: MixerState, b: int) -> None:
         if not self.capabilities.decode:

@@ -182,6 +182,7 @@ class SoftmaxAttention(Mixer):
         forms=("reference", "fast"),
         attention_bias=True,
         rotary=True,
+        packing=True,
     )
     Options = SoftmaxOptions
     test_options = {"n_kv_heads": 2}
@@ -235,10 +236,14 @@ class SoftmaxAttention(Mixer):
         t = k.shape[2]
         # A plain causal square needs no mask at all in the fast form (is_causal), and a single query
         # after the cache may see every cached key, so neither builds one.
-        plain_causal = self.causal and not has_pad and n == t
+        seg = pos.segments  # packed rows: block-diagonal (causal) segments (no cache: refused by the base)
+        plain_causal = self.causal and not has_pad and n == t and seg is None
         allowed = None
         if has_pad or (self.causal and not plain_causal and n > 1):
             allowed = attention_keep(keep, k_keep, n, t, self.causal, x.device)
+        if seg is not None:
+            same = (seg[:, :, None] == seg[:, None, :])[:, None]
+            allowed = same if allowed is None else allowed & same
         bias = pos.score_bias(positions, k_pos)
         return q, k, v, allowed, bias, plain_causal
 
