@@ -18,9 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efformer.errors import ConfigError
+from efformer.kernels.split_kv import split_kv_attention
 from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState, causal_keep
 from efformer.nn.positional import PositionalContext
 from efformer.registry import register_mixer
+
+SPLIT_KV_CHUNK = 1024  # keys per split of a split-KV decode step
 
 
 @dataclass(kw_only=True)
@@ -144,6 +147,12 @@ class SoftmaxOptions(MixerOptions):
     )
     qk_norm: bool = pydantic.Field(False, description="RMS-normalise q and k per head before the dot product")
     qkv_bias: bool = pydantic.Field(False, description="biases on the q/k/v/out projections")
+    split_kv_from: int | None = pydantic.Field(
+        None, ge=1,
+        description="fast form: a one-token decode step against >= this many cached keys runs split-KV "
+        "(flash-decoding, 1024-key chunks merged by log-sum-exp); None = never (on CPU it measured slower "
+        "than SDPA up to 64K keys: benchmarks/split_kv_decode.py)",
+    )
 
 
 def attention_keep(
@@ -276,6 +285,10 @@ class SoftmaxAttention(Mixer):
         attn_mask = allowed
         if bias is not None:
             attn_mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+        split_from = self.opts.split_kv_from
+        decode = state is not None and q.shape[2] == 1 and not (self.training and self.dropout)
+        if decode and split_from is not None and k.shape[2] >= split_from:
+            return self._finish(split_kv_attention(q, k, v, attn_mask, chunk_size=SPLIT_KV_CHUNK)), state
         o = F.scaled_dot_product_attention(
             q,
             k,
