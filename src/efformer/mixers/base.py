@@ -341,7 +341,8 @@ class Mixer(nn.Module):
             raise CapabilityError(self.capabilities.why_not(self.name, decode=True)[0])
         if "_state_type" not in self.__dict__:  # what init_state makes, found once per layer
             self._state_type = type(self.init_state(1, "cpu", torch.float32))
-        if type(state) is not self._state_type:
+        # A storage variant (the server's paged KV cache) stands in for the state type it re-implements.
+        if (getattr(type(state), "stands_in_for", None) or type(state)) is not self._state_type:
             raise ShapeError(f"{self.name}: state must be the {self._state_type.__name__} from this mixer's "
                              f"init_state(), got {type(state).__name__}")
         rows = state.batch_size()
