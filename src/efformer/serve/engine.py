@@ -131,6 +131,9 @@ class Engine:
         vocab = self.model.cfg.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise RequestError("prompt", f"token ids must lie in [0, {vocab})")
+        if len(prompt) >= self.max_len:
+            raise RequestError("prompt", f"{len(prompt)} tokens leave no room for a new one within the model's "
+                               f"max_len={self.max_len}")
         if len(prompt) + params.max_tokens > self.max_len:
             raise RequestError("max_tokens", f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) "
                                f"exceeds the model's max_len={self.max_len}")
@@ -270,6 +273,17 @@ class Engine:
                 self.stats["finished"] += 1
             if req.on_event is not None:
                 req.on_event(req, new, req.finished)
+
+    def abort_all(self) -> None:
+        """Finish every request (reason "error") and free its blocks: after a failed step."""
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for req in [*waiting, *([self.prefilling] if self.prefilling else []), *self.running]:
+            self._release(req)
+            if not req.finished:
+                req.finish_reason = "error"
+                self._emit(req)
+        self.prefilling, self.running, self.batch = None, [], None
 
     def _drop_cancelled(self) -> None:
         with self.lock:
