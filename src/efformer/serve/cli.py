@@ -5,6 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from efformer.errors import CapabilityError, ConfigError
+from efformer.models import CausalLM, load
+from efformer.serve.engine import Engine
+
+try:  # fastapi and uvicorn come with the serve extra; the rest of the command line works without them
+    import uvicorn
+
+    from efformer.serve.server import build_app
+except ImportError:  # pragma: no cover - exercised only without the extra
+    uvicorn = build_app = None
 
 
 def register(sub) -> None:
@@ -30,15 +39,8 @@ def _cmd_serve(args) -> int:
         raise ConfigError("--drain", args.drain, "seconds >= 0")
     if not Path(args.model).is_dir():
         raise ConfigError("model", args.model, "a folder written by model.save()")
-    try:
-        import uvicorn
-
-        from efformer.serve.server import build_app
-    except ImportError as e:  # fastapi/uvicorn come with the serve extra
-        raise ConfigError("serve", "fastapi/uvicorn missing", "pip install 'efformer[serve]'") from e
-    from efformer.models import CausalLM, load
-    from efformer.serve.engine import Engine
-
+    if build_app is None:
+        raise ConfigError("serve", "fastapi/uvicorn missing", "install the serve extra: pip install 'efformer[serve]'")
     model = load(args.model)
     if not isinstance(model, CausalLM):
         raise CapabilityError(f"{args.model} holds a {model.cfg.task!r} model; only a language model can be served")
