@@ -18,28 +18,28 @@ LENGTHS = [5, 1, 7, 3, 11]  # odd, prime and length-1 segments
 
 
 def packing_cases():
+    """(name, causal, form, positional) for every packing mixer, direction, torch form (triton: its own
+    tests) and each in-mixer positional kind it takes (none when it takes neither)."""
     cases = []
     for name in MIXERS.names():
         caps = MIXERS.get(name).capabilities
+        schemes = [p for p, ok in (("rope", caps.rotary), ("alibi", caps.attention_bias)) if ok] or ["none"]
         if caps.packing:
-            cases += [(name, c) for c in (True, False) if (caps.causal if c else caps.bidirectional)]
+            cases += [(name, c, f, p) for c in (True, False) if (caps.causal if c else caps.bidirectional)
+                      for f in caps.forms if f != "triton" for p in schemes]
     return cases
 
 
 def test_packing_is_declared_by_attention_mixers():
-    names = {n for n, _ in packing_cases()}
-    assert {"softmax", "sliding_window", "dilated_window"} <= names
+    names = {case[0] for case in packing_cases()}
+    assert {"softmax", "sliding_window", "dilated_window", "gla", "simple_gla", "retnet", "deltanet",
+            "gated_deltanet"} <= names
     assert not MIXERS.get("local").capabilities.packing  # aligned blocks depend on the absolute index
 
 
-@pytest.mark.parametrize("positional", ["rope", "alibi"])
-@pytest.mark.parametrize("form", ["reference", "fast"])
-@pytest.mark.parametrize(("name", "causal"), packing_cases(), ids=lambda c: str(c))
+@pytest.mark.parametrize(("name", "causal", "form", "positional"), packing_cases(), ids=lambda c: str(c))
 def test_packed_equals_each_sequence_alone(name, causal, form, positional):
     mixer = with_form(make_mixer(name, causal), form)
-    caps = mixer.capabilities
-    if positional == "alibi" and not caps.attention_bias or positional == "rope" and not caps.rotary:
-        pytest.skip(f"{name} takes no {positional}")
     scheme = build_positional(positional, 32, 4, 128, causal)
     torch.manual_seed(1)
     xs = [torch.randn(n, 32) for n in LENGTHS]
@@ -107,7 +107,7 @@ def test_packed_lm_logits_and_greedy_continuations(mixer):
 
 
 def test_lm_packing_refusals():
-    model = _lm("gla", positional="none")
+    model = _lm("mamba", positional="none")
     p = pack_sequences([[1, 2], [3]])
     with pytest.raises(CapabilityError, match="pad the sequences"):
         model(p.ids, segments=p.segments)
@@ -118,8 +118,10 @@ def test_lm_packing_refusals():
         model(p.ids, segments=p.segments[:, :1])
 
 
-def test_packed_training_loss_equals_padded_loss():
-    model = _lm()
+@pytest.mark.parametrize(("mixer", "positional"), [("softmax", "rope"), ("gated_deltanet", "none"),
+                                                   ("retnet", "none")])
+def test_packed_training_loss_equals_padded_loss(mixer, positional):
+    model = _lm(mixer, positional=positional)
     model.train()  # dropout is 0 in the preset, so train mode is deterministic
     torch.manual_seed(3)
     examples = [{"input_ids": torch.randint(0, 50, (n,))} for n in LENGTHS]

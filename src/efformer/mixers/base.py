@@ -360,6 +360,19 @@ class Mixer(nn.Module):
         return rearrange(t, "b h n d -> b n (h d)")
 
 
+# Log-decay that resets a recurrent state at a packed segment's first token: e^-30 ~ 1e-13 of the
+# carried state survives (below fp32 resolution), while chunk-local cumulative log-gates stay within
+# ~2e-6 of their exact values (a far more negative constant would swamp them in fp32).
+RESET_LOG_DECAY = -30.0
+
+
+def segment_starts(segments: Tensor) -> Tensor:
+    """Bool (b, n): True where a packed row's segment id (b, n) changes (and at position 0)."""
+    start = torch.ones_like(segments, dtype=torch.bool)
+    start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return start
+
+
 def causal_keep(n_q: int, n_k: int, device: torch.device | str | None = None) -> Tensor:
     """Bool (n_q, n_k): query i (the last n_q of n_k positions) may see key j iff j <= i + n_k - n_q."""
     i = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)

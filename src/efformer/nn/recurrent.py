@@ -20,17 +20,30 @@ class ShortConv(nn.Conv1d):
     def __init__(self, channels: int, width: int, bias: bool = True):
         super().__init__(channels, channels, width, groups=channels, bias=bias)
 
-    def forward(self, u: Tensor, prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, u: Tensor, prev: Tensor | None = None, segments: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """u (batch, seq, ch) continuing after ``prev`` (batch, ch, width-1; None: zeros, a fresh sequence).
 
-        Returns the output (batch, seq, ch) and the new ``prev`` (the last width-1 inputs).
+        Returns the output (batch, seq, ch) and the new ``prev`` (the last width-1 inputs). With packed
+        ``segments`` (batch, seq) (and no ``prev``) a token sees only earlier inputs of its own segment.
         """
         k = self.kernel_size[0] - 1
+        if segments is not None:
+            return self._packed(u, segments), u.new_zeros(u.shape[0], u.shape[-1], k)
         if prev is None:
             prev = u.new_zeros(u.shape[0], u.shape[-1], k)
         full = torch.cat([prev.to(u.dtype), u.transpose(1, 2)], dim=-1)
         y = F.conv1d(full, self.weight, self.bias, groups=self.groups)
         return y.transpose(1, 2), full[..., full.shape[-1] - k :]
+
+    def _packed(self, u: Tensor, segments: Tensor) -> Tensor:
+        """The convolution as ``width`` shifted, segment-masked products (no input crosses a boundary)."""
+        n, width = u.shape[1], self.kernel_size[0]
+        y = torch.zeros_like(u) if self.bias is None else self.bias.to(u.dtype).expand_as(u).clone()
+        for j in range(width):  # u_{t-j} meets weight tap width-1-j (conv1d is a cross-correlation)
+            shifted = F.pad(u, (0, 0, j, 0))[:, :n]
+            same = F.pad(segments, (j, 0), value=-2)[:, :n] == segments
+            y = y + shifted * same[..., None].to(u.dtype) * self.weight[:, 0, width - 1 - j].to(u.dtype)
+        return y
 
     def step(self, u: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
         """One token u (batch, ch) through the rolling window ``prev`` (batch, ch, width-1); returns (y, new prev)."""
