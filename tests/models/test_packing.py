@@ -12,7 +12,7 @@ from efformer.models.packing import pack_sequences, packed_pairs
 from efformer.nn.positional import build_positional, segment_positions
 from efformer.registry import MIXERS
 from efformer.train.data import collate, collate_packed, loss_terms
-from tests.helpers import make_mixer, with_form
+from tests.helpers import make_mixer, rel_err, with_form
 
 LENGTHS = [5, 1, 7, 3, 11]  # odd, prime and length-1 segments
 
@@ -134,5 +134,5 @@ def test_packed_training_loss_equals_padded_loss(mixer, positional):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert int(count) == sum(n - 1 for n in LENGTHS)
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    assert rel_err(grads[0], grads[1]) < 1e-5  # chunk boundaries fall elsewhere, so rounding differs
     assert collate_packed(examples)["input_ids"].numel() < collate(examples)["input_ids"].numel()
