@@ -157,7 +157,7 @@ class PagedKVState(KVState):
         return self._gathered()[3]
 
     @property
-    def padded(self) -> bool:  # noqa: D401 - a dataclass field in KVState, computed here
+    def padded(self) -> bool:  # a dataclass field in KVState, derived here
         """Whether rows differ in length (then attention needs the keep-mask)."""
         return len(set(self.lengths)) > 1
 

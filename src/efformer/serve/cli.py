@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 def register(sub) -> None:
     """Add the ``serve`` subcommand."""
     s = sub.add_parser("serve", help="serve a saved LM over an OpenAI-compatible HTTP API (/v1/completions)")
-    s.add_argument("model", help="folder written by model.save()")
+    s.add_argument("model", help="folder written by efformer.save(model, DIR)")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: local only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", default=None, help="model id in /v1/models (default: the folder name)")
@@ -38,7 +38,7 @@ def _cmd_serve(args) -> int:
     if args.drain < 0:
         raise ConfigError("--drain", args.drain, "seconds >= 0")
     if not Path(args.model).is_dir():
-        raise ConfigError("model", args.model, "a folder written by model.save()")
+        raise ConfigError("model", args.model, "a folder written by efformer.save(model, DIR)")
     if build_app is None:
         raise ConfigError("serve", "fastapi/uvicorn missing", "install the serve extra: pip install 'efformer[serve]'")
     model = load(args.model)
