@@ -33,7 +33,7 @@ def packing_cases():
 def test_packing_is_declared_by_attention_mixers():
     names = {case[0] for case in packing_cases()}
     assert {"softmax", "sliding_window", "dilated_window", "gla", "simple_gla", "retnet", "deltanet",
-            "gated_deltanet"} <= names
+            "gated_deltanet", "mamba", "mamba2"} <= names
     assert not MIXERS.get("local").capabilities.packing  # aligned blocks depend on the absolute index
 
 
@@ -107,7 +107,7 @@ def test_packed_lm_logits_and_greedy_continuations(mixer):
 
 
 def test_lm_packing_refusals():
-    model = _lm("mamba", positional="none")
+    model = _lm("s4d", positional="none")
     p = pack_sequences([[1, 2], [3]])
     with pytest.raises(CapabilityError, match="pad the sequences"):
         model(p.ids, segments=p.segments)
@@ -119,7 +119,7 @@ def test_lm_packing_refusals():
 
 
 @pytest.mark.parametrize(("mixer", "positional"), [("softmax", "rope"), ("gated_deltanet", "none"),
-                                                   ("retnet", "none")])
+                                                   ("retnet", "none"), ("mamba2", "none")])
 def test_packed_training_loss_equals_padded_loss(mixer, positional):
     model = _lm(mixer, positional=positional)
     model.train()  # dropout is 0 in the preset, so train mode is deterministic
