@@ -22,6 +22,7 @@ from efformer.data import cli as data_cli
 from efformer.errors import CapabilityError, ConfigError, EfformerError
 from efformer.models import CausalLM, load
 from efformer.registry import FFNS, MIXERS, NORMS, POSITIONALS, describe_mixer
+from efformer.serve import cli as serve_cli
 from efformer.train import cli as train_cli
 
 LIST_WIDTH = 100  # `efformer list` fits a terminal this wide; --wide shows every column in full
@@ -126,6 +127,7 @@ PLUGINS = (
     arena_cli,  # arena
     bench_cli,  # bench, advise
     compress_cli,  # quantize, perplexity
+    serve_cli,  # serve
 )
 
 

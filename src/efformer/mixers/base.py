@@ -44,6 +44,7 @@ class Capabilities:
     attention_bias: bool = False  # accepts an additive score bias (ALiBi, T5, FIRE)
     rotary: bool = False  # accepts a rotary transform of q and k (RoPE, xPos)
     dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
+    packing: bool = False  # honours packed rows (positions.segments): no mixing across segment boundaries
 
     def why_not(
         self,
@@ -237,6 +238,8 @@ class Mixer(nn.Module):
             reasons = self.capabilities.why_not(self.name, positional=positions.kind)
             if reasons:
                 raise CapabilityError(reasons[0])
+        if isinstance(positions, PositionalContext) and positions.segments is not None:
+            self._check_segments(positions.segments, b, n, state)
         form = self.resolve_form(x, state)
         y, state = getattr(self, f"forward_{form}")(x, mask=mask, state=state, pos=positions)
         if state is not None:
@@ -321,12 +324,25 @@ class Mixer(nn.Module):
             self._check_state(state, b)
         return b, n
 
+    def _check_segments(self, segments: Tensor, b: int, n: int, state: MixerState | None) -> None:
+        if not self.capabilities.packing:
+            raise CapabilityError(f"mixer {self.name!r} cannot run packed rows (capabilities.packing is False); "
+                                  "pad the sequences into separate rows instead")
+        if state is not None:
+            raise CapabilityError(f"{self.name}: packed rows (segments) run without a decode state; prefill "
+                                  "each sequence into its own cache row")
+        if (not isinstance(segments, Tensor) or tuple(segments.shape) != (b, n) or segments.is_floating_point()
+                or segments.dtype == torch.bool):
+            got = f"{segments.dtype} {tuple(segments.shape)}" if isinstance(segments, Tensor) else type(segments)
+            raise ShapeError(f"{self.name}: segments must be a ({b}, {n}) integer tensor, got {got}")
+
     def _check_state(self, state: MixerState, b: int) -> None:
         if not self.capabilities.decode:
             raise CapabilityError(self.capabilities.why_not(self.name, decode=True)[0])
         if "_state_type" not in self.__dict__:  # what init_state makes, found once per layer
             self._state_type = type(self.init_state(1, "cpu", torch.float32))
-        if type(state) is not self._state_type:
+        # A storage variant (the server's paged KV cache) stands in for the state type it re-implements.
+        if (getattr(type(state), "stands_in_for", None) or type(state)) is not self._state_type:
             raise ShapeError(f"{self.name}: state must be the {self._state_type.__name__} from this mixer's "
                              f"init_state(), got {type(state).__name__}")
         rows = state.batch_size()
@@ -342,6 +358,19 @@ class Mixer(nn.Module):
     def merge_heads(t: Tensor) -> Tensor:
         """(batch, heads, seq, dim) -> (batch, seq, heads*dim)."""
         return rearrange(t, "b h n d -> b n (h d)")
+
+
+# Log-decay that resets a recurrent state at a packed segment's first token: e^-30 ~ 1e-13 of the
+# carried state survives (below fp32 resolution), while chunk-local cumulative log-gates stay within
+# ~2e-6 of their exact values (a far more negative constant would swamp them in fp32).
+RESET_LOG_DECAY = -30.0
+
+
+def segment_starts(segments: Tensor) -> Tensor:
+    """Bool (b, n): True where a packed row's segment id (b, n) changes (and at position 0)."""
+    start = torch.ones_like(segments, dtype=torch.bool)
+    start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return start
 
 
 def causal_keep(n_q: int, n_k: int, device: torch.device | str | None = None) -> Tensor:

@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from efformer.mixers.base import Mixer, MixerOptions, MixerState, causal_recurrent, pad_to_multiple
+from efformer.mixers.base import (
+    RESET_LOG_DECAY,
+    Mixer,
+    MixerOptions,
+    MixerState,
+    causal_recurrent,
+    pad_to_multiple,
+    segment_starts,
+)
 from efformer.nn.recurrent import ShortConv, inverse_softplus_dt, log_decay_rates
 from efformer.registry import register_mixer
 
@@ -260,6 +268,7 @@ class DeltaNet(Mixer):
         time="O(N C d + N d^2) chunked, O(d^2) per decoded token",
         memory="O(N C + N d + d^2) per head",
         forms=("reference", "chunked", "recurrent"),
+        packing=True,  # a reset decay at each segment start; the short conv is segment-masked
     )
     Options = DeltaNetOptions
     test_options = {"chunk_size": 4, "conv_size": 3}
@@ -296,14 +305,15 @@ class DeltaNet(Mixer):
         """log alpha (batch, seq, heads), or None: DeltaNet has no decay."""
         return None
 
-    def _conv(self, u: Tensor, state: DeltaState | None) -> Tensor:
-        """Short causal conv + SiLU over (b, n, 3*d_model), continuing from the cached last inputs."""
-        y, window = self.conv(u, state.conv if state is not None else None)
+    def _conv(self, u: Tensor, state: DeltaState | None, segments: Tensor | None = None) -> Tensor:
+        """Short causal conv + SiLU over (b, n, 3*d_model), continuing from the cached last inputs
+        (packed ``segments``: never across a segment boundary)."""
+        y, window = self.conv(u, state.conv if state is not None else None, segments)
         if state is not None:
             state.conv = window
         return F.silu(y)
 
-    def _project(self, x: Tensor, mask: Tensor | None, state: DeltaState | None):
+    def _project(self, x: Tensor, mask: Tensor | None, state: DeltaState | None, segments: Tensor | None = None):
         """q, k (b, h, n, d) unit-norm (q scaled by d^-1/2), v (b, h, n, d), beta and log alpha (b, h, n)."""
         qkv = self.qkv_proj(x)
         beta = self.beta_proj(x).sigmoid()
@@ -312,8 +322,12 @@ class DeltaNet(Mixer):
             keep = mask[..., None].to(x.dtype)
             qkv, beta = qkv * keep, beta * keep
             log_alpha = log_alpha * keep if log_alpha is not None else None
+        if segments is not None:  # packed rows: a segment's first token forgets the state before it
+            start = segment_starts(segments)[..., None]
+            base = log_alpha if log_alpha is not None else x.new_zeros(*x.shape[:2], self.n_heads)
+            log_alpha = base.masked_fill(start, RESET_LOG_DECAY)
         if self.opts.conv_size:
-            qkv = self._conv(qkv, state)
+            qkv = self._conv(qkv, state, segments)
         q, k, v = (self.split_heads(t) for t in qkv.chunk(3, dim=-1))
         q = F.normalize(q, dim=-1) * self.head_dim**-0.5
         k = F.normalize(k, dim=-1)
@@ -321,8 +335,9 @@ class DeltaNet(Mixer):
         log_alpha = rearrange(log_alpha, "b n h -> b h n") if log_alpha is not None else None
         return q, k, v, beta, log_alpha
 
-    def _run(self, form: str, x: Tensor, mask: Tensor | None, state: DeltaState | None, **kw):
-        q, k, v, beta, log_alpha = self._project(x, mask, state)
+    def _run(self, form: str, x: Tensor, mask: Tensor | None, state: DeltaState | None,
+             segments: Tensor | None = None, **kw):
+        q, k, v, beta, log_alpha = self._project(x, mask, state, segments)
         # The recurrence accumulates over the whole sequence: run it in at least fp32.
         ct = torch.promote_types(x.dtype, torch.float32)
         q, k, v, beta = q.to(ct), k.to(ct), v.to(ct), beta.to(ct)
@@ -339,15 +354,15 @@ class DeltaNet(Mixer):
     # ---- forms --------------------------------------------------------------------------------
     def forward_reference(self, x, *, mask, state, pos):
         """The sequential recurrence with the explicit (I - beta k k^T) matrix product."""
-        return self._run("reference", x, mask, state)
+        return self._run("reference", x, mask, state, pos.segments)
 
     def forward_chunked(self, x, *, mask, state, pos):
         """Chunkwise parallel training / prefill form (WY representation, triangular solve per chunk)."""
-        return self._run("chunked", x, mask, state, chunk_size=self.opts.chunk_size)
+        return self._run("chunked", x, mask, state, pos.segments, chunk_size=self.opts.chunk_size)
 
     def forward_recurrent(self, x, *, mask, state, pos):
         """O(d^2) per token recurrence; ``auto`` uses it for single-token decode steps."""
-        return self._run("recurrent", x, mask, state)
+        return self._run("recurrent", x, mask, state, pos.segments)
 
 
 @register_mixer("gated_deltanet")

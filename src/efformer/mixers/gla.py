@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from efformer.errors import ConfigError
 from efformer.kernels.chunk_gla import chunk_gla, gla_parallel, gla_recurrent
-from efformer.mixers.base import Mixer, MixerOptions, MixerState, causal_recurrent
+from efformer.mixers.base import (
+    RESET_LOG_DECAY,
+    Mixer,
+    MixerOptions,
+    MixerState,
+    causal_recurrent,
+    segment_starts,
+)
 from efformer.nn.positional import PositionalContext
 from efformer.registry import register_mixer
 
@@ -96,6 +103,8 @@ class GatedLinearMixer(Mixer):
             # A padded step must leave the state unchanged: gate 1 (log-gate 0) and no k v^T added.
             keep = mask[:, None, :, None].to(k.dtype)
             k, v, g = k * keep, v * keep, g * keep
+        if pos.segments is not None:  # packed rows: a segment's first token forgets the state before it
+            g = g.masked_fill(segment_starts(pos.segments)[:, None, :, None], RESET_LOG_DECAY)
         return q, k, v, g
 
     def _finish(self, x: Tensor, o: Tensor) -> Tensor:
@@ -164,6 +173,7 @@ class GatedLinearAttention(GatedLinearMixer):
         time="O(N C d + N d^2) chunked, O(N d^2) recurrent",
         memory="O(N d + d^2) per head",
         forms=_FORMS,
+        packing=True,  # a reset gate at each segment start
         # Per-dim decays do not commute with rotations of dim pairs, so RoPE would not stay relative.
         rotary=False,
     )
@@ -201,6 +211,7 @@ class SimpleGLA(GatedLinearMixer):
         time="O(N C d + N d^2) chunked, O(N d^2) recurrent",
         memory="O(N d + d^2) per head",
         forms=_FORMS,
+        packing=True,  # a reset gate at each segment start
         rotary=True,  # a scalar decay commutes with rotations, so RoPE stays relative
     )
     Options = SimpleGLAOptions

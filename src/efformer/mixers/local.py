@@ -84,6 +84,11 @@ class Ctx:
     k_keep: Tensor | None  # (b, t)
     pos: PositionalContext  # the model's positional context (score bias, if any)
 
+    @property
+    def seg(self) -> Tensor | None:
+        """Segment ids (b, n) of a packed call (queries and keys alike: packing runs without a cache)."""
+        return self.pos.segments
+
 
 @dataclass
 class Part:
@@ -200,6 +205,8 @@ class PatternAttention(SoftmaxAttention):
         allowed = self.allowed(i, ctx.k_index[None, :], ctx.q0 + n)[None]  # (1, n, t)
         if ctx.k_keep is not None:  # real queries never see padded keys; padded queries see their pattern
             allowed = allowed & (ctx.k_keep[:, None, :] | ~ctx.q_keep[:, :, None])
+        if ctx.seg is not None:  # packed rows: only keys of the query's own segment
+            allowed = allowed & (ctx.seg[:, :, None] == ctx.seg[:, None, :])
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
         if ctx.pos.bias is not None:
             scores = scores + ctx.pos.score_bias(ctx.q_pos, ctx.k_pos)
@@ -238,6 +245,9 @@ class PatternAttention(SoftmaxAttention):
             kk = _append_row(ctx.k_keep, 1, False)[:, ks]  # (b, G, K)
             qk = _append_row(ctx.q_keep, 1, True)[:, qs]  # (b, G, B)
             allowed = allowed & (kk[:, :, None, :] | ~qk[..., None])
+        if ctx.seg is not None:  # the appended slots never match: -1 for queries, -2 for keys
+            qg, kg = _append_row(ctx.seg, 1, -1)[:, qs], _append_row(ctx.seg, 1, -2)[:, ks]
+            allowed = allowed & (qg[..., None] == kg[:, :, None, :])
         s = torch.einsum("bhgid,bhgjd->bhgij", q[:, :, qs], k[:, :, ks]) / math.sqrt(d)
         if ctx.pos.bias is not None:
             qp = _append_row(ctx.q_pos, 1)[:, qs].flatten(0, 1)
@@ -258,8 +268,9 @@ class PatternAttention(SoftmaxAttention):
         return num, top, total
 
 
-def pattern_caps(paper: str, time: str, memory: str, family: str = "local") -> Capabilities:
-    """Capabilities shared by every pattern-restricted softmax attention."""
+def pattern_caps(paper: str, time: str, memory: str, family: str = "local", packing: bool = False) -> Capabilities:
+    """Capabilities shared by every pattern-restricted softmax attention; ``packing`` for patterns that
+    depend on i - j only (a segment then sees exactly what it would see alone)."""
     return Capabilities(
         family=family,
         paper=paper,
@@ -273,6 +284,7 @@ def pattern_caps(paper: str, time: str, memory: str, family: str = "local") -> C
         forms=("reference", "fast"),
         attention_bias=True,
         rotary=True,
+        packing=packing,
     )
 
 
@@ -318,7 +330,8 @@ class SlidingWindowAttention(PatternAttention):
     """Sliding-window attention: query i sees keys j with |i - j| < window (j <= i when causal)."""
 
     capabilities = pattern_caps(
-        "Longformer: The Long-Document Transformer", "O(N w d)", "O(N w) fast, O(w) decode state, O(N^2) reference"
+        "Longformer: The Long-Document Transformer", "O(N w d)", "O(N w) fast, O(w) decode state, O(N^2) reference",
+        packing=True,
     )
     Options = SlidingWindowOptions
     test_options = {"window": 3}
@@ -359,6 +372,7 @@ class DilatedWindowAttention(SlidingWindowAttention):
         "Longformer: The Long-Document Transformer",
         "O(N w d)",
         "O(N w) fast, O(w * dilation) decode state, O(N^2) reference",
+        packing=True,
     )
     Options = DilatedWindowOptions
     test_options = {"window": 2, "dilation": 2}

@@ -30,7 +30,14 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from efformer.errors import ConfigError
-from efformer.mixers.base import Mixer, MixerOptions, MixerState, causal_recurrent
+from efformer.mixers.base import (
+    RESET_LOG_DECAY,
+    Mixer,
+    MixerOptions,
+    MixerState,
+    causal_recurrent,
+    segment_starts,
+)
 from efformer.nn.recurrent import ShortConv, inverse_softplus_dt, linear_scan, log_decay_rates
 from efformer.registry import register_mixer
 
@@ -62,22 +69,36 @@ def segment_decay(log_a: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ---- the two scans of each mixer -----------------------------------------------------------------
-def s6_scan_reference(u, delta, A, B, C, h):
-    """Sequential S6 scan: u, delta (b, l, d); A (d, n); B, C (b, l, n); h (b, d, n) -> y (b, l, d), h."""
+def _reset_log(reset: Tensor | None, like: Tensor) -> Tensor | float:
+    """Extra log-decay (b, c, 1...) that forgets the state at packed segment starts ``reset`` (b, c), or 0."""
+    if reset is None:
+        return 0.0
+    return (reset.to(like.dtype) * RESET_LOG_DECAY).view(*reset.shape, *([1] * (like.dim() - 2)))
+
+
+def s6_scan_reference(u, delta, A, B, C, h, reset=None):
+    """Sequential S6 scan: u, delta (b, l, d); A (d, n); B, C (b, l, n); h (b, d, n) -> y (b, l, d), h.
+
+    ``reset`` (b, l) bool, for packed rows: the state is zeroed before each True step."""
     ys = []
     for t in range(u.shape[1]):
+        if reset is not None:
+            h = h * (~reset[:, t]).to(h.dtype)[:, None, None]
         h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[..., None] * B[:, t, None]
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
     return torch.stack(ys, 1), h
 
 
-def s6_scan_chunked(u, delta, A, B, C, h, chunk: int):
-    """Chunked S6 scan (same shapes): masked segment-sum decays inside a chunk, state passing across."""
+def s6_scan_chunked(u, delta, A, B, C, h, chunk: int, reset=None):
+    """Chunked S6 scan (same shapes): masked segment-sum decays inside a chunk, state passing across;
+    ``reset`` steps get the log-decay RESET_LOG_DECAY, which forgets the state to below fp32 rounding."""
     ys = []
+    resets = reset.split(chunk, 1) if reset is not None else [None] * -(-u.shape[1] // chunk)
     # Split the time axis once: slicing it per chunk would make backward zero-fill a full-size
     # gradient buffer per chunk (N^2 / C work).
-    for dc, uc, bc, cc in zip(*(x.split(chunk, 1) for x in (delta, u, B, C)), strict=True):
-        decay, cum = segment_decay(dc[..., None] * A)  # (b, t, s, d, n), (b, c, d, n)
+    for dc, uc, bc, cc, rc in zip(*(x.split(chunk, 1) for x in (delta, u, B, C)), resets, strict=True):
+        log_a = dc[..., None] * A
+        decay, cum = segment_decay(log_a + _reset_log(rc, log_a))  # (b, t, s, d, n), (b, c, d, n)
         bx = (dc * uc)[..., None] * bc[:, :, None]  # (b, c, d, n): what each step writes
         y = torch.einsum("btsdn,bsdn,btn->btd", decay, bx, cc)
         ys.append(y + torch.einsum("btdn,bdn,btn->btd", cum.exp(), h, cc))
@@ -85,36 +106,45 @@ def s6_scan_chunked(u, delta, A, B, C, h, chunk: int):
     return torch.cat(ys, 1), h
 
 
-def s6_scan_fast(u, delta, A, B, C, h):
+def s6_scan_fast(u, delta, A, B, C, h, reset=None):
     """S6 as one exact linear scan over materialised (seq, b, d, n) decays and writes (same shapes).
 
     The chunked form needs a (c, c, d, n) decay block per chunk; here each step is one fused update
     and the backward is the adjoint scan (``linear_scan``), so nothing grows with a chunk size.
+    ``reset`` (b, l): the decay is exactly 0 at packed segment starts.
     """
     delta_t = delta.transpose(0, 1)  # (l, b, d): time-major, so each step reads contiguous memory
     decay = torch.exp(delta_t[..., None] * A)  # (l, b, d, n)
+    if reset is not None:
+        decay = decay * (~reset.transpose(0, 1)).to(decay.dtype)[..., None, None]
     write = (delta_t * u.transpose(0, 1))[..., None] * B.transpose(0, 1)[:, :, None]
     states = linear_scan(decay, write, h)
     return torch.einsum("lbdn,bln->bld", states, C), states[-1]
 
 
-def ssd_scan_reference(x, dt, A, B, C, h):
-    """Sequential SSD scan: x (b, l, H, P); dt (b, l, H); A (H); B, C (b, l, H, N); h (b, H, P, N)."""
+def ssd_scan_reference(x, dt, A, B, C, h, reset=None):
+    """Sequential SSD scan: x (b, l, H, P); dt (b, l, H); A (H); B, C (b, l, H, N); h (b, H, P, N);
+    ``reset`` (b, l) as in :func:`s6_scan_reference`."""
     ys = []
     for t in range(x.shape[1]):
+        if reset is not None:
+            h = h * (~reset[:, t]).to(h.dtype)[:, None, None, None]
         write = (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None]  # (b, H, P, N)
         h = torch.exp(dt[:, t] * A)[..., None, None] * h + write
         ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
     return torch.stack(ys, 1), h
 
 
-def ssd_scan_chunked(x, dt, A, B, C, h, chunk: int):
-    """Chunked SSD (same shapes): quadratic masked (C B^T) * decay inside a chunk, state passing across."""
+def ssd_scan_chunked(x, dt, A, B, C, h, chunk: int, reset=None):
+    """Chunked SSD (same shapes): quadratic masked (C B^T) * decay inside a chunk, state passing across;
+    ``reset`` as in :func:`s6_scan_chunked`."""
     ys = []
+    resets = reset.split(chunk, 1) if reset is not None else [None] * -(-x.shape[1] // chunk)
     # Split the time axis once (see s6_scan_chunked).
-    for xc, dtc, bc, cc in zip(*(t.split(chunk, 1) for t in (x, dt, B, C)), strict=True):
+    for xc, dtc, bc, cc, rc in zip(*(t.split(chunk, 1) for t in (x, dt, B, C)), resets, strict=True):
         xdt = xc * dtc[..., None]
-        decay, cum = segment_decay(dtc * A)  # (b, t, s, H), (b, c, H)
+        log_a = dtc * A
+        decay, cum = segment_decay(log_a + _reset_log(rc, log_a))  # (b, t, s, H), (b, c, H)
         scores = torch.einsum("bthn,bshn->btsh", cc, bc) * decay
         y = torch.einsum("btsh,bshp->bthp", scores, xdt)
         ys.append(y + torch.einsum("bthn,bhpn->bthp", cc, h) * cum.exp()[..., None])
@@ -153,7 +183,7 @@ class _Selective(Mixer):
             ssm=torch.zeros(batch, *self.ssm_shape, device=device, dtype=dtype),
         )
 
-    def _forward(self, x, mask, state, scan, step: bool = False):
+    def _forward(self, x, mask, state, scan, step: bool = False, segments: Tensor | None = None):
         keep = None if mask is None else mask[..., None].to(x.dtype)
         st = state if state is not None else self.init_state(x.shape[0], x.device, x.dtype)
         conv_in, gate, extra = self._project(x)
@@ -163,26 +193,31 @@ class _Selective(Mixer):
             conv_out, window = self.conv1d.step(conv_in[:, 0], st.conv)
             conv_out = conv_out[:, None]
         else:
-            conv_out, window = self.conv1d(conv_in, st.conv)
+            conv_out, window = self.conv1d(conv_in, st.conv, segments)
         inputs = self._ssm_inputs(F.silu(conv_out), extra, keep)
-        y, h = scan(*inputs, st.ssm)
+        reset = segment_starts(segments) if segments is not None else None
+        y, h = scan(*inputs, st.ssm, reset=reset)
         if state is not None:
             state.conv, state.ssm = window, h
         return self._output(y, inputs, gate), state
 
     def forward_reference(self, x, *, mask, state, pos):
         """The recurrence one step at a time (the definition)."""
-        return self._forward(x, mask, state, self._scan_reference)
+        return self._forward(x, mask, state, self._scan_reference, segments=pos.segments)
 
     def forward_chunked(self, x, *, mask, state, pos):
         """Chunk-parallel scan: matrix products inside chunks of ``chunk_size``, state passed between."""
-        return self._forward(x, mask, state, self._scan_chunked)
+        return self._forward(x, mask, state, self._scan_chunked, segments=pos.segments)
 
     def forward_recurrent(self, x, *, mask, state, pos):
         """Token-by-token decode: a rolling convolution window and one state update per token."""
         st = state if state is not None else self.init_state(x.shape[0], x.device, x.dtype)
+        starts = segment_starts(pos.segments) if pos.segments is not None else None
         ys = []
         for t in range(x.shape[1]):
+            if starts is not None:  # packed rows: a segment starts from a fresh window and state
+                fresh = (~starts[:, t]).to(x.dtype)
+                st.conv, st.ssm = st.conv * fresh[:, None, None], st.ssm * fresh.view(-1, *[1] * (st.ssm.dim() - 1))
             m = None if mask is None else mask[:, t : t + 1]
             ys.append(self._forward(x[:, t : t + 1], m, st, self._scan_reference, step=True)[0])
         return torch.cat(ys, 1), state
@@ -199,6 +234,7 @@ class Mamba(_Selective):
         time="O(N d_inner d_state); chunked O(N c d_inner d_state) for chunk c",
         memory="O(N d_inner d_state) fast (training), O(d_inner d_state) decode state",
         forms=("reference", "fast", "chunked", "recurrent"),
+        packing=True,  # the state is forgotten at segment starts; the short conv is segment-masked
     )
 
     class Options(SelectiveOptions):
@@ -242,18 +278,18 @@ class Mamba(_Selective):
             delta = delta * keep  # dt = 0: the state passes a padded step unchanged
         return u, delta, B, C
 
-    def _scan_reference(self, u, delta, B, C, h):
-        return s6_scan_reference(u, delta, -torch.exp(self.A_log), B, C, h)
+    def _scan_reference(self, u, delta, B, C, h, reset=None):
+        return s6_scan_reference(u, delta, -torch.exp(self.A_log), B, C, h, reset)
 
     def forward_fast(self, x, *, mask, state, pos):
         """One exact linear scan per layer with a hand-written backward (``s6_scan_fast``)."""
-        return self._forward(x, mask, state, self._scan_fast)
+        return self._forward(x, mask, state, self._scan_fast, segments=pos.segments)
 
-    def _scan_fast(self, u, delta, B, C, h):
-        return s6_scan_fast(u, delta, -torch.exp(self.A_log), B, C, h)
+    def _scan_fast(self, u, delta, B, C, h, reset=None):
+        return s6_scan_fast(u, delta, -torch.exp(self.A_log), B, C, h, reset)
 
-    def _scan_chunked(self, u, delta, B, C, h):
-        return s6_scan_chunked(u, delta, -torch.exp(self.A_log), B, C, h, self.opts.chunk_size)
+    def _scan_chunked(self, u, delta, B, C, h, reset=None):
+        return s6_scan_chunked(u, delta, -torch.exp(self.A_log), B, C, h, self.opts.chunk_size, reset)
 
     def _output(self, y, inputs, z):
         return self.out_proj((y + inputs[0] * self.D) * F.silu(z))
@@ -326,11 +362,11 @@ class Mamba2(_Selective):
         rep = h // self.opts.n_groups
         return xs, dt, B.repeat_interleave(rep, dim=2), C.repeat_interleave(rep, dim=2)
 
-    def _scan_reference(self, xs, dt, B, C, h):
-        return ssd_scan_reference(xs, dt, -torch.exp(self.A_log), B, C, h)
+    def _scan_reference(self, xs, dt, B, C, h, reset=None):
+        return ssd_scan_reference(xs, dt, -torch.exp(self.A_log), B, C, h, reset)
 
-    def _scan_chunked(self, xs, dt, B, C, h):
-        return ssd_scan_chunked(xs, dt, -torch.exp(self.A_log), B, C, h, self.opts.chunk_size)
+    def _scan_chunked(self, xs, dt, B, C, h, reset=None):
+        return ssd_scan_chunked(xs, dt, -torch.exp(self.A_log), B, C, h, self.opts.chunk_size, reset)
 
     def _output(self, y, inputs, z):
         y = rearrange(y + inputs[0] * self.D[:, None], "b l h p -> b l (h p)")

@@ -50,6 +50,7 @@ class MultiScaleRetention(GatedLinearMixer):
         memory="O(N d + d^2) per head",
         forms=("reference", "chunked", "recurrent", "triton"),
         rotary=True,  # a scalar decay commutes with rotations, so the relative form is kept
+        packing=True,  # a reset gate at each segment start (GatedLinearMixer)
     )
     Options = RetentionOptions
     test_options = {"chunk_size": 4, "sub_chunk_size": 2}

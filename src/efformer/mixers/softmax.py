@@ -22,9 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efformer.errors import ConfigError
+from efformer.kernels.split_kv import split_kv_attention
 from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState, causal_keep
 from efformer.nn.positional import PositionalContext
 from efformer.registry import register_mixer
+
+SPLIT_KV_CHUNK = 1024  # keys per split of a split-KV decode step
 
 
 @dataclass(kw_only=True)
@@ -148,6 +151,12 @@ class SoftmaxOptions(MixerOptions):
     )
     qk_norm: bool = pydantic.Field(False, description="RMS-normalise q and k per head before the dot product")
     qkv_bias: bool = pydantic.Field(False, description="biases on the q/k/v/out projections")
+    split_kv_from: int | None = pydantic.Field(
+        None, ge=1,
+        description="fast form: a one-token decode step against >= this many cached keys runs split-KV "
+        "(flash-decoding, 1024-key chunks merged by log-sum-exp); None = never (on CPU it measured slower "
+        "than SDPA up to 64K keys: benchmarks/split_kv_decode.py)",
+    )
 
 
 class OutlierFreeOptions(SoftmaxOptions):
@@ -196,6 +205,7 @@ class SoftmaxAttention(Mixer):
         forms=("reference", "fast"),
         attention_bias=True,
         rotary=True,
+        packing=True,
     )
     Options = OutlierFreeOptions
     test_options = {"n_kv_heads": 2}
@@ -259,10 +269,14 @@ class SoftmaxAttention(Mixer):
         t = k.shape[2]
         # A plain causal square needs no mask at all in the fast form (is_causal), and a single query
         # after the cache may see every cached key, so neither builds one.
-        plain_causal = self.causal and not has_pad and n == t
+        seg = pos.segments  # packed rows: block-diagonal (causal) segments (no cache: refused by the base)
+        plain_causal = self.causal and not has_pad and n == t and seg is None
         allowed = None
         if has_pad or (self.causal and not plain_causal and n > 1):
             allowed = attention_keep(keep, k_keep, n, t, self.causal, x.device)
+        if seg is not None:
+            same = (seg[:, :, None] == seg[:, None, :])[:, None]
+            allowed = same if allowed is None else allowed & same
         bias = pos.score_bias(positions, k_pos)
         return q, k, v, allowed, bias, plain_causal
 
@@ -314,6 +328,10 @@ class SoftmaxAttention(Mixer):
         attn_mask = allowed
         if bias is not None:
             attn_mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+        split_from = self.opts.split_kv_from
+        decode = state is not None and q.shape[2] == 1 and not (self.training and self.dropout)
+        if decode and split_from is not None and k.shape[2] >= split_from:
+            return self._finish(split_kv_attention(q, k, v, attn_mask, chunk_size=SPLIT_KV_CHUNK)), state
         o = F.scaled_dot_product_attention(
             q,
             k,

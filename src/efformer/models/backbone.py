@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from efformer.errors import ShapeError
+from efformer.errors import CapabilityError, ShapeError
 from efformer.models.block import Block
 from efformer.models.cache import Cache
 from efformer.models.config import ModelConfig
-from efformer.nn.positional import build_positional
+from efformer.nn.positional import build_positional, segment_positions
 from efformer.registry import NORMS
 
 
@@ -49,10 +49,18 @@ class Backbone(nn.Module):
         return self.embed(ids)
 
     def forward(
-        self, h: Tensor, *, mask: Tensor | None = None, positions: Tensor | None = None, cache: Cache | None = None
+        self, h: Tensor, *, mask: Tensor | None = None, positions: Tensor | None = None, cache: Cache | None = None,
+        segments: Tensor | None = None,
     ) -> Tensor:
-        """Embeddings (b, n, d) -> hidden states (b, n, d); ``cache`` is updated in place."""
+        """Embeddings (b, n, d) -> hidden states (b, n, d); ``cache`` is updated in place.
+
+        ``segments`` (b, n) integer ids pack several sequences per row (no cache): positions restart
+        per segment by default and every mixer must declare ``capabilities.packing``."""
         b, n, _ = h.shape
+        if segments is not None:
+            check_packed(segments, (b, n), cache, self.blocks)
+            if positions is None:
+                positions = segment_positions(segments)
         check_tensor("mask", mask, optional=True)
         check_tensor("positions", positions, optional=True)
         if mask is not None:
@@ -80,6 +88,7 @@ class Backbone(nn.Module):
         layer_mask = None if mask_all_true else mask
         # Once per forward: rotary tables or the bias scheme, shared by every layer.
         context = self.pos.context(positions, h.dtype)
+        context.segments = segments
         for i, block in enumerate(self.blocks):
             state = cache.states[i] if cache is not None else None
             h, state = block(h, mask=layer_mask, state=state, positions=context)
@@ -96,6 +105,21 @@ class Backbone(nn.Module):
             states=[blk.mixer.init_state(batch, device, dtype) for blk in self.blocks],
             next_position=torch.zeros(batch, dtype=torch.long, device=device),
         )
+
+
+def check_packed(segments, shape: tuple[int, int], cache, blocks) -> None:
+    """A ShapeError/CapabilityError unless ``segments`` can pack this batch: (b, n) integers, no cache,
+    and every layer's mixer declares packing (else the caller pads)."""
+    check_tensor("segments", segments)
+    if segments.dtype not in (torch.int32, torch.int64) or tuple(segments.shape) != shape:
+        raise ShapeError(f"segments must be an integer tensor {shape} like the input ids, got "
+                         f"{segments.dtype} {tuple(segments.shape)}")
+    if cache is not None:
+        raise CapabilityError("segments (packed rows) run without a cache; prefill each sequence into its own row")
+    bad = [b.mixer.name for b in blocks if not b.mixer.capabilities.packing]
+    if bad:
+        raise CapabilityError(f"mixers {sorted(set(bad))} cannot run packed rows (capabilities.packing is "
+                              "False); pad the sequences into separate rows instead")
 
 
 def default_positions(b: int, n: int, mask: Tensor | None, device) -> Tensor:

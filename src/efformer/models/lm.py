@@ -27,16 +27,18 @@ class CausalLM(nn.Module):
 
     def forward(
         self, input_ids: Tensor, *, mask: Tensor | None = None, cache: Cache | None = None,
-        positions: Tensor | None = None, logits_to_keep: int | None = None,
+        positions: Tensor | None = None, logits_to_keep: int | None = None, segments: Tensor | None = None,
     ) -> Tensor:
         """Logits (b, n, vocab), or of the last ``logits_to_keep`` positions only (b, k, vocab); with
-        ``cache`` the tokens extend the cached context (updated in place)."""
+        ``cache`` the tokens extend the cached context (updated in place); ``segments`` (b, n) packs
+        several sequences per row (see :meth:`Backbone.forward`)."""
         if logits_to_keep is not None and (not _is_int(logits_to_keep) or logits_to_keep < 1):
             raise ConfigError("logits_to_keep", logits_to_keep, "a positive integer (the last k positions), or None")
         check_tensor("input_ids", input_ids)
         if input_ids.dim() == 2:
             _check_cache(cache, tuple(input_ids.shape))
-        h = self.backbone(self.backbone.embed_tokens(input_ids), mask=mask, positions=positions, cache=cache)
+        h = self.backbone(self.backbone.embed_tokens(input_ids), mask=mask, positions=positions, cache=cache,
+                          segments=segments)
         if logits_to_keep is not None and logits_to_keep < h.shape[1]:
             h = h[:, -logits_to_keep:]  # the vocab projection dominates a long prefill; skip unused rows
         if self.cfg.tie_embeddings:

@@ -61,12 +61,15 @@ class PositionalContext:
 
     ``positions`` (b, n) are absolute; ``rotation`` holds rotary tables for q/k of these positions;
     ``bias`` is the score-bias scheme, whose tables are memoised per (query, key) positions pair, so
-    the layers of a forward without a cache share one table.
+    the layers of a forward without a cache share one table. ``segments`` (b, n) integer ids mark a
+    packed batch (several sequences laid end to end in one row, positions restarting per sequence):
+    tokens mix only within their own segment; None = one sequence per row.
     """
 
     positions: Tensor
     rotation: Rotation | None = None
     bias: nn.Module | None = None
+    segments: Tensor | None = None
     _bias_memo: dict = field(default_factory=dict, repr=False)
 
     def rotate_queries(self, q: Tensor) -> Tensor:
@@ -93,6 +96,15 @@ class PositionalContext:
     def kind(self) -> Kind:
         """Which in-mixer scheme this context carries: rotary, bias or none."""
         return "rotary" if self.rotation is not None else "bias" if self.bias is not None else "none"
+
+
+def segment_positions(segments: Tensor) -> Tensor:
+    """Positions (b, n) restarting at 0 where the segment id (b, n) changes along a packed row."""
+    b, n = segments.shape
+    idx = torch.arange(n, device=segments.device).expand(b, n)
+    start = torch.ones_like(segments, dtype=torch.bool)
+    start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return idx - torch.where(start, idx, 0).cummax(1).values
 
 
 class PositionalScheme(nn.Module):

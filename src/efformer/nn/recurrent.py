@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -19,25 +20,29 @@ class ShortConv(nn.Conv1d):
     def __init__(self, channels: int, width: int, bias: bool = True):
         super().__init__(channels, channels, width, groups=channels, bias=bias)
 
-    def forward(self, u: Tensor, prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, u: Tensor, prev: Tensor | None = None, segments: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """u (batch, seq, ch) continuing after ``prev`` (batch, ch, width-1; None: zeros, a fresh sequence).
 
-        Returns the output (batch, seq, ch) and the new ``prev`` (the last width-1 inputs).
+        Returns the output (batch, seq, ch) and the new ``prev`` (the last width-1 inputs). With packed
+        ``segments`` (batch, seq) (and no ``prev``) a token sees only earlier inputs of its own segment.
         """
         k = self.kernel_size[0] - 1
-        if prev is None:
+        if prev is None or segments is not None:
             prev = u.new_zeros(u.shape[0], u.shape[-1], k)
         full = torch.cat([prev.to(u.dtype).transpose(1, 2), u], dim=1)  # (batch, width-1+seq, ch)
         # A width-w depthwise convolution is w shifted multiply-adds. Written so, it runs in the
-        # (batch, seq, ch) layout with no transposes, and its backward is elementwise too: oneDNN's
-        # depthwise conv1d backward took a third of a Mamba layer's fwd+bwd time at 1K tokens.
-        n, w = u.shape[1], self.weight[:, 0]
-        y = full[:, :n] * w[:, 0]
-        for j in range(1, k + 1):
-            y = torch.addcmul(y, full[:, j : j + n], w[:, j])
-        if self.bias is not None:
-            y = y + self.bias
-        return y, full[:, n:].transpose(1, 2)
+        # (batch, seq, ch) layout with no transposes, its backward is elementwise too (oneDNN's
+        # depthwise conv1d backward took a third of a Mamba layer's fwd+bwd time at 1K tokens), and
+        # packed rows mask each shifted term so no input crosses a segment boundary.
+        n, w = u.shape[1], self.weight[:, 0].to(u.dtype)
+        y = torch.zeros_like(u) if self.bias is None else self.bias.to(u.dtype).expand_as(u)
+        for j in range(k + 1):  # tap j reads u_{t-(k-j)}
+            term = full[:, j : j + n]
+            if segments is not None and j < k:
+                same = F.pad(segments, (k - j, 0), value=-2)[:, :n] == segments
+                term = term * same[..., None].to(u.dtype)
+            y = torch.addcmul(y, term, w[:, j])
+        return y, full[:, n:].transpose(1, 2) if segments is None else prev
 
     def step(self, u: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
         """One token u (batch, ch) through the rolling window ``prev`` (batch, ch, width-1); returns (y, new prev)."""

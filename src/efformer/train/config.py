@@ -50,6 +50,8 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = pydantic.Field(500, ge=0)  # 0: only at the end
     keep_last: int = pydantic.Field(3, gt=0)
     log_every: int = pydantic.Field(10, gt=0)
+    # LM only: pack each micro-batch's sequences end to end (no pad waste); every mixer must pack.
+    packed: bool = False
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> TrainConfig:

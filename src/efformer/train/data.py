@@ -25,6 +25,7 @@ from efformer.assets import bundled_text
 from efformer.data.recall import IGNORE
 from efformer.errors import ConfigError, DataError, UnknownNameError
 from efformer.models.config import ModelConfig
+from efformer.models.packing import pack_sequences, packed_pairs
 from efformer.options import StrictModel, validate_options
 
 Example = dict[str, Tensor]
@@ -75,6 +76,15 @@ def collate(examples: Sequence[Example], pad_id: int = 0) -> dict[str, Tensor]:
     return out
 
 
+def collate_packed(examples: Sequence[Example], pad_id: int = 0) -> dict[str, Tensor]:
+    """LM examples packed end to end into rows as long as the longest (see :mod:`efformer.models.packing`):
+    {"input_ids", "mask", "segments"} (rows, n); the loss then never crosses a segment boundary."""
+    if not examples or any(set(e) != {"input_ids"} for e in examples):
+        raise DataError("packed batches take LM examples ({input_ids} only); set train.packed=false for others")
+    packed = pack_sequences([e["input_ids"] for e in examples], pad_id=pad_id)
+    return {"input_ids": packed.ids, "mask": packed.mask, "segments": packed.segments}
+
+
 @dataclass(frozen=True)
 class BatchOrder:
     """Deterministic global batches: epoch e uses a permutation seeded by (seed, e); last partial batch dropped."""
@@ -112,10 +122,13 @@ def loss_terms(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tens
         ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
         return ce, valid.sum(), {"correct": ((logits.argmax(-1) == target) & valid).sum()}
     if task == "lm":
-        ids, keep = batch["input_ids"], batch["mask"]
-        logits = model(ids, mask=keep)[:, :-1].float()
+        ids, keep, seg = batch["input_ids"], batch["mask"], batch.get("segments")
+        if seg is None:
+            logits = model(ids, mask=keep)[:, :-1].float()
+        else:  # packed rows: the padding tail is its own segment, so a full mask needs no mask tensor
+            logits = model(ids, mask=None if bool(keep.all()) else keep, segments=seg)[:, :-1].float()
         target = ids[:, 1:]
-        valid = keep[:, 1:] & keep[:, :-1]
+        valid = keep[:, 1:] & keep[:, :-1] if seg is None else packed_pairs(seg, keep)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
         valid_f = valid.reshape(-1).to(ce.dtype)
         correct = ((logits.argmax(-1) == target) & valid).sum()
@@ -139,6 +152,8 @@ def count_terms(batch: dict[str, Tensor]) -> Tensor:
     if "targets" in batch:
         return (batch["mask"] & (batch["targets"] != IGNORE)).sum()
     keep = batch["mask"]
+    if "segments" in batch:
+        return packed_pairs(batch["segments"], keep).sum()
     return (keep[:, 1:] & keep[:, :-1]).sum()
 
 

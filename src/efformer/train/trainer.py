@@ -38,7 +38,7 @@ from efformer.train.checkpoint import (
     unflatten_optimizer,
 )
 from efformer.train.config import TrainConfig
-from efformer.train.data import BatchOrder, collate, count_terms, count_tokens, loss_terms, summarize
+from efformer.train.data import BatchOrder, collate, collate_packed, count_terms, count_tokens, loss_terms, summarize
 from efformer.train.progress import Progress
 from efformer.train.schedules import lr_at
 
@@ -179,7 +179,8 @@ class Trainer:
         idx = self.order.indices(self.epoch, self.batch_index)
         per_rank = self.micro * self.cfg.grad_accum
         mine = idx[self.info.rank * per_rank : (self.info.rank + 1) * per_rank].tolist()
-        return [collate([self.train_data[i] for i in mine[j * self.micro : (j + 1) * self.micro]], self.pad_id)
+        join = collate_packed if self.cfg.packed else collate
+        return [join([self.train_data[i] for i in mine[j * self.micro : (j + 1) * self.micro]], self.pad_id)
                 for j in range(self.cfg.grad_accum)]
 
     def train_step(self) -> dict[str, float]:
