@@ -46,6 +46,7 @@ class ModelConfig(StrictModel):
     norm_placement: Placement = "pre"
     ffn: str = "swiglu"
     ffn_mult: float = pydantic.Field(4.0, gt=0)
+    ffn_options: dict[str, Any] = {}  # options of an FFN that has them (moe: experts, top-k, routing, ...)
     dropout: float = pydantic.Field(0.0, ge=0, lt=1)
     attn_dropout: float = pydantic.Field(0.0, ge=0, lt=1)
     max_len: StrictInt = pydantic.Field(2048, gt=0)
@@ -134,7 +135,13 @@ def check_parts(cfg: ModelConfig) -> None:
     pos_cls = POSITIONALS.get(cfg.positional)
     validate_options(pos_cls.Options, cfg.positional_options, f"positional_options[{cfg.positional}]")
     NORMS.get(cfg.norm)
-    FFNS.get(cfg.ffn)
+    ffn_cls = FFNS.get(cfg.ffn)
+    if cfg.ffn_options and not ffn_cls.Options.model_fields:
+        raise ConfigError("ffn_options", cfg.ffn_options, f"ffn {cfg.ffn!r} takes no options; leave it empty")
+    if ffn_cls.Options.model_fields:
+        ffn_opts = validate_options(ffn_cls.Options, cfg.ffn_options, "ffn_options")
+        with torch.device("meta"):  # its own checks (e.g. routing vs causal), allocating nothing
+            ffn_cls(cfg.d_model, cfg.ffn_mult, cfg.dropout, options=ffn_opts, causal=cfg.causal)
     per_layer = isinstance(cfg.mixer, list)
     checked: set[str] = set()
     for i, (name, opts) in enumerate(cfg.layer_mixers()):

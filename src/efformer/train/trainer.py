@@ -23,6 +23,7 @@ from torch import nn
 
 from efformer.errors import CheckpointError, ConfigError, EfformerError
 from efformer.models import create_model, save
+from efformer.nn.aux import collect_aux_losses
 from efformer.options import validate_options
 from efformer.registry import NORMS
 from efformer.results import ResultsStore
@@ -192,11 +193,17 @@ class Trainer:
         global_count = D.all_reduce_sum(stats[2:3].to(self.info.device))[0].item()
         # DDP and FSDP average gradients over ranks; multiplying by world size turns that into a sum.
         scale = self.info.world_size / max(global_count, 1.0)
+        aux_sums: dict[str, float] = {}
         for j, batch in enumerate(batches):
             sync = j == len(batches) - 1 or not isinstance(self.model, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.model.no_sync(), self._autocast():
                 total, _, sums = loss_terms(self.model, self._to_device(batch))
-            (total * scale).backward()
+            # auxiliary losses (MoE balance, ...) are means over a micro-batch: weight each by its loss terms
+            aux = collect_aux_losses(self.raw)
+            terms = float(count_terms(batch))
+            for name, value in aux.items():
+                aux_sums[name] = aux_sums.get(name, 0.0) + float(value.detach()) * terms
+            ((total + (sum(aux.values()) * terms if aux else 0.0)) * scale).backward()
             stats[0] += total.detach().double().item()
             stats[1] += float(sums["correct"])
         stats = D.all_reduce_sum(stats.to(self.info.device)).cpu()
@@ -223,6 +230,7 @@ class Trainer:
         if self.batch_index == self.order.batches_per_epoch:
             self.epoch, self.batch_index = self.epoch + 1, 0
         out = {**metrics, "lr": lr, "tokens": stats[3].item()}
+        out.update({f"aux_{k}": v / max(float(local_count), 1.0) for k, v in aux_sums.items()})  # this rank's
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
         return out
@@ -329,6 +337,7 @@ class Trainer:
             values = {"loss": sum(window) / len(window), "lr": last["lr"]}
             if "grad_norm" in last:
                 values["grad_norm"] = last["grad_norm"]
+            values.update({k: v for k, v in last.items() if k.startswith("aux_")})
             self.store.log_metrics(self.run_id, self.step, values)
         window.clear()
 
