@@ -52,8 +52,9 @@ class MoEOptions(StrictModel):
     aux_loss_weight: float = pydantic.Field(0.01, ge=0, description="Weight of the load-balancing loss.")
     z_loss_weight: float = pydantic.Field(0.001, ge=0, description="Weight of the router z-loss.")
     normalize_topk: bool = pydantic.Field(False, description="Renormalise the top-k gates to sum to one.")
-    expert_scale: float = pydantic.Field(1.0, gt=0, description="Multiplier of the routed experts' sum "
-                                         "(LLaMA-MoE uses n_experts / top_k after converting a dense FFN).")
+    expert_scale: float = pydantic.Field(
+        1.0, gt=0, description="Multiplier of the routed experts' sum (n_experts after converting a dense FFN: "
+        "a uniform router then weighs each expert 1).")
     allow_future_routing: bool = pydantic.Field(
         False, description="Let expert-choice routing run in a causal model (its selection sees later "
         "tokens of the sequence, so it is for training-time comparisons only).")
