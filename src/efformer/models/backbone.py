@@ -6,9 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from efformer.errors import ShapeError
-from efformer.models.block import Block
 from efformer.models.cache import Cache
 from efformer.models.config import ModelConfig
+from efformer.models.depth import make_block
 from efformer.nn.positional import build_positional
 from efformer.registry import NORMS
 
@@ -23,7 +23,10 @@ class Backbone(nn.Module):
         self.pos = build_positional(
             cfg.positional, cfg.d_model, cfg.n_heads, cfg.max_len, cfg.causal, cfg.positional_options
         )
-        self.blocks = nn.ModuleList(Block(cfg, name, opts) for name, opts in cfg.layer_mixers())
+        self.blocks = nn.ModuleList(make_block(cfg, i, name, opts) for i, (name, opts) in enumerate(cfg.layer_mixers()))
+        for blk in self.blocks:
+            if hasattr(blk, "bind_positional"):  # Mixture-of-Depths rebuilds the context of its chosen tokens
+                blk.bind_positional(self.pos)
         norm = NORMS.get(cfg.norm)
         # post-LN and DeepNorm end every block with a norm already; Peri-LN also normalises embeddings
         self.final_norm = nn.Identity() if cfg.norm_placement in ("post", "deepnorm") else norm(cfg.d_model)

@@ -58,6 +58,11 @@ class ModelConfig(StrictModel):
     # classifier / dual only: run the mixers causally, so causal-only mixers (Mamba, RetNet, ...) can
     # encode; a CLS token then goes at the end, where it has seen the whole sequence.
     encoder_causal: bool = False
+    # Mixture-of-Depths (models/depth.py): the fraction of each row's tokens a block processes; one
+    # value for every layer, or one per layer (None: a plain block there). None: no routing.
+    mod_capacity: float | list[float | None] | None = None
+    mod_gate: Literal["multiply", "straight_through"] = "multiply"  # scale chosen updates by the router
+    mod_predictor_weight: float = pydantic.Field(0.01, ge=0)  # BCE weight of the causal-decoding predictor
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -78,6 +83,14 @@ class ModelConfig(StrictModel):
                 raise CrossFieldError("mixer_options", "with a list of mixers, mixer_options must be a list of "
                                       f"dicts (one per layer) or a dict keyed by mixer name; {stray} are not mixers "
                                       f"of {self.mixer} with a dict of options (a flat dict would be ambiguous)")
+        caps = self.mod_capacity if isinstance(self.mod_capacity, list) else [self.mod_capacity]
+        if isinstance(self.mod_capacity, list) and len(caps) != self.n_layers:
+            raise CrossFieldError("mod_capacity", f"mod_capacity has {len(caps)} entries but n_layers="
+                                  f"{self.n_layers}; give one per layer (None for a plain block)")
+        bad = [c for c in caps if c is not None and not 0 < c <= 1]
+        if bad:
+            raise CrossFieldError("mod_capacity", f"capacity {bad[0]} is outside (0, 1]: it is the fraction of "
+                                  "tokens a block processes (1.0: all, the plain block)")
         if self.pad_id >= self.vocab_size:
             raise CrossFieldError("pad_id", f"pad_id={self.pad_id} must be < vocab_size={self.vocab_size}")
         return self
@@ -95,6 +108,10 @@ class ModelConfig(StrictModel):
         if isinstance(opts, list):
             return [(m, dict(o)) for m, o in zip(self.mixer, opts, strict=True)]
         return [(m, dict(opts.get(m, {}))) for m in self.mixer]
+
+    def layer_mod_capacity(self, layer: int) -> float | None:
+        """Mixture-of-Depths capacity of layer ``layer``, or None for a plain block."""
+        return self.mod_capacity[layer] if isinstance(self.mod_capacity, list) else self.mod_capacity
 
     def to_json(self) -> str:
         """The config as a JSON string."""
