@@ -157,6 +157,9 @@ def check_parts(cfg: ModelConfig) -> None:
         raise ConfigError("ffn_options", cfg.ffn_options, f"ffn {cfg.ffn!r} takes no options; leave it empty")
     if ffn_cls.Options.model_fields:
         ffn_opts = validate_options(ffn_cls.Options, cfg.ffn_options, "ffn_options")
+        widths = getattr(ffn_opts, "layer_widths", None)
+        if widths is not None and len(widths) != cfg.n_layers:
+            raise ConfigError("ffn_options.layer_widths", widths, f"one width per layer (n_layers={cfg.n_layers})")
         with torch.device("meta"):  # its own checks (e.g. routing vs causal), allocating nothing
             ffn_cls(cfg.d_model, cfg.ffn_mult, cfg.dropout, options=ffn_opts, causal=cfg.causal)
     per_layer = isinstance(cfg.mixer, list)

@@ -115,6 +115,8 @@ class MoDBlock(nn.Module):
 def make_block(cfg: ModelConfig, layer: int, mixer_name: str, mixer_options: dict) -> nn.Module:
     """Layer ``layer``'s block: a MoDBlock where the config gives it a capacity, else a plain Block."""
     capacity = cfg.layer_mod_capacity(layer)
-    if capacity is None:
-        return Block(cfg, mixer_name, mixer_options)
-    return MoDBlock(cfg, mixer_name, mixer_options, capacity)
+    block = Block(cfg, mixer_name, mixer_options) if capacity is None else MoDBlock(cfg, mixer_name, mixer_options,
+                                                                                 capacity)
+    if hasattr(block.ffn, "configure_layer"):  # an extracted MatFormer keeps this layer's neurons only
+        block.ffn.configure_layer(layer)
+    return block

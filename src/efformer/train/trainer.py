@@ -23,6 +23,7 @@ from torch import nn
 
 from efformer.errors import CheckpointError, ConfigError, EfformerError
 from efformer.models import create_model, save
+from efformer.models.elastic import step_widths, use_widths
 from efformer.nn.aux import collect_aux_losses
 from efformer.options import validate_options
 from efformer.registry import NORMS
@@ -194,9 +195,13 @@ class Trainer:
         # DDP and FSDP average gradients over ranks; multiplying by world size turns that into a sum.
         scale = self.info.world_size / max(global_count, 1.0)
         aux_sums: dict[str, float] = {}
-        for j, batch in enumerate(batches):
-            sync = j == len(batches) - 1 or not isinstance(self.model, nn.parallel.DistributedDataParallel)
-            with contextlib.nullcontext() if sync else self.model.no_sync(), self._autocast():
+        settings = step_widths(self.raw, self.step)  # MatFormer: the loss summed over granularities
+        passes = [(j, s, batch, w) for j, batch in enumerate(batches) for s, w in enumerate(settings)]
+        for j, s, batch, widths in passes:  # one pass per micro-batch (the full model) unless elastic
+            last = j == len(batches) - 1 and s == len(settings) - 1
+            sync = last or not isinstance(self.model, nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else self.model.no_sync(), self._autocast(),
+                  use_widths(self.raw, widths)):
                 total, _, sums = loss_terms(self.model, self._to_device(batch))
             # auxiliary losses (MoE balance, ...) are means over a micro-batch: weight each by its loss terms
             aux = collect_aux_losses(self.raw)
@@ -204,8 +209,9 @@ class Trainer:
             for name, value in aux.items():
                 aux_sums[name] = aux_sums.get(name, 0.0) + float(value.detach()) * terms
             ((total + (sum(aux.values()) * terms if aux else 0.0)) * scale).backward()
-            stats[0] += total.detach().double().item()
-            stats[1] += float(sums["correct"])
+            if s == 0:  # the logged loss and accuracy are the full model's
+                stats[0] += total.detach().double().item()
+                stats[1] += float(sums["correct"])
         stats = D.all_reduce_sum(stats.to(self.info.device)).cpu()
         metrics = summarize(self.task, stats[0].item(), int(stats[2].item()), stats[1].item())
         grad_norm = None
