@@ -32,6 +32,7 @@ class Backbone(nn.Module):
         self.final_norm = nn.Identity() if cfg.norm_placement in ("post", "deepnorm") else norm(cfg.d_model)
         self.embed_norm = norm(cfg.d_model) if cfg.norm_placement == "peri" else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
+        self.exit_hidden: dict[int, Tensor] = {}
         self.apply(_init_weights)
 
     @property
@@ -83,9 +84,13 @@ class Backbone(nn.Module):
         layer_mask = None if mask_all_true else mask
         # Once per forward: rotary tables or the bias scheme, shared by every layer.
         context = self.pos.context(positions, h.dtype)
+        exits = set(self.cfg.exit_layers or ())
+        self.exit_hidden = {}  # early exit: hidden states (b, n, d) after the exit layers, for their heads
         for i, block in enumerate(self.blocks):
             state = cache.states[i] if cache is not None else None
             h, state = block(h, mask=layer_mask, state=state, positions=context)
+            if i in exits:
+                self.exit_hidden[i] = h
         if cache is not None:
             step = mask.sum(1) if mask is not None else torch.full((b,), n, device=h.device)
             cache.next_position = cache.next_position + step

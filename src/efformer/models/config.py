@@ -63,6 +63,10 @@ class ModelConfig(StrictModel):
     mod_capacity: float | list[float | None] | None = None
     mod_gate: Literal["multiply", "straight_through"] = "multiply"  # scale chosen updates by the router
     mod_predictor_weight: float = pydantic.Field(0.01, ge=0)  # BCE weight of the causal-decoding predictor
+    # Early exit (models/early_exit.py): layers (0-based) after which an exit head predicts; trained jointly
+    # with weight exit_loss_weight each. None: no exits.
+    exit_layers: list[StrictInt] | None = None
+    exit_loss_weight: float = pydantic.Field(1.0, ge=0)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -91,6 +95,12 @@ class ModelConfig(StrictModel):
         if bad:
             raise CrossFieldError("mod_capacity", f"capacity {bad[0]} is outside (0, 1]: it is the fraction of "
                                   "tokens a block processes (1.0: all, the plain block)")
+        ex = self.exit_layers or []
+        if ex != sorted(set(ex)) or any(not 0 <= i < self.n_layers - 1 for i in ex):
+            raise CrossFieldError("exit_layers", f"exit_layers={ex} must be distinct ascending layer indices in "
+                                  f"[0, {self.n_layers - 2}] (after the last layer the model's own head predicts)")
+        if ex and self.task == "dual":
+            raise CrossFieldError("exit_layers", "early exit is for task='lm' or 'classifier', not 'dual'")
         if self.pad_id >= self.vocab_size:
             raise CrossFieldError("pad_id", f"pad_id={self.pad_id} must be < vocab_size={self.vocab_size}")
         return self

@@ -23,6 +23,7 @@ from torch import nn
 
 from efformer.errors import CheckpointError, ConfigError, EfformerError
 from efformer.models import create_model, save
+from efformer.models.early_exit import exit_loss_terms
 from efformer.models.elastic import step_widths, use_widths
 from efformer.nn.aux import collect_aux_losses
 from efformer.options import validate_options
@@ -202,13 +203,17 @@ class Trainer:
             sync = last or not isinstance(self.model, nn.parallel.DistributedDataParallel)
             with (contextlib.nullcontext() if sync else self.model.no_sync(), self._autocast(),
                   use_widths(self.raw, widths)):
-                total, _, sums = loss_terms(self.model, self._to_device(batch))
+                on_device = self._to_device(batch)
+                total, _, sums = loss_terms(self.model, on_device)
+                exit_total = exit_loss_terms(self.raw, on_device)  # early-exit heads: sums like the task loss
             # auxiliary losses (MoE balance, ...) are means over a micro-batch: weight each by its loss terms
             aux = collect_aux_losses(self.raw)
             terms = float(count_terms(batch))
             for name, value in aux.items():
                 aux_sums[name] = aux_sums.get(name, 0.0) + float(value.detach()) * terms
-            ((total + (sum(aux.values()) * terms if aux else 0.0)) * scale).backward()
+            if self.raw.cfg.exit_layers:
+                aux_sums["exit"] = aux_sums.get("exit", 0.0) + float(exit_total.detach())
+            ((total + exit_total + (sum(aux.values()) * terms if aux else 0.0)) * scale).backward()
             if s == 0:  # the logged loss and accuracy are the full model's
                 stats[0] += total.detach().double().item()
                 stats[1] += float(sums["correct"])
