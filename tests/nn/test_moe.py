@@ -25,10 +25,10 @@ def with_form(moe, form):
     return moe
 
 
-def run_both(moe, x, mask=None):
-    """(fast output, reference output, fast grads, reference grads) for the same weights and input."""
+def run_forms(moe, x, mask=None, forms=("batched", "grouped", "reference")):
+    """Outputs and grads (input, then every parameter) of each form, for the same weights and input."""
     outs, grads = [], []
-    for form in ("fast", "reference"):
+    for form in forms:
         with_form(moe, form)
         xi = x.clone().requires_grad_(True)
         y = moe(xi, mask=mask)
@@ -53,13 +53,14 @@ CASES = [
 
 @pytest.mark.parametrize("opts", CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 @pytest.mark.parametrize("shape", [(1, 1), (2, 7), (3, 13)])
-def test_fast_equals_per_token_reference_outputs_and_grads(opts, shape):
+def test_batched_and_grouped_equal_the_per_token_reference_outputs_and_grads(opts, shape):
     moe = make(**opts).train()
     x = torch.randn(*shape, 16)
-    (yf, yr), (gf, gr) = run_both(moe, x)
-    torch.testing.assert_close(yf, yr, atol=1e-5, rtol=1e-5)
-    for a, b in zip(gf, gr, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    outs, grads = run_forms(moe, x)
+    for y, g in zip(outs[:2], grads[:2], strict=True):
+        torch.testing.assert_close(y, outs[2], atol=1e-5, rtol=1e-5)
+        for a, b in zip(g, grads[2], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("opts", CASES[:2] + CASES[5:6], ids=["topk", "capacity", "expert"])
@@ -79,8 +80,9 @@ def test_padding_takes_no_capacity_and_changes_no_real_output(opts):
     x2 = x.clone()
     x2[0, :4] = torch.randn(4, 16) * 100  # garbage in the padding changes nothing real
     torch.testing.assert_close(moe(x2, mask=mask)[mask], y[mask])
-    (yf, yr), _ = run_both(moe, x, mask)
-    torch.testing.assert_close(yf[mask], yr[mask], atol=1e-5, rtol=1e-5)
+    outs, _ = run_forms(moe, x, mask)
+    for y in outs[:2]:
+        torch.testing.assert_close(y[mask], outs[2][mask], atol=1e-5, rtol=1e-5)
 
 
 def test_all_experts_with_uniform_router_is_the_dense_average():

@@ -11,8 +11,11 @@ dimension between one shared down and one shared up projection).
 Fine-grained experts are more, narrower experts with a larger top-k: each expert's width defaults to
 the dense GLU width divided by (top_k + n_shared), so active parameters equal the dense FFN's.
 
-Dispatch (``form="fast"``) sorts the kept (token, expert) assignments by expert, places them in an
-(experts, slots, d) buffer and runs two batched matmuls; ``form="reference"`` loops over tokens.
+Dispatch sorts the kept (token, expert) assignments by expert. ``form="batched"`` places them in an
+(experts, slots, d) buffer and runs two batched matmuls (one kernel for all experts: GPUs);
+``form="grouped"`` runs each expert once over its contiguous slice of the sorted tokens (no padding
+to the busiest expert: CPUs); ``auto`` picks batched on CUDA, grouped elsewhere. ``form="reference"``
+routes and mixes token by token.
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ class MoEOptions(StrictModel):
     allow_future_routing: bool = pydantic.Field(
         False, description="Let expert-choice routing run in a causal model (its selection sees later "
         "tokens of the sequence, so it is for training-time comparisons only).")
-    form: Literal["auto", "reference", "fast"] = pydantic.Field("auto", description="Dispatch form.")
+    form: Literal["auto", "reference", "batched", "grouped"] = pydantic.Field(
+        "auto", description="Dispatch: batched (padded bmm, GPUs), grouped (one matmul per expert, CPUs), "
+        "reference (a loop over tokens); auto picks batched on CUDA, else grouped.")
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> MoEOptions:
@@ -171,11 +176,15 @@ class MoE(nn.Module):
         gate, up = (x @ self.w_in[e]).chunk(2, -1)
         return self.drop(self.act(gate) * up) @ self.w_out[e]
 
-    def _dispatch_fast(self, x: Tensor, tok: Tensor, expert: Tensor, gate: Tensor) -> Tensor:
+    def _dispatch(self, x: Tensor, tok: Tensor, expert: Tensor, gate: Tensor, batched: bool) -> Tensor:
         e_count = self.opts.n_experts
         order = torch.sort(expert, stable=True).indices
         tok, expert, gate = tok[order], expert[order], gate[order]
         counts = torch.bincount(expert, minlength=e_count)
+        if not batched:
+            parts = [self.expert(e, chunk) for e, chunk in enumerate(x[tok].split(counts.tolist())) if len(chunk)]
+            y = torch.cat(parts) if parts else x.new_zeros(0, x.shape[-1])
+            return x.new_zeros(x.shape).index_add_(0, tok, y * gate[:, None])
         starts = counts.cumsum(0) - counts
         slot = torch.arange(expert.numel(), device=x.device) - starts[expert]
         width = int(counts.max()) if expert.numel() else 0
@@ -220,10 +229,12 @@ class MoE(nn.Module):
         flat = x.reshape(b * n, d)
         valid = mask.reshape(-1) if mask is not None else torch.ones(b * n, dtype=torch.bool, device=x.device)
         tok, expert, gate = self.route(flat, valid)  # also sets aux_losses and stats
-        if self.opts.form == "reference":
+        form = self.opts.form
+        if form == "reference":
             y = self._reference(flat, valid)
         else:
-            y = self._dispatch_fast(self.descend(flat) if self.opts.bigmac_dim else flat, tok, expert, gate)
+            batched = form == "batched" or (form == "auto" and x.is_cuda)
+            y = self._dispatch(self.descend(flat) if self.opts.bigmac_dim else flat, tok, expert, gate, batched)
         y = y * self.opts.expert_scale
         if self.opts.bigmac_dim:
             y = self.ascend(y)
