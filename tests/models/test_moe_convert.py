@@ -19,15 +19,15 @@ def dense_lm(ffn="swiglu", **kw):
 
 
 @pytest.mark.parametrize("method", ["random", "cluster", "coactivation"])
-@pytest.mark.parametrize("ffn", ["swiglu", "geglu"])
-def test_all_experts_active_equals_the_dense_model(method, ffn):
+@pytest.mark.parametrize("ffn, n_experts", [("swiglu", 4), ("geglu", 4), ("swiglu", 5)])  # 5 leaves zero slots
+def test_all_experts_active_equals_the_dense_model(method, ffn, n_experts):
     model = dense_lm(ffn)
     ids = torch.randint(0, 40, (2, 11))
-    moe = convert_to_moe(model, n_experts=4, method=method, calibration_ids=ids).eval()
-    assert moe.cfg.ffn == "moe" and moe.cfg.ffn_options["top_k"] == 4
+    moe = convert_to_moe(model, n_experts=n_experts, method=method, calibration_ids=ids).eval()
+    assert moe.cfg.ffn == "moe" and moe.cfg.ffn_options["top_k"] == n_experts
     torch.testing.assert_close(moe(ids), model(ids), atol=1e-5, rtol=1e-5)
-    hidden = model.backbone.blocks[0].ffn.down.in_features  # 64: params are the same, only regrouped
-    assert moe.backbone.blocks[0].ffn.w_in.numel() == 2 * 24 * hidden
+    hidden = model.backbone.blocks[0].ffn.down.in_features  # 64 neurons regrouped (+ zero slots for 5)
+    assert moe.backbone.blocks[0].ffn.w_in.numel() == 2 * 24 * n_experts * -(-hidden // n_experts)
 
 
 def test_fewer_active_experts_is_a_different_but_working_model_and_it_saves(tmp_path):
@@ -41,11 +41,14 @@ def test_fewer_active_experts_is_a_different_but_working_model_and_it_saves(tmp_
 
 
 @pytest.mark.parametrize("method", ["random", "cluster", "coactivation"])
-def test_splits_partition_the_neurons(method):
+@pytest.mark.parametrize("n_experts", [4, 5])
+def test_splits_partition_the_neurons(method, n_experts):
     ffn = GLU(12, 4.0)
-    groups = split_neurons(ffn, 4, method, gate_inputs=torch.randn(50, 12))
-    assert groups.shape == (4, 8)
-    assert sorted(groups.flatten().tolist()) == list(range(32))
+    groups = split_neurons(ffn, n_experts, method, gate_inputs=torch.randn(50, 12))
+    assert groups.shape == (n_experts, -(-32 // n_experts))
+    assert sorted(i for i in groups.flatten().tolist() if i >= 0) == list(range(32))
+    sizes = (groups >= 0).sum(1)
+    assert int(sizes.max() - sizes.min()) <= 1
 
 
 def _planted_glu(d=8, per=4, k=4) -> tuple[GLU, list[set[int]]]:
@@ -78,8 +81,8 @@ def test_clustering_and_coactivation_recover_planted_groups():
 
 def test_bad_conversions_are_refused():
     model = dense_lm()
-    with pytest.raises(ConfigError, match="must divide"):
-        convert_to_moe(model, n_experts=5)
+    with pytest.raises(ConfigError, match="between 1 and"):
+        convert_to_moe(model, n_experts=65)
     with pytest.raises(ConfigError, match="calibration_ids"):
         convert_to_moe(model, n_experts=4, method="coactivation")
     with pytest.raises(ConfigError, match="top_k"):
