@@ -237,3 +237,28 @@ def test_expert_choice_in_a_causal_model_is_refused_unless_allowed():
 def test_options_on_an_ffn_without_options_are_refused():
     with pytest.raises(ConfigError, match="takes no options"):
         efformer.build_config(ffn="swiglu", ffn_options=dict(n_experts=4))
+
+
+@pytest.mark.parametrize("form", ["batched", "grouped"])
+def test_bf16_autocast_trains(form):
+    model = efformer.create_model("lm-tiny", d_model=32, n_heads=2, vocab_size=50, ffn="moe",
+                                  ffn_options=dict(n_experts=4, top_k=2, form=form, n_shared=1, bigmac_dim=16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(torch.randint(0, 50, (2, 9)))
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and model.backbone.blocks[0].ffn.w_in.grad.abs().sum() > 0
+
+
+def test_deepnorm_scales_expert_weights_but_not_the_router():
+    from efformer.models.block import deepnorm_constants
+
+    def build(placement):
+        torch.manual_seed(0)
+        return efformer.create_model("lm-tiny", d_model=32, n_heads=2, n_layers=3, norm_placement=placement,
+                                     ffn="moe", ffn_options=dict(n_experts=4, top_k=2, n_shared=1))
+
+    plain, deep = build("post").backbone.blocks[0].ffn, build("deepnorm").backbone.blocks[0].ffn
+    beta = deepnorm_constants(3)[1]
+    torch.testing.assert_close(deep.w_in, plain.w_in * beta)
+    torch.testing.assert_close(deep.shared_out.weight, plain.shared_out.weight * beta)
+    assert torch.equal(deep.router.weight, plain.router.weight)

@@ -80,10 +80,10 @@ def build_ffn(cfg: ModelConfig) -> nn.Module:
 
 @torch.no_grad()
 def scale_deepnorm_init(mixer: Mixer, ffn: nn.Module, beta: float) -> None:
-    """DeepNet init: scale the mixer's declared value/output weights and every FFN weight by beta."""
+    """DeepNet init: scale the mixer's declared value/output weights and every FFN weight matrix by beta."""
     roles = mixer.init_roles()
     for w in roles["value"] + roles["output"]:
         w.mul_(beta)
-    for sub in ffn.modules():
-        if isinstance(sub, nn.Linear):
-            sub.weight.mul_(beta)
+    for name, p in ffn.named_parameters():  # every weight matrix (MoE/MatFormer hold them as parameters)
+        if p.dim() >= 2 and not name.startswith("router"):  # a router's scale sets routing, not the update
+            p.mul_(beta)

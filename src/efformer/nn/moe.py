@@ -184,7 +184,7 @@ class MoE(nn.Module):
         if not batched:
             parts = [self.expert(e, chunk) for e, chunk in enumerate(x[tok].split(counts.tolist())) if len(chunk)]
             y = torch.cat(parts) if parts else x.new_zeros(0, x.shape[-1])
-            return x.new_zeros(x.shape).index_add_(0, tok, y * gate[:, None])
+            return y.new_zeros(x.shape).index_add_(0, tok, y * gate[:, None].to(y.dtype))
         starts = counts.cumsum(0) - counts
         slot = torch.arange(expert.numel(), device=x.device) - starts[expert]
         width = int(counts.max()) if expert.numel() else 0
@@ -193,7 +193,7 @@ class MoE(nn.Module):
         gate_up = torch.bmm(buf, self.w_in)  # (e, slots, 2h): one batched matmul for every expert
         g, u = gate_up.chunk(2, -1)
         y = torch.bmm(self.drop(self.act(g) * u), self.w_out)[expert, slot]
-        return x.new_zeros(x.shape).index_add_(0, tok, y * gate[:, None])
+        return y.new_zeros(x.shape).index_add_(0, tok, y * gate[:, None].to(y.dtype))
 
     def _reference(self, x: Tensor, valid: Tensor) -> Tensor:
         """Flat tokens (t, d) -> routed mixture (t, inner), token by token, routing included (first choices
