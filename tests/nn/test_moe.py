@@ -262,3 +262,59 @@ def test_deepnorm_scales_expert_weights_but_not_the_router():
     torch.testing.assert_close(deep.w_in, plain.w_in * beta)
     torch.testing.assert_close(deep.shared_out.weight, plain.shared_out.weight * beta)
     assert torch.equal(deep.router.weight, plain.router.weight)
+
+
+def _pregated_lm(**kw):
+    torch.manual_seed(0)
+    opts = dict(n_experts=4, top_k=2, pregated=True, **kw)
+    return efformer.create_model("lm-tiny", d_model=32, n_heads=2, n_layers=3, vocab_size=50, ffn="moe",
+                                 ffn_options=opts).eval()
+
+
+def test_pregated_layers_route_with_the_previous_layers_input():
+    model = _pregated_lm()
+    ffns = [b.ffn for b in model.backbone.blocks]
+    inputs, outputs = {}, {}
+
+    def keep(i):
+        def hook(module, args, kwargs, out):
+            inputs[i], outputs[i] = args[0], out
+        return hook
+
+    for i, f in enumerate(ffns):
+        f.register_forward_hook(keep(i), with_kwargs=True)
+    model(torch.randint(0, 50, (2, 7)))
+    for i, f in enumerate(ffns):  # by hand: layer i's router on layer i-1's FFN input (layer 0 on its own)
+        x = inputs[i].reshape(-1, 32)
+        source = inputs[max(i - 1, 0)].reshape(-1, 32)
+        top = f.router(source).softmax(-1).topk(2, -1)
+        want = torch.stack([sum(top.values[t, j] * f.expert(int(top.indices[t, j]), x[t : t + 1])[0]
+                                for j in range(2)) for t in range(x.shape[0])])
+        torch.testing.assert_close(outputs[i].reshape(-1, 32), want, atol=1e-5, rtol=1e-5)
+
+
+def test_pregated_plans_reach_the_hook_one_layer_ahead_and_decoding_matches():
+    model = _pregated_lm()
+    ffns = [b.ffn for b in model.backbone.blocks]
+    events = []
+    for i, f in enumerate(ffns):
+        f.on_plan = lambda m, ids, i=i: events.append(("plan", i, sorted(ids.tolist())))
+        f.register_forward_pre_hook(lambda m, a, i=i: events.append(("run", i)))
+    ids = torch.randint(0, 50, (1, 1))
+    model(ids)
+    # layer 0 plans itself, then while running it plans layer 1; layer 1 plans layer 2
+    assert [e[:2] for e in events] == [("run", 0), ("plan", 0), ("plan", 1), ("run", 1), ("plan", 2), ("run", 2)]
+    used = [sorted(torch.nonzero(f.stats["tokens_per_expert"]).flatten().tolist()) for f in ffns]
+    assert [e[2] for e in events if e[0] == "plan"] == used
+    ids = torch.randint(0, 50, (2, 8))
+    full = model(ids)
+    cache = model.new_cache(2)
+    steps = [model(ids[:, :3], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(3, 8)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_pregated_refuses_expert_choice_and_mixture_of_depths():
+    with pytest.raises(ConfigError, match="pregated"):
+        efformer.build_config(ffn="moe", ffn_options=dict(pregated=True, routing="expert", allow_future_routing=True))
+    with pytest.raises(ConfigError, match="Mixture-of-Depths"):
+        efformer.build_config(ffn="moe", ffn_options=dict(pregated=True), mod_capacity=0.5)

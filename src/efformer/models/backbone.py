@@ -9,6 +9,7 @@ from efformer.errors import ShapeError
 from efformer.models.cache import Cache
 from efformer.models.config import ModelConfig
 from efformer.models.depth import make_block
+from efformer.nn.moe import link_pregated
 from efformer.nn.positional import build_positional
 from efformer.registry import NORMS
 
@@ -27,6 +28,7 @@ class Backbone(nn.Module):
         for blk in self.blocks:
             if hasattr(blk, "bind_positional"):  # Mixture-of-Depths rebuilds the context of its chosen tokens
                 blk.bind_positional(self.pos)
+        link_pregated([blk.ffn for blk in self.blocks])  # pre-gated MoE: each layer routes the next
         norm = NORMS.get(cfg.norm)
         # post-LN and DeepNorm end every block with a norm already; Peri-LN also normalises embeddings
         self.final_norm = nn.Identity() if cfg.norm_placement in ("post", "deepnorm") else norm(cfg.d_model)

@@ -167,6 +167,9 @@ def check_parts(cfg: ModelConfig) -> None:
         raise ConfigError("ffn_options", cfg.ffn_options, f"ffn {cfg.ffn!r} takes no options; leave it empty")
     if ffn_cls.Options.model_fields:
         ffn_opts = validate_options(ffn_cls.Options, cfg.ffn_options, "ffn_options")
+        if getattr(ffn_opts, "pregated", False) and cfg.mod_capacity is not None:
+            raise ConfigError("ffn_options.pregated", True, "not with mod_capacity: Mixture-of-Depths gives each "
+                              "layer other tokens, so one layer cannot route the next one's")
         widths = getattr(ffn_opts, "layer_widths", None)
         if widths is not None and len(widths) != cfg.n_layers:
             raise ConfigError("ffn_options.layer_widths", widths, f"one width per layer (n_layers={cfg.n_layers})")

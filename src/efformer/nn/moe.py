@@ -6,7 +6,10 @@ Designing Stable and Transferable Sparse Expert Models"; a capacity factor with 
 accounting; expert-choice routing ("Mixture-of-Experts with Expert Choice Routing"); shared,
 always-on experts and fine-grained experts ("DeepSeekMoE"); and the descend-experts-ascend structure
 of "BigMac: A Communication-Efficient Mixture-of-Experts Model Structure" (experts work in a smaller
-dimension between one shared down and one shared up projection).
+dimension between one shared down and one shared up projection); and "Pre-gated MoE: An
+Algorithm-System Co-Design for Fast and Scalable Mixture-of-Expert Inference" (``pregated``: the
+next MoE layer's router reads this layer's FFN input, so the next layer's experts are known one
+layer ahead and ``on_plan`` can fetch their weights while this layer computes).
 
 Fine-grained experts are more, narrower experts with a larger top-k: each expert's width defaults to
 the dense GLU width divided by (top_k + n_shared), so active parameters equal the dense FFN's.
@@ -58,6 +61,9 @@ class MoEOptions(StrictModel):
     expert_scale: float = pydantic.Field(
         1.0, gt=0, description="Multiplier of the routed experts' sum (n_experts after converting a dense FFN: "
         "a uniform router then weighs each expert 1).")
+    pregated: bool = pydantic.Field(
+        False, description="Pre-gated MoE: each MoE layer's router is applied to the previous MoE layer's "
+        "input (the first routes itself), so expert choices are known one layer ahead.")
     allow_future_routing: bool = pydantic.Field(
         False, description="Let expert-choice routing run in a causal model (its selection sees later "
         "tokens of the sequence, so it is for training-time comparisons only).")
@@ -67,6 +73,8 @@ class MoEOptions(StrictModel):
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> MoEOptions:
+        if self.pregated and self.routing != "token":
+            raise ValueError("pregated=true needs routing='token' (a layer plans the next one's top-k experts)")
         if self.routing == "token" and self.top_k > self.n_experts:
             raise ValueError(f"top_k={self.top_k} is larger than n_experts={self.n_experts}; lower top_k "
                              "or add experts")
@@ -111,6 +119,9 @@ class MoE(nn.Module):
         self.act = _ACTS[o.activation]
         self.drop = nn.Dropout(dropout)
         self.aux_losses: dict[str, Tensor] = {}
+        self._next: tuple[MoE, ...] = ()  # pre-gated: the next MoE layer, routed from this layer's input
+        self._pre_logits: Tensor | None = None  # pre-gated: this layer's router logits, made a layer ahead
+        self.on_plan = None  # pre-gated: called as on_plan(moe, expert_ids) as soon as its experts are known
         self.stats: dict[str, Tensor] = {}
 
     # ---- routing -------------------------------------------------------------------------------
@@ -128,7 +139,7 @@ class MoE(nn.Module):
 
         Also sets ``aux_losses`` and ``stats`` (tokens per expert, dropped assignments)."""
         o = self.opts
-        logits = self.router(x).float()
+        logits = self.router_logits(x)
         probs = logits.softmax(-1)
         n_valid = int(valid.sum())
         cap = self.capacity(n_valid)
@@ -199,7 +210,7 @@ class MoE(nn.Module):
         """Flat tokens (t, d) -> routed mixture (t, inner), token by token, routing included (first choices
         claim capacity before second choices, each in token order)."""
         o = self.opts
-        probs = self.router(x).float().softmax(-1)
+        probs = self.router_logits(x).softmax(-1)
         order = probs.detach()
         inner = self.descend(x) if o.bigmac_dim else x
         out = inner.new_zeros(inner.shape)
@@ -223,17 +234,35 @@ class MoE(nn.Module):
                     out[t] = out[t] + g.to(x.dtype) * self.expert(e, inner[t : t + 1])[0]
         return out
 
+    def router_logits(self, x: Tensor) -> Tensor:
+        """Router logits (t, e) in float32: made by the previous layer when pre-gated, else from x (t, d)."""
+        return self._pre_logits if self._pre_logits is not None else self.router(x).float()
+
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """(b, n, d) -> (b, n, d); ``mask`` (b, n) keeps real tokens (padding gets a zero routed output)."""
         b, n, d = x.shape
         flat = x.reshape(b * n, d)
         valid = mask.reshape(-1) if mask is not None else torch.ones(b * n, dtype=torch.bool, device=x.device)
-        tok, expert, gate = self.route(flat, valid)  # also sets aux_losses and stats
+        if self.on_plan is not None and self._pre_logits is None:
+            self.on_plan(self, self.router_logits(flat)[valid].topk(self.opts.top_k, -1).indices.unique())
+        if self._next:  # route the next layer now, from this layer's input: its experts are known early
+            nxt = self._next[0]
+            nxt._pre_logits = nxt.router(flat).float()
+            if nxt.on_plan is not None:
+                nxt.on_plan(nxt, nxt._pre_logits[valid].topk(nxt.opts.top_k, -1).indices.unique())
+        try:
+            tok, expert, gate = self.route(flat, valid)  # also sets aux_losses and stats
+            y = self._mix(flat, valid, tok, expert, gate)
+        finally:
+            self._pre_logits = None  # used once
+        return y.reshape(b, n, d)
+
+    def _mix(self, flat: Tensor, valid: Tensor, tok: Tensor, expert: Tensor, gate: Tensor) -> Tensor:
         form = self.opts.form
         if form == "reference":
             y = self._reference(flat, valid)
         else:
-            batched = form == "batched" or (form == "auto" and x.is_cuda)
+            batched = form == "batched" or (form == "auto" and flat.is_cuda)
             y = self._dispatch(self.descend(flat) if self.opts.bigmac_dim else flat, tok, expert, gate, batched)
         y = y * self.opts.expert_scale
         if self.opts.bigmac_dim:
@@ -241,7 +270,14 @@ class MoE(nn.Module):
         if self.opts.n_shared:
             g, u = self.shared_in(flat).chunk(2, -1)
             y = y + self.shared_out(self.drop(self.act(g) * u))
-        return y.reshape(b, n, d)
+        return y
+
+
+def link_pregated(ffns: list[nn.Module]) -> None:
+    """Chain consecutive pre-gated MoE layers of a model (in layer order): each routes the next."""
+    moes = [f for f in ffns if isinstance(f, MoE) and f.opts.pregated]
+    for a, b in zip(moes, moes[1:], strict=False):
+        a._next = (b,)
 
 
 def load_balance(stats: dict[str, Tensor]) -> float:
