@@ -119,7 +119,7 @@ def test_exit_losses_are_the_heads_cross_entropy_and_reach_the_trainer(tmp_path)
     trainer = Trainer(model, {"steps": 2, "batch_size": 4, "checkpoint_every": 0, "log_every": 1}, data,
                       out_dir=tmp_path / "run")
     out = trainer.train_step()
-    assert out["aux_exit"] == pytest.approx(float(ex) / float(count), rel=1e-4)
+    assert out["aux_exit"] == pytest.approx(ex.item() / float(count), rel=1e-4)
 
 
 def test_bad_exit_configs_are_refused():

@@ -140,12 +140,12 @@ def test_balance_loss_is_one_at_uniform_routing_and_z_loss_matches_its_formula()
     x = torch.randn(1, 8, 16)
     moe(x)
     # uniform probs: P_e = 1/4 whatever f is, so the loss is 4 * sum(f)/4 = 1
-    assert float(moe.aux_losses["moe_balance"]) == pytest.approx(1.0)
-    assert float(moe.aux_losses["moe_z"]) == pytest.approx(math.log(4) ** 2, rel=1e-6)
+    assert moe.aux_losses["moe_balance"].item() == pytest.approx(1.0)
+    assert moe.aux_losses["moe_z"].item() == pytest.approx(math.log(4) ** 2, rel=1e-6)
     moe = make(n_experts=4, top_k=2, z_loss_weight=0.5)
     moe(x)
     z = torch.logsumexp(moe.router(x[0]), -1).square().mean() * 0.5
-    assert float(moe.aux_losses["moe_z"]) == pytest.approx(float(z), rel=1e-5)
+    assert moe.aux_losses["moe_z"].item() == pytest.approx(z.item(), rel=1e-5)
 
 
 def test_balance_loss_gradient_pushes_the_router_toward_balance():
@@ -156,14 +156,14 @@ def test_balance_loss_gradient_pushes_the_router_toward_balance():
     x = torch.rand(1, 32, 16)
     opt = torch.optim.SGD(moe.router.parameters(), lr=1.0)
     moe(x)
-    before = float(moe.aux_losses["moe_balance"])
-    for _ in range(20):
+    before = moe.aux_losses["moe_balance"].item()
+    for _ in range(8):
         moe(x)
         opt.zero_grad()
         collect_aux_losses(moe)["moe_balance"].backward()
         opt.step()
     moe(x)
-    assert float(moe.aux_losses["moe_balance"]) < before
+    assert moe.aux_losses["moe_balance"].item() < before
 
 
 def test_shared_experts_are_always_on_and_active_params_match_dense():
