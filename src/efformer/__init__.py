@@ -20,6 +20,7 @@ from efformer.models import (
     SequenceClassifier,
     build_config,
     create_model,
+    extract,
     list_presets,
     load,
     save,
@@ -33,5 +34,5 @@ __all__ = [
     "FFNS", "MIXERS", "NORMS", "POSITIONALS", "CapabilityError", "CausalLM", "CheckpointError",
     "ConfigError", "DataError", "DualEncoderClassifier", "EfformerError", "ModelConfig",
     "SequenceClassifier", "ShapeError", "UnknownNameError", "build_config", "create_model",
-    "describe_mixer", "list_mixers", "list_presets", "load", "register_mixer", "save",
+    "describe_mixer", "extract", "list_mixers", "list_presets", "load", "register_mixer", "save",
 ]

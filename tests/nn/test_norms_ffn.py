@@ -28,7 +28,7 @@ _ACT = {"gelu": F.gelu, "relu": F.relu, "relu2": lambda t: F.relu(t) ** 2, "swig
         "reglu": F.relu}
 
 
-@pytest.mark.parametrize("name", FFNS.names())
+@pytest.mark.parametrize("name", [n for n in FFNS.names() if n not in ("moe", "matformer")])  # own tests
 def test_ffn_formula_and_width(name):
     ffn = FFNS.get(name)(24, 4.0, 0.0)
     x = torch.randn(2, 3, 24)

@@ -3,11 +3,12 @@
 from efformer.models.cache import Cache
 from efformer.models.classifier import DualEncoderClassifier, SequenceClassifier
 from efformer.models.config import ModelConfig, build_config
+from efformer.models.elastic import extract
 from efformer.models.factory import PRESETS, create_model, list_presets
 from efformer.models.io import load, save
 from efformer.models.lm import CausalLM
 
 __all__ = [
     "PRESETS", "Cache", "CausalLM", "DualEncoderClassifier", "ModelConfig", "SequenceClassifier", "build_config",
-    "create_model", "list_presets", "load", "save",
+    "create_model", "extract", "list_presets", "load", "save",
 ]

@@ -6,9 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from efformer.errors import CapabilityError, ShapeError
-from efformer.models.block import Block
 from efformer.models.cache import Cache
 from efformer.models.config import ModelConfig
+from efformer.models.depth import MoDBlock, make_block
+from efformer.nn.moe import link_pregated
 from efformer.nn.positional import build_positional, segment_positions
 from efformer.registry import NORMS
 
@@ -23,12 +24,17 @@ class Backbone(nn.Module):
         self.pos = build_positional(
             cfg.positional, cfg.d_model, cfg.n_heads, cfg.max_len, cfg.causal, cfg.positional_options
         )
-        self.blocks = nn.ModuleList(Block(cfg, name, opts) for name, opts in cfg.layer_mixers())
+        self.blocks = nn.ModuleList(make_block(cfg, i, name, opts) for i, (name, opts) in enumerate(cfg.layer_mixers()))
+        for blk in self.blocks:
+            if hasattr(blk, "bind_positional"):  # Mixture-of-Depths rebuilds the context of its chosen tokens
+                blk.bind_positional(self.pos)
+        link_pregated([blk.ffn for blk in self.blocks])  # pre-gated MoE: each layer routes the next
         norm = NORMS.get(cfg.norm)
         # post-LN and DeepNorm end every block with a norm already; Peri-LN also normalises embeddings
         self.final_norm = nn.Identity() if cfg.norm_placement in ("post", "deepnorm") else norm(cfg.d_model)
         self.embed_norm = norm(cfg.d_model) if cfg.norm_placement == "peri" else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
+        self.exit_hidden: dict[int, Tensor] = {}
         self.apply(_init_weights)
 
     @property
@@ -89,9 +95,13 @@ class Backbone(nn.Module):
         # Once per forward: rotary tables or the bias scheme, shared by every layer.
         context = self.pos.context(positions, h.dtype)
         context.segments = segments
+        exits = set(self.cfg.exit_layers or ())
+        self.exit_hidden = {}  # early exit: hidden states (b, n, d) after the exit layers, for their heads
         for i, block in enumerate(self.blocks):
             state = cache.states[i] if cache is not None else None
             h, state = block(h, mask=layer_mask, state=state, positions=context)
+            if i in exits:
+                self.exit_hidden[i] = h
         if cache is not None:
             step = mask.sum(1) if mask is not None else torch.full((b,), n, device=h.device)
             cache.next_position = cache.next_position + step
@@ -116,6 +126,9 @@ def check_packed(segments, shape: tuple[int, int], cache, blocks) -> None:
                          f"{segments.dtype} {tuple(segments.shape)}")
     if cache is not None:
         raise CapabilityError("segments (packed rows) run without a cache; prefill each sequence into its own row")
+    if any(isinstance(b, MoDBlock) for b in blocks):
+        raise CapabilityError("Mixture-of-Depths blocks route tokens across the whole row, so they cannot run "
+                              "packed rows; pad the sequences into separate rows instead")
     bad = [b.mixer.name for b in blocks if not b.mixer.capabilities.packing]
     if bad:
         raise CapabilityError(f"mixers {sorted(set(bad))} cannot run packed rows (capabilities.packing is "

@@ -33,7 +33,7 @@ class Block(nn.Module):
             dropout=cfg.attn_dropout,
             max_len=cfg.max_len,
         )
-        self.ffn = FFNS.get(cfg.ffn)(cfg.d_model, cfg.ffn_mult, cfg.dropout)
+        self.ffn = build_ffn(cfg)
         norm = NORMS.get(cfg.norm)
         self.norm1, self.norm2 = norm(cfg.d_model), norm(cfg.d_model)
         if self.placement in ("peri", "sandwich"):
@@ -52,27 +52,38 @@ class Block(nn.Module):
         def mix(h):
             return self.mixer(h, mask=mask, state=state, positions=positions)
 
+        def ffn(h):  # conditional-compute FFNs (MoE) take the keep-mask, so padding takes no capacity
+            return self.ffn(h, mask=mask) if getattr(self.ffn, "takes_mask", False) else self.ffn(h)
+
         p = self.placement
         if p == "pre":
             y, state = mix(self.norm1(x))
             x = x + self.drop(y)
-            return x + self.drop(self.ffn(self.norm2(x))), state
+            return x + self.drop(ffn(self.norm2(x))), state
         if p in ("peri", "sandwich"):
             y, state = mix(self.norm1(x))
             x = x + self.drop(self.out_norm1(y))
-            return x + self.drop(self.out_norm2(self.ffn(self.norm2(x)))), state
+            return x + self.drop(self.out_norm2(ffn(self.norm2(x)))), state
         # post-LN and DeepNorm: normalise after the residual sum (DeepNorm up-weights the residual)
         y, state = mix(x)
         x = self.norm1(self.alpha * x + self.drop(y))
-        return self.norm2(self.alpha * x + self.drop(self.ffn(x))), state
+        return self.norm2(self.alpha * x + self.drop(ffn(x))), state
+
+
+def build_ffn(cfg: ModelConfig) -> nn.Module:
+    """The config's FFN; one with options (MoE) gets ``ffn_options`` and whether the model is causal."""
+    cls = FFNS.get(cfg.ffn)
+    if cls.Options.model_fields:
+        return cls(cfg.d_model, cfg.ffn_mult, cfg.dropout, options=cfg.ffn_options, causal=cfg.causal)
+    return cls(cfg.d_model, cfg.ffn_mult, cfg.dropout)
 
 
 @torch.no_grad()
 def scale_deepnorm_init(mixer: Mixer, ffn: nn.Module, beta: float) -> None:
-    """DeepNet init: scale the mixer's declared value/output weights and every FFN weight by beta."""
+    """DeepNet init: scale the mixer's declared value/output weights and every FFN weight matrix by beta."""
     roles = mixer.init_roles()
     for w in roles["value"] + roles["output"]:
         w.mul_(beta)
-    for sub in ffn.modules():
-        if isinstance(sub, nn.Linear):
-            sub.weight.mul_(beta)
+    for name, p in ffn.named_parameters():  # every weight matrix (MoE/MatFormer hold them as parameters)
+        if p.dim() >= 2 and not name.startswith("router"):  # a router's scale sets routing, not the update
+            p.mul_(beta)

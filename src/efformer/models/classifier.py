@@ -34,9 +34,13 @@ class _Encoder(nn.Module):
             if mask is not None:
                 one = mask.new_ones(b, 1)
                 mask = torch.cat([mask, one] if at_end else [one, mask], dim=1)
-        h = self.backbone(h, mask=mask)
+        self.pool_mask = mask  # the mask the backbone saw (with the CLS slot), for pooling early exits
+        return self.pool(self.backbone(h, mask=mask), mask)
+
+    def pool(self, h: Tensor, mask: Tensor | None) -> Tensor:
+        """Hidden states (b, n, d) of the backbone -> pooled (b, d) (CLS slot, or the mean over kept tokens)."""
         if self.cfg.pooling == "cls":
-            return h[:, -1] if at_end else h[:, 0]
+            return h[:, -1] if self.cfg.encoder_causal else h[:, 0]
         if mask is None:
             return h.mean(1)
         w = mask[..., None].to(h.dtype)
@@ -59,6 +63,8 @@ class SequenceClassifier(_Encoder):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.head = _head(cfg.d_model, cfg.d_model, cfg.n_classes)
+        if cfg.exit_layers:  # early exit: one head per exit layer (efformer.models.early_exit)
+            self.exit_heads = nn.ModuleList(_head(cfg.d_model, cfg.d_model, cfg.n_classes) for _ in cfg.exit_layers)
 
     def forward(self, input_ids: Tensor, *, mask: Tensor | None = None) -> Tensor:
         """Class logits (b, n_classes)."""

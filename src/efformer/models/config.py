@@ -46,6 +46,7 @@ class ModelConfig(StrictModel):
     norm_placement: Placement = "pre"
     ffn: str = "swiglu"
     ffn_mult: float = pydantic.Field(4.0, gt=0)
+    ffn_options: dict[str, Any] = {}  # options of an FFN that has them (moe: experts, top-k, routing, ...)
     dropout: float = pydantic.Field(0.0, ge=0, lt=1)
     attn_dropout: float = pydantic.Field(0.0, ge=0, lt=1)
     max_len: StrictInt = pydantic.Field(2048, gt=0)
@@ -57,6 +58,15 @@ class ModelConfig(StrictModel):
     # classifier / dual only: run the mixers causally, so causal-only mixers (Mamba, RetNet, ...) can
     # encode; a CLS token then goes at the end, where it has seen the whole sequence.
     encoder_causal: bool = False
+    # Mixture-of-Depths (models/depth.py): the fraction of each row's tokens a block processes; one
+    # value for every layer, or one per layer (None: a plain block there). None: no routing.
+    mod_capacity: float | list[float | None] | None = None
+    mod_gate: Literal["multiply", "straight_through"] = "multiply"  # scale chosen updates by the router
+    mod_predictor_weight: float = pydantic.Field(0.01, ge=0)  # BCE weight of the causal-decoding predictor
+    # Early exit (models/early_exit.py): layers (0-based) after which an exit head predicts; trained jointly
+    # with weight exit_loss_weight each. None: no exits.
+    exit_layers: list[StrictInt] | None = None
+    exit_loss_weight: float = pydantic.Field(1.0, ge=0)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -77,6 +87,20 @@ class ModelConfig(StrictModel):
                 raise CrossFieldError("mixer_options", "with a list of mixers, mixer_options must be a list of "
                                       f"dicts (one per layer) or a dict keyed by mixer name; {stray} are not mixers "
                                       f"of {self.mixer} with a dict of options (a flat dict would be ambiguous)")
+        caps = self.mod_capacity if isinstance(self.mod_capacity, list) else [self.mod_capacity]
+        if isinstance(self.mod_capacity, list) and len(caps) != self.n_layers:
+            raise CrossFieldError("mod_capacity", f"mod_capacity has {len(caps)} entries but n_layers="
+                                  f"{self.n_layers}; give one per layer (None for a plain block)")
+        bad = [c for c in caps if c is not None and not 0 < c <= 1]
+        if bad:
+            raise CrossFieldError("mod_capacity", f"capacity {bad[0]} is outside (0, 1]: it is the fraction of "
+                                  "tokens a block processes (1.0: all, the plain block)")
+        ex = self.exit_layers or []
+        if ex != sorted(set(ex)) or any(not 0 <= i < self.n_layers - 1 for i in ex):
+            raise CrossFieldError("exit_layers", f"exit_layers={ex} must be distinct ascending layer indices in "
+                                  f"[0, {self.n_layers - 2}] (after the last layer the model's own head predicts)")
+        if ex and self.task == "dual":
+            raise CrossFieldError("exit_layers", "early exit is for task='lm' or 'classifier', not 'dual'")
         if self.pad_id >= self.vocab_size:
             raise CrossFieldError("pad_id", f"pad_id={self.pad_id} must be < vocab_size={self.vocab_size}")
         return self
@@ -94,6 +118,10 @@ class ModelConfig(StrictModel):
         if isinstance(opts, list):
             return [(m, dict(o)) for m, o in zip(self.mixer, opts, strict=True)]
         return [(m, dict(opts.get(m, {}))) for m in self.mixer]
+
+    def layer_mod_capacity(self, layer: int) -> float | None:
+        """Mixture-of-Depths capacity of layer ``layer``, or None for a plain block."""
+        return self.mod_capacity[layer] if isinstance(self.mod_capacity, list) else self.mod_capacity
 
     def to_json(self) -> str:
         """The config as a JSON string."""
@@ -134,7 +162,19 @@ def check_parts(cfg: ModelConfig) -> None:
     pos_cls = POSITIONALS.get(cfg.positional)
     validate_options(pos_cls.Options, cfg.positional_options, f"positional_options[{cfg.positional}]")
     NORMS.get(cfg.norm)
-    FFNS.get(cfg.ffn)
+    ffn_cls = FFNS.get(cfg.ffn)
+    if cfg.ffn_options and not ffn_cls.Options.model_fields:
+        raise ConfigError("ffn_options", cfg.ffn_options, f"ffn {cfg.ffn!r} takes no options; leave it empty")
+    if ffn_cls.Options.model_fields:
+        ffn_opts = validate_options(ffn_cls.Options, cfg.ffn_options, "ffn_options")
+        if getattr(ffn_opts, "pregated", False) and cfg.mod_capacity is not None:
+            raise ConfigError("ffn_options.pregated", True, "not with mod_capacity: Mixture-of-Depths gives each "
+                              "layer other tokens, so one layer cannot route the next one's")
+        widths = getattr(ffn_opts, "layer_widths", None)
+        if widths is not None and len(widths) != cfg.n_layers:
+            raise ConfigError("ffn_options.layer_widths", widths, f"one width per layer (n_layers={cfg.n_layers})")
+        with torch.device("meta"):  # its own checks (e.g. routing vs causal), allocating nothing
+            ffn_cls(cfg.d_model, cfg.ffn_mult, cfg.dropout, options=ffn_opts, causal=cfg.causal)
     per_layer = isinstance(cfg.mixer, list)
     checked: set[str] = set()
     for i, (name, opts) in enumerate(cfg.layer_mixers()):

@@ -23,6 +23,9 @@ from torch import nn
 
 from efformer.errors import CheckpointError, ConfigError, EfformerError
 from efformer.models import create_model, save
+from efformer.models.early_exit import exit_loss_terms
+from efformer.models.elastic import step_widths, use_widths
+from efformer.nn.aux import collect_aux_losses
 from efformer.options import validate_options
 from efformer.registry import NORMS
 from efformer.results import ResultsStore
@@ -193,13 +196,28 @@ class Trainer:
         global_count = D.all_reduce_sum(stats[2:3].to(self.info.device))[0].item()
         # DDP and FSDP average gradients over ranks; multiplying by world size turns that into a sum.
         scale = self.info.world_size / max(global_count, 1.0)
-        for j, batch in enumerate(batches):
-            sync = j == len(batches) - 1 or not isinstance(self.model, nn.parallel.DistributedDataParallel)
-            with contextlib.nullcontext() if sync else self.model.no_sync(), self._autocast():
-                total, _, sums = loss_terms(self.model, self._to_device(batch))
-            (total * scale).backward()
-            stats[0] += total.detach().double().item()
-            stats[1] += float(sums["correct"])
+        aux_sums: dict[str, float] = {}
+        settings = step_widths(self.raw, self.step)  # MatFormer: the loss summed over granularities
+        passes = [(j, s, batch, w) for j, batch in enumerate(batches) for s, w in enumerate(settings)]
+        for j, s, batch, widths in passes:  # one pass per micro-batch (the full model) unless elastic
+            last = j == len(batches) - 1 and s == len(settings) - 1
+            sync = last or not isinstance(self.model, nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else self.model.no_sync(), self._autocast(),
+                  use_widths(self.raw, widths)):
+                on_device = self._to_device(batch)
+                total, _, sums = loss_terms(self.model, on_device)
+                exit_total = exit_loss_terms(self.raw, on_device)  # early-exit heads: sums like the task loss
+            # auxiliary losses (MoE balance, ...) are means over a micro-batch: weight each by its loss terms
+            aux = collect_aux_losses(self.raw)
+            terms = float(count_terms(batch))
+            for name, value in aux.items():
+                aux_sums[name] = aux_sums.get(name, 0.0) + float(value.detach()) * terms
+            if self.raw.cfg.exit_layers:
+                aux_sums["exit"] = aux_sums.get("exit", 0.0) + float(exit_total.detach())
+            ((total + exit_total + (sum(aux.values()) * terms if aux else 0.0)) * scale).backward()
+            if s == 0:  # the logged loss and accuracy are the full model's
+                stats[0] += total.detach().double().item()
+                stats[1] += float(sums["correct"])
         stats = D.all_reduce_sum(stats.to(self.info.device)).cpu()
         metrics = summarize(self.task, stats[0].item(), int(stats[2].item()), stats[1].item())
         grad_norm = None
@@ -224,6 +242,7 @@ class Trainer:
         if self.batch_index == self.order.batches_per_epoch:
             self.epoch, self.batch_index = self.epoch + 1, 0
         out = {**metrics, "lr": lr, "tokens": stats[3].item()}
+        out.update({f"aux_{k}": v / max(float(local_count), 1.0) for k, v in aux_sums.items()})  # this rank's
         if grad_norm is not None:
             out["grad_norm"] = grad_norm
         return out
@@ -330,6 +349,7 @@ class Trainer:
             values = {"loss": sum(window) / len(window), "lr": last["lr"]}
             if "grad_norm" in last:
                 values["grad_norm"] = last["grad_norm"]
+            values.update({k: v for k, v in last.items() if k.startswith("aux_")})
             self.store.log_metrics(self.run_id, self.step, values)
         window.clear()
 

@@ -1,0 +1,165 @@
+"""Dense-to-MoE conversion after "LLaMA-MoE: Building Mixture-of-Experts from LLaMA with Continual
+Pre-training" and "LLaMA-MoE v2": a trained GLU FFN's hidden neurons are split into groups,
+each group becoming one expert (its rows of the gate/up projection and columns of the down one).
+Groups differ in size by at most one neuron; a shorter group's spare slot is a zero neuron.
+
+Splits: ``random`` (a seeded permutation), ``cluster`` (balanced k-means on each neuron's gate-weight
+row, so experts hold neurons that read similar directions) and ``coactivation`` (a balanced greedy
+partition of the graph whose edge weights count calibration tokens on which two neurons' gates are
+both open; the papers partition that graph with METIS, this greedy grower is the dependency-free
+stand-in). The router starts at zero (uniform gates 1 / n_experts) and the routed sum is scaled by
+n_experts, so every active expert has weight one: with top_k = n_experts the converted model computes
+the dense one (up to float summation order); with fewer, each token gets the dense FFN restricted to
+its chosen experts' neurons, a starting point for continued training.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from efformer.errors import ConfigError
+from efformer.models.config import build_config
+from efformer.nn.ffn import GLU
+from efformer.nn.moe import MoE
+
+Split = Literal["random", "cluster", "coactivation"]
+_GLU_ACT = {"silu": "silu", "gelu": "gelu", "relu": "relu"}
+
+
+def split_neurons(ffn: GLU, n_experts: int, method: Split = "random", *, gate_inputs: Tensor | None = None,
+                  seed: int = 0) -> Tensor:
+    """Neuron indices of each expert (n_experts, ceil(hidden / n_experts)); every neuron appears once, and
+    -1 marks an empty slot (a zero neuron) when n_experts does not divide the hidden width.
+
+    ``gate_inputs`` (tokens, d): the FFN's calibration inputs, needed by ``coactivation``."""
+    hidden = ffn.down.in_features
+    if not 1 <= n_experts <= hidden:
+        raise ConfigError("n_experts", n_experts, f"between 1 and the FFN's hidden width {hidden}")
+    sizes = [hidden // n_experts + (e < hidden % n_experts) for e in range(n_experts)]  # differ by at most 1
+    gen = torch.Generator().manual_seed(seed)
+    gate_w = ffn.gate_up.weight.detach()[:hidden].float().cpu()  # (h, d): one row per neuron
+    if method == "random":
+        perm = torch.randperm(hidden, generator=gen).tolist()
+        starts = [sum(sizes[:e]) for e in range(n_experts)]
+        return _padded([perm[s : s + n] for s, n in zip(starts, sizes, strict=True)])
+    if method == "cluster":
+        return _balanced_kmeans(gate_w, sizes, gen)
+    if method == "coactivation":
+        if gate_inputs is None:
+            raise ConfigError("calibration_ids", None, "token ids (batch, seq) to measure co-activation on")
+        opened = (gate_inputs.detach().float().cpu() @ gate_w.t() > 0).float()  # (tokens, h): gate open
+        return _balanced_graph_partition(opened.t() @ opened, sizes)
+    raise ConfigError("method", method, "one of random, cluster, coactivation")
+
+
+def _padded(groups: list[list[int]]) -> Tensor:
+    width = max(len(g) for g in groups)
+    return torch.tensor([sorted(g) + [-1] * (width - len(g)) for g in groups])
+
+
+def _balanced_kmeans(points: Tensor, sizes: list[int], gen: torch.Generator, iters: int = 25) -> Tensor:
+    """(n, d) -> groups of the given sizes: k-means whose assignment step fills cluster e to sizes[e]."""
+    k = len(sizes)
+    centers = points[torch.randperm(points.shape[0], generator=gen)[:k]].clone()
+    for _ in range(iters):
+        members = _fill_balanced(torch.cdist(points, centers), sizes)
+        new = torch.stack([points[m].mean(0) for m in members])
+        if torch.allclose(new, centers):
+            break
+        centers = new
+    return _padded(members)
+
+
+def _fill_balanced(dist: Tensor, sizes: list[int]) -> list[list[int]]:
+    """Greedy balanced assignment: (point, cluster) pairs by increasing distance, cluster c up to sizes[c]."""
+    k = dist.shape[1]
+    taken = torch.zeros(dist.shape[0], dtype=torch.bool)
+    members: list[list[int]] = [[] for _ in range(k)]
+    for flat in dist.flatten().argsort(stable=True).tolist():
+        p, c = divmod(flat, k)
+        if not taken[p] and len(members[c]) < sizes[c]:
+            taken[p] = True
+            members[c].append(p)
+    return members
+
+
+def _balanced_graph_partition(weights: Tensor, sizes: list[int]) -> Tensor:
+    """(n, n) co-activation counts -> groups of the given sizes: each grows from the most connected free
+    neuron by adding the free neuron most connected to the group so far."""
+    w = weights.clone().fill_diagonal_(0)
+    free = torch.ones(w.shape[0], dtype=torch.bool)
+    groups = []
+    for size in sizes:
+        seed = int(torch.where(free, w.sum(1), -torch.inf).argmax())
+        group, link = [seed], w[seed].clone()
+        free[seed] = False
+        while len(group) < size:
+            nxt = int(torch.where(free, link, -torch.inf).argmax())
+            group.append(nxt)
+            free[nxt] = False
+            link += w[nxt]
+        groups.append(group)
+    return _padded(groups)
+
+
+@torch.no_grad()
+def load_experts(moe: MoE, ffn: GLU, groups: Tensor) -> None:
+    """Copy the dense FFN's neurons into the experts: expert e gets neurons ``groups[e]`` (-1: a zero
+    neuron, whose GLU output act(0) * 0 is exactly 0); router zeroed."""
+    hidden = ffn.down.in_features
+    gate_w, up_w = ffn.gate_up.weight[:hidden], ffn.gate_up.weight[hidden:]
+    moe.w_in.zero_()
+    moe.w_out.zero_()
+    h = moe.w_out.shape[1]
+    for e, row in enumerate(groups.tolist()):
+        idx = [i for i in row if i >= 0]
+        moe.w_in[e, :, : len(idx)] = gate_w[idx].t()
+        moe.w_in[e, :, h : h + len(idx)] = up_w[idx].t()
+        moe.w_out[e, : len(idx)] = ffn.down.weight[:, idx].t()
+    moe.router.weight.zero_()
+
+
+def convert_to_moe(model: nn.Module, n_experts: int, top_k: int | None = None, method: Split = "random", *,
+                   calibration_ids: Tensor | None = None, seed: int = 0, **moe_options) -> nn.Module:
+    """A new model whose GLU FFNs are MoE FFNs made from their neurons (``top_k`` default: all experts).
+
+    ``calibration_ids`` (b, n): token ids whose FFN inputs drive the ``coactivation`` split."""
+    cfg = model.cfg
+    blocks = model.backbone.blocks
+    if not all(isinstance(b.ffn, GLU) for b in blocks):
+        raise ConfigError("ffn", cfg.ffn, "a GLU FFN (swiglu, geglu, reglu) to convert; its neurons become experts")
+    top_k = n_experts if top_k is None else top_k
+    hidden = blocks[0].ffn.down.in_features
+    if not 1 <= n_experts <= hidden:
+        raise ConfigError("n_experts", n_experts, f"between 1 and the FFN's hidden width {hidden}")
+    options = {"n_experts": n_experts, "top_k": top_k, "expert_hidden": -(-hidden // n_experts),
+               "activation": _GLU_ACT[blocks[0].ffn.activation], "expert_scale": float(n_experts), **moe_options}
+    new_cfg = build_config(cfg, ffn="moe", ffn_options=options)
+    inputs: list[Tensor | None] = [None] * len(blocks)
+    if method == "coactivation":
+        if calibration_ids is None:
+            raise ConfigError("calibration_ids", None, "token ids (batch, seq) to measure co-activation on")
+        def keep_input(i):
+            return lambda module, args: inputs.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]))
+
+        hooks = [b.ffn.register_forward_pre_hook(keep_input(i)) for i, b in enumerate(blocks)]
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(calibration_ids)
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was_training)
+    new = type(model)(new_cfg).to(next(model.parameters()).device)
+    state = {k: v for k, v in model.state_dict().items() if ".ffn." not in k}
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    assert not unexpected and all(".ffn." in k for k in missing), (missing, unexpected)
+    for i, (old_b, new_b) in enumerate(zip(blocks, new.backbone.blocks, strict=True)):
+        groups = split_neurons(old_b.ffn, n_experts, method, gate_inputs=inputs[i], seed=seed + i)
+        load_experts(new_b.ffn, old_b.ffn, groups)
+    return new.train(model.training)
