@@ -286,14 +286,19 @@ class SoftmaxAttention(Mixer):
             o = o * torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]
         return self.out_proj(self.merge_heads(o))
 
+    @property
+    def normalizer(self) -> str:
+        """The score normalizer: "softmax" for subclasses whose options have no outlier-free fields."""
+        return getattr(self.opts, "normalizer", "softmax")
+
     def _normalize(self, scores: Tensor) -> Tensor:
         """Scores (b, h, n, t) with -inf where masked -> attention weights."""
-        if self.opts.normalizer == "softmax1":  # an extra logit 0 that no value is attached to
+        if self.normalizer == "softmax1":  # an extra logit 0 that no value is attached to
             m = scores.amax(-1, keepdim=True).clamp(min=0).detach()
             e = torch.exp(scores - m)
             return e / (torch.exp(-m) + e.sum(-1, keepdim=True))
         p = scores.softmax(dim=-1)
-        if self.opts.normalizer == "clipped":
+        if self.normalizer == "clipped":
             zeta, gamma = self.opts.clip_zeta, self.opts.clip_gamma
             p = ((zeta - gamma) * p + gamma).clamp(0, 1)
         return p
@@ -317,10 +322,10 @@ class SoftmaxAttention(Mixer):
 
     def forward_fast(self, x, *, mask, state, pos):
         """``scaled_dot_product_attention``: FlashAttention on GPUs, a fused kernel on CPUs."""
-        if self.opts.normalizer == "clipped":  # no fused kernel clips weights: the explicit form is the fast one
+        if self.normalizer == "clipped":  # no fused kernel clips weights: the explicit form is the fast one
             return self.forward_reference(x, mask=mask, state=state, pos=pos)
         q, k, v, allowed, bias, plain_causal = self._project(x, mask, state, pos)
-        if self.opts.normalizer == "softmax1":
+        if self.normalizer == "softmax1":
             return self._finish(self._sdpa_softmax1(q, k, v, allowed, bias, plain_causal), x), state
         is_causal = plain_causal and bias is None
         if plain_causal and bias is not None:
