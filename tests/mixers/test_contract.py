@@ -53,7 +53,7 @@ def _check_fast_forms_match_reference(m, name, causal):
     outputs and the gradients of the input and of every parameter (the scheme's included)."""
     tol = getattr(m, "form_tolerance", 1e-5)
     gen = torch.Generator().manual_seed(1)
-    for n in LENGTHS:
+    for n in getattr(m, "test_lengths", LENGTHS):  # 2-D mixers: lengths of odd-sided grids
         x = torch.randn(2, n, m.d_model, generator=gen)
         masks = [None]
         if m.capabilities.padding_mask and n > 1:
@@ -264,7 +264,7 @@ def test_every_parameter_gets_a_gradient(case):
     name, causal = case
     m = make_mixer(name, causal)
     gen = torch.Generator().manual_seed(8)
-    x = torch.randn(2, 13, m.d_model, generator=gen)
+    x = torch.randn(2, 13, m.d_model, generator=gen, requires_grad=True)  # (so weightless mixers can backprop)
     y, _ = m(x)
     (y * torch.randn(y.shape, generator=gen)).sum().backward()
     for pname, p in m.named_parameters():

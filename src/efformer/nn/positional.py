@@ -61,12 +61,14 @@ class PositionalContext:
 
     ``positions`` (b, n) are absolute; ``rotation`` holds rotary tables for q/k of these positions;
     ``bias`` is the score-bias scheme, whose tables are memoised per (query, key) positions pair, so
-    the layers of a forward without a cache share one table.
+    the layers of a forward without a cache share one table. ``grid`` (height, width) in tokens is set
+    by image models: the sequence is that grid in row-major order, which 2-D mixers need.
     """
 
     positions: Tensor
     rotation: Rotation | None = None
     bias: nn.Module | None = None
+    grid: tuple[int, int] | None = None
     _bias_memo: dict = field(default_factory=dict, repr=False)
 
     def rotate_queries(self, q: Tensor) -> Tensor:
