@@ -10,6 +10,7 @@ from efformer.errors import ConfigError, UnknownNameError
 from efformer.models.classifier import DualEncoderClassifier, SequenceClassifier
 from efformer.models.config import ModelConfig, build_config
 from efformer.models.lm import CausalLM
+from efformer.models.vision import VISION_PRESETS, create_image_model
 
 PRESETS: dict[str, dict[str, Any]] = {
     "lm-tiny": dict(task="lm", vocab_size=256, d_model=128, n_layers=2, n_heads=4, max_len=1024),
@@ -25,7 +26,7 @@ MODEL_CLASSES = {"lm": CausalLM, "classifier": SequenceClassifier, "dual": DualE
 
 def list_presets() -> list[str]:
     """Names of the built-in model presets."""
-    return sorted(PRESETS)
+    return sorted([*PRESETS, *VISION_PRESETS])
 
 
 def create_model(preset_or_config: str | dict | ModelConfig = "lm-tiny", **overrides: Any) -> nn.Module:
@@ -33,9 +34,12 @@ def create_model(preset_or_config: str | dict | ModelConfig = "lm-tiny", **overr
     if not isinstance(preset_or_config, str | dict | ModelConfig):
         raise ConfigError("preset_or_config", preset_or_config,
                           f"a preset name ({', '.join(sorted(PRESETS))}), a config dict or a ModelConfig")
+    if (isinstance(preset_or_config, str) and preset_or_config in VISION_PRESETS) or (
+            isinstance(preset_or_config, dict) and preset_or_config.get("task") == "image"):
+        return create_image_model(preset_or_config, **overrides)  # image classifiers (models/vision.py)
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
-            raise UnknownNameError("preset", preset_or_config, PRESETS)
+            raise UnknownNameError("preset", preset_or_config, [*PRESETS, *VISION_PRESETS])
         base: dict | ModelConfig = PRESETS[preset_or_config]
     else:
         base = preset_or_config
