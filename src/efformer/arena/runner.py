@@ -43,9 +43,14 @@ NOT_OFFERED = {("quick", "pathfinder"): "quick Pathfinder ended below chance (46
 QUICK_SLOW_ON_CPU = ("mamba", "nystromformer", "performer")
 
 
+def sequence_mixers() -> list[str]:
+    """Mixers of 1-D sequences: the arena's tasks are token sequences (2-D mixers need an image model)."""
+    return [m for m in MIXERS.names() if not MIXERS.get(m).capabilities.grid]
+
+
 def default_mixers(preset: str) -> tuple[list[str], list[str]]:
     """(mixers of the default grid, mixers left out of it) for ``preset``."""
-    names = MIXERS.names()
+    names = sequence_mixers()
     if preset != "quick":
         return names, []
     return [m for m in names if m not in QUICK_SLOW_ON_CPU], [m for m in names if m in QUICK_SLOW_ON_CPU]
@@ -224,7 +229,7 @@ def run_grid(preset: str = "quick", mixers: list[str] | None = None, tasks: list
             log(f"left out of the default {preset} grid (slow on CPU): {', '.join(left_out)}; include them with "
                 f"--mixers {' '.join(left_out)} (or --mixers all)")
     elif list(mixers) == ["all"]:
-        mixers = MIXERS.names()
+        mixers = sequence_mixers()
     for m in mixers:
         MIXERS.get(m)  # unknown names fail before any training
     tasks = tasks or default_tasks(preset, data_dir)

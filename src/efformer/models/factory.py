@@ -10,7 +10,7 @@ from efformer.errors import ConfigError, UnknownNameError
 from efformer.models.classifier import DualEncoderClassifier, SequenceClassifier
 from efformer.models.config import ModelConfig, build_config
 from efformer.models.lm import CausalLM
-from efformer.models.vision import VISION_PRESETS, create_image_model
+from efformer.models.vision import VISION_PRESETS, ImageClassifier, create_image_model
 
 PRESETS: dict[str, dict[str, Any]] = {
     "lm-tiny": dict(task="lm", vocab_size=256, d_model=128, n_layers=2, n_heads=4, max_len=1024),
@@ -21,7 +21,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                       positional="sinusoidal", norm="layernorm", ffn="gelu"),
 }
 
-MODEL_CLASSES = {"lm": CausalLM, "classifier": SequenceClassifier, "dual": DualEncoderClassifier}
+MODEL_CLASSES = {"lm": CausalLM, "classifier": SequenceClassifier, "dual": DualEncoderClassifier,
+                 "image": ImageClassifier}
 
 
 def list_presets() -> list[str]:

@@ -13,6 +13,7 @@ CPU-sized (32 x 32 inputs) versions of the papers' tiny models: same layout, few
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any, Literal
 
 import pydantic
@@ -73,12 +74,19 @@ class VisionConfig(StrictModel):
         if self.image_size % self.patch_size:
             raise CrossFieldError("patch_size", f"patch_size={self.patch_size} does not divide "
                                   f"image_size={self.image_size}")
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise CrossFieldError("patch_size", f"patch_size={self.patch_size} must be a power of 2 for stem='conv' "
+                                  "(one stride-2 convolution per halving); use stem='linear' for other sizes")
         if self.pooling == "cls" and len(self.stages) > 1:
             raise CrossFieldError("pooling", "pooling='cls' needs one stage (patch merging has no place for a "
                                   "class token); use pooling='mean' for a staged model")
         if self.distillation and self.pooling != "cls":
             raise CrossFieldError("distillation", "the distillation token needs pooling='cls'")
         return self
+
+    def to_json(self) -> str:
+        """The config as a JSON string (what save writes to config.json)."""
+        return json.dumps(self.model_dump(), indent=2, sort_keys=True)
 
     def grid(self) -> int:
         """Side of the first stage's token grid at ``image_size``."""
@@ -231,7 +239,7 @@ VISION_PRESETS: dict[str, dict[str, Any]] = {
     "pvt-tiny": dict(patch_size=2, stages=_stages("sra", (2, 2, 2), (32, 64, 128), (1, 2, 4),
                                                   [{"ratio": 4}, {"ratio": 2}, {"ratio": 1}]),
                      merge="conv", positional="learned", pooling="mean"),
-    "poolformer-s12": dict(patch_size=4, stages=_stages("pool", (2, 2, 6, 2), (32, 64, 96, 128), (1, 1, 1, 1)),
+    "poolformer-s12": dict(patch_size=2, stages=_stages("pool", (2, 2, 6, 2), (32, 64, 96, 128), (1, 1, 1, 1)),
                            merge="conv", positional="none", pooling="mean"),
 }
 
