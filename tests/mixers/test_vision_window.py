@@ -139,3 +139,30 @@ def test_bad_options_and_missing_grid_are_refused():
         m(torch.randn(1, 12, m.d_model))
     with pytest.raises(ShapeError, match="grid 3x5 holds 15 tokens"):
         m(torch.randn(1, 12, m.d_model), positions=PositionalContext(torch.arange(12)[None], grid=(3, 5)))
+
+
+@pytest.mark.parametrize("form", ["reference", "fast"])
+def test_maxvit_grid_attention_is_full_attention_on_each_strided_lattice(form):
+    m = with_form(make_mixer("maxvit_grid", False, grid_size=3).mixer, form)
+    h, w = 6, 9  # strides 2 and 3: nothing padded
+    x = torch.randn(2, h * w, m.d_model)
+    y, _ = m(x, positions=_ctx(h, w))
+    y, g = y.reshape(2, h, w, -1), x.reshape(2, h, w, -1)
+    for r0 in range(2):
+        for c0 in range(3):
+            sub = g[:, r0::2, c0::3].reshape(2, 9, -1)
+            q, k, v = m.heads_qkv(sub)
+            want = m.out_proj(m.merge_heads(F.scaled_dot_product_attention(q, k, v)))
+            assert rel_err(want, y[:, r0::2, c0::3].reshape(2, 9, -1)) < 1e-5
+
+
+def test_maxvit_grid_covering_the_image_is_full_attention_and_padding_is_masked():
+    m = make_mixer("maxvit_grid", False, grid_size=8).mixer
+    x = torch.randn(2, 35, m.d_model)
+    q, k, v = m.heads_qkv(x)
+    want = m.out_proj(m.merge_heads(F.scaled_dot_product_attention(q, k, v)))
+    assert rel_err(want, m(x, positions=_ctx(5, 7))[0]) < 1e-5
+    m3 = make_mixer("maxvit_grid", False, grid_size=3).mixer  # 5x7 pads to 6x9
+    y_ref, _ = with_form(m3, "reference")(x, positions=_ctx(5, 7))
+    y_fast, _ = with_form(m3, "fast")(x, positions=_ctx(5, 7))
+    assert rel_err(y_ref, y_fast) < 1e-5

@@ -12,7 +12,7 @@ import efformer
 from efformer.errors import CapabilityError, ConfigError, ShapeError, UnknownNameError
 from efformer.models.vision import VISION_PRESETS, ImageClassifier, build_vision_config, create_image_model
 
-GRID_MIXERS = ["swin", "neighborhood", "sra", "linear_sra", "pool", "identity", "xca"]
+GRID_MIXERS = ["swin", "maxvit_grid", "neighborhood", "sra", "linear_sra", "pool", "identity", "xca"]
 
 
 @pytest.mark.parametrize("preset", sorted(VISION_PRESETS))

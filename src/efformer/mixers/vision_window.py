@@ -175,3 +175,73 @@ class SwinAttention(GridMixer):
         y = self.merge_heads(y).reshape(b, nh, nw, wh, ww, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, d)
         y = torch.roll(y, (sh, sw), (1, 2))[:, :h, :w].reshape(b, n, d)
         return self.out_proj(y), None
+
+
+class GridOptions(MixerOptions):
+    """Options of MaxViT grid attention."""
+
+    grid_size: int = pydantic.Field(7, ge=1, le=64, description="G: each token attends within a G x G grid of "
+                                                                "tokens spread evenly over the image (MaxViT: 7)")
+
+
+@register_mixer("maxvit_grid")
+class GridAttention(GridMixer):
+    """MaxViT grid attention: (b, h*w, d) on the model's grid -> (b, h*w, d), sparse global mixing.
+
+    From "MaxViT: Multi-Axis Vision Transformer" (Tu et al., 2022). The grid is padded to multiples of
+    G (padding keys masked) and cut into a G x G lattice of stride s = H / G: token (r, c) attends to
+    the tokens (r', c') with r' = r and c' = c mod s, the dilated counterpart of window attention
+    (MaxViT's block is ``swin`` window attention then this, each with its own residual). An axis
+    shorter than G is one lattice row, so G covering the grid is full attention.
+    """
+
+    capabilities = Capabilities(
+        family="window-2d", paper="MaxViT: Multi-Axis Vision Transformer",
+        causal=False, bidirectional=True, padding_mask=False, decode=False, exact=True,
+        time="O(N G^2 d)", memory="O(N G^2)", forms=("reference", "fast"), grid=True,
+    )
+    Options = GridOptions
+    test_options = {"grid_size": 2}
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.build_qkv()
+
+    def layout(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """(lattice rows, lattice cols, row stride, col stride); padded sides are lattice size x stride."""
+        gh, gw = min(self.opts.grid_size, h), min(self.opts.grid_size, w)
+        return gh, gw, math.ceil(h / gh), math.ceil(w / gw)
+
+    def forward_reference(self, x, *, mask, state, pos):
+        """Dense attention over the padded grid: same residue of row and column mod the stride, real keys."""
+        b, n, d = x.shape
+        h, w = self.grid_of(pos, n)
+        gh, gw, sh, sw = self.layout(h, w)
+        hp, wp = gh * sh, gw * sw
+        tokens = F.pad(x.reshape(b, h, w, d), (0, 0, 0, wp - w, 0, hp - h)).reshape(b, hp * wp, d)
+        r, c = grid_coords(hp, wp, x.device)
+        real = (r < h) & (c < w)
+        allowed = ((r[:, None] % sh == r % sh) & (c[:, None] % sw == c % sw)
+                   & (real[None, :] | ~real[:, None]))
+        q, k, v = self.heads_qkv(tokens)
+        y = dense_attention(q, k, v, allowed, dropout=self.dropout if self.training else 0.0)
+        return self.out_proj(self.merge_heads(y)[:, real.nonzero().flatten()]), None
+
+    def forward_fast(self, x, *, mask, state, pos):
+        """Pad, gather each lattice into one window of G x G tokens, fused attention with the padding mask."""
+        b, n, d = x.shape
+        h, w = self.grid_of(pos, n)
+        gh, gw, sh, sw = self.layout(h, w)
+        hp, wp, t = gh * sh, gw * sw, gh * gw
+        g = F.pad(x.reshape(b, h, w, d), (0, 0, 0, wp - w, 0, hp - h))
+        win = g.reshape(b, gh, sh, gw, sw, d).permute(0, 2, 4, 1, 3, 5).reshape(b * sh * sw, t, d)
+        r, c = grid_coords(hp, wp, x.device)
+        real = ((r < h) & (c < w)).reshape(gh, sh, gw, sw).permute(1, 3, 0, 2).reshape(sh * sw, t)
+        allowed = real[:, None, :] | ~real[:, :, None]  # (lattices, t, t)
+        attn_mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        attn_mask = attn_mask[None, :, None].expand(b, -1, 1, -1, -1).reshape(b * sh * sw, 1, t, t)
+        q, k, v = self.heads_qkv(win)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = self.merge_heads(y).reshape(b, sh, sw, gh, gw, d).permute(0, 3, 1, 4, 2, 5).reshape(b, hp, wp, d)
+        return self.out_proj(y[:, :h, :w].reshape(b, n, d)), None
