@@ -3,7 +3,8 @@ fixed CPU budget.
 
 Every model is the same isotropic stack (patch 4, width 64, 4 heads, ``--depth`` blocks, mean pooling)
 with only the token mixer changed, so the figures compare mixers: ViT (softmax), Swin windows (7, plain
-and shifted), PVT spatial reduction (ratio 4), neighbourhood attention (7 x 7), PoolFormer pooling.
+and shifted), PVT spatial reduction (ratio 4), neighbourhood attention (7 x 7), PoolFormer pooling and
+Vision Mamba (two selective scans).
 Peak memory is the largest tensor any torch call returned during one forward+backward (the score
 matrix of attention dominates), measured by a TorchFunctionMode; wall time is the median of
 ``--repeat`` runs. Timings on a shared machine are noisy: compare ratios within one run.
@@ -30,6 +31,7 @@ MIXERS = {
     "pvt (sra r4)": ("sra", {"ratio": 4}),
     "nat (k7)": ("neighborhood", {"kernel": 7}),
     "poolformer": ("pool", {}),
+    "vim (bidir. mamba)": ("vim", {"d_state": 8}),
 }
 
 

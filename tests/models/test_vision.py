@@ -12,7 +12,7 @@ import efformer
 from efformer.errors import CapabilityError, ConfigError, ShapeError, UnknownNameError
 from efformer.models.vision import VISION_PRESETS, ImageClassifier, build_vision_config, create_image_model
 
-GRID_MIXERS = ["swin", "maxvit_grid", "neighborhood", "sra", "linear_sra", "pool", "identity", "xca"]
+IMAGE_MIXERS = ["swin", "maxvit_grid", "neighborhood", "sra", "linear_sra", "pool", "identity", "xca", "vim"]
 
 
 @pytest.mark.parametrize("preset", sorted(VISION_PRESETS))
@@ -27,7 +27,7 @@ def test_presets_give_logits_and_every_parameter_a_gradient(preset):
         assert p.grad is not None and (p.grad != 0).any(), f"{preset}: {name} gets no gradient"
 
 
-@pytest.mark.parametrize("mixer", GRID_MIXERS)
+@pytest.mark.parametrize("mixer", IMAGE_MIXERS)
 def test_every_2d_mixer_runs_in_a_staged_model_on_odd_grids(mixer):
     torch.manual_seed(0)
     model = efformer.create_model("swin-tiny", mixer=mixer, mixer_options={}, image_size=28)  # grids 14, 7, 4

@@ -40,7 +40,7 @@ NOT_OFFERED = {("quick", "pathfinder"): "quick Pathfinder ended below chance (46
 # mamba ~280-400 (its CPU training form is slow; a separate issue fixes it), performer ~210), which with
 # retnet and simple_gla (since sped up: a quick cell now takes 22 s, like deltanet's) made `make demo`
 # take 17 minutes. `--mixers` runs them.
-QUICK_SLOW_ON_CPU = ("mamba", "nystromformer", "performer")
+QUICK_SLOW_ON_CPU = ("mamba", "nystromformer", "performer", "vim")  # vim: two Mamba scans
 
 
 def sequence_mixers() -> list[str]:
