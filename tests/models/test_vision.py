@@ -12,7 +12,8 @@ import efformer
 from efformer.errors import CapabilityError, ConfigError, ShapeError, UnknownNameError
 from efformer.models.vision import VISION_PRESETS, ImageClassifier, build_vision_config, create_image_model
 
-IMAGE_MIXERS = ["swin", "maxvit_grid", "neighborhood", "sra", "linear_sra", "pool", "identity", "xca", "vim"]
+IMAGE_MIXERS = ["swin", "maxvit_grid", "neighborhood", "sra", "linear_sra", "pool", "identity", "xca", "vim",
+                "manhattan"]
 
 
 @pytest.mark.parametrize("preset", sorted(VISION_PRESETS))
