@@ -166,3 +166,30 @@ def test_maxvit_grid_covering_the_image_is_full_attention_and_padding_is_masked(
     y_ref, _ = with_form(m3, "reference")(x, positions=_ctx(5, 7))
     y_fast, _ = with_form(m3, "fast")(x, positions=_ctx(5, 7))
     assert rel_err(y_ref, y_fast) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["reference", "fast"])
+def test_cswin_stripes_covering_the_grid_are_full_attention_and_each_token_sees_a_cross(form):
+    m = with_form(make_mixer("cswin", False, stripe=9, lepe=False).mixer, form)
+    x = torch.randn(2, 35, m.d_model)
+    q, k, v = m.heads_qkv(x)
+    want = m.out_proj(m.merge_heads(F.scaled_dot_product_attention(q, k, v)))
+    assert rel_err(want, m(x, positions=_ctx(5, 7))[0]) < 1e-5
+    m1 = with_form(make_mixer("cswin", False, stripe=1, lepe=False).mixer, form)
+    x = torch.randn(1, 35, m1.d_model, requires_grad=True)
+    y, _ = m1(x, positions=_ctx(5, 7, 1))
+    y[0, 2 * 7 + 3].sum().backward()  # token (2, 3): influenced only by its row and its column
+    touched = (x.grad[0].abs().sum(-1) > 0).reshape(5, 7)
+    cross = torch.zeros(5, 7, dtype=torch.bool)
+    cross[2, :], cross[:, 3] = True, True
+    assert torch.equal(touched, cross)
+
+
+def test_cswin_fast_matches_reference_on_stripes_the_grid_cuts_short():
+    m = make_mixer("cswin", False, stripe=3).mixer
+    x = torch.randn(2, 35, m.d_model)
+    y_ref, _ = with_form(m, "reference")(x, positions=_ctx(5, 7))
+    y_fast, _ = with_form(m, "fast")(x, positions=_ctx(5, 7))
+    assert rel_err(y_ref, y_fast) < 1e-5
+    with pytest.raises(ConfigError, match="even"):
+        make_mixer("cswin", False, n_heads=1)

@@ -13,7 +13,7 @@ from efformer.errors import CapabilityError, ConfigError, ShapeError, UnknownNam
 from efformer.models.vision import VISION_PRESETS, ImageClassifier, build_vision_config, create_image_model
 
 IMAGE_MIXERS = ["swin", "maxvit_grid", "neighborhood", "sra", "linear_sra", "pool", "identity", "xca", "vim",
-                "manhattan", "cvt"]
+                "manhattan", "cvt", "cswin"]
 
 
 @pytest.mark.parametrize("preset", sorted(VISION_PRESETS))

@@ -245,3 +245,89 @@ class GridAttention(GridMixer):
                                            dropout_p=self.dropout if self.training else 0.0)
         y = self.merge_heads(y).reshape(b, sh, sw, gh, gw, d).permute(0, 3, 1, 4, 2, 5).reshape(b, hp, wp, d)
         return self.out_proj(y[:, :h, :w].reshape(b, n, d)), None
+
+
+class CrossShapedOptions(MixerOptions):
+    """Options of CSWin cross-shaped window attention."""
+
+    stripe: int = pydantic.Field(2, ge=1, le=64, description="stripe width sw in tokens (CSWin: 1, 2, 7, 7 by stage)")
+    lepe: bool = pydantic.Field(True, description="CSWin's locally-enhanced positional encoding: a depthwise 3x3 "
+                                                  "conv of the values added to each branch's output")
+
+
+@register_mixer("cswin")
+class CrossShapedAttention(GridMixer):
+    """CSWin cross-shaped window attention: (b, h*w, d) on the model's grid -> (b, h*w, d).
+
+    From "CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped Windows" (Dong et
+    al., 2022). Half the heads attend within horizontal stripes of ``stripe`` rows (all columns), the
+    other half within vertical stripes of ``stripe`` columns, so each token sees a cross. A last stripe
+    that the grid cuts short holds only the real rows (columns): padding keys are masked.
+    """
+
+    capabilities = Capabilities(
+        family="window-2d", paper="CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped "
+                                  "Windows",
+        causal=False, bidirectional=True, padding_mask=False, decode=False, exact=True,
+        time="O(N sw (h + w) d)", memory="O(N sw (h + w))", forms=("reference", "fast"), grid=True,
+    )
+    Options = CrossShapedOptions
+    test_options = {"stripe": 2}
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        if self.n_heads % 2:
+            raise ConfigError("n_heads", self.n_heads, "an even number for cswin (half the heads per stripe direction)")
+        self.build_qkv()
+        if self.opts.lepe:
+            half = self.d_model // 2
+            self.lepe = nn.ModuleList(nn.Conv2d(half, half, 3, padding=1, groups=half) for _ in range(2))
+
+    def _lepe(self, v: Tensor, branch: int, h: int, w: int) -> Tensor:
+        """LePE of values (b, heads/2, n, hd) on the grid, same shape (zero without LePE)."""
+        if not self.opts.lepe:
+            return torch.zeros_like(v)
+        b, hh, n, hd = v.shape
+        g = v.permute(0, 1, 3, 2).reshape(b, hh * hd, h, w)
+        return self.lepe[branch](g).reshape(b, hh, hd, n).permute(0, 1, 3, 2)
+
+    def forward_reference(self, x, *, mask, state, pos):
+        """Dense attention per head with its stripe pattern as a mask, plus LePE."""
+        b, n, d = x.shape
+        h, w = self.grid_of(pos, n)
+        q, k, v = self.heads_qkv(x)
+        r, c = grid_coords(h, w, x.device)
+        s, half, outs = self.opts.stripe, self.n_heads // 2, []
+        for branch, line in enumerate((r // s, c // s)):  # horizontal stripes, then vertical
+            sl = slice(branch * half, (branch + 1) * half)
+            y = dense_attention(q[:, sl], k[:, sl], v[:, sl], line[:, None] == line,
+                                dropout=self.dropout if self.training else 0.0)
+            outs.append(y + self._lepe(v[:, sl], branch, h, w))
+        return self.out_proj(self.merge_heads(torch.cat(outs, 1))), None
+
+    def forward_fast(self, x, *, mask, state, pos):
+        """Pad to stripe multiples, attend within each stripe as a batch, masking the padding keys."""
+        b, n, d = x.shape
+        h, w = self.grid_of(pos, n)
+        q, k, v = self.heads_qkv(x)
+        s, half, outs = self.opts.stripe, self.n_heads // 2, []
+        for branch in range(2):
+            sl = slice(branch * half, (branch + 1) * half)
+            grids = [t[:, sl].reshape(b, half, h, w, -1) for t in (q, k, v)]
+            if branch:  # vertical stripes are horizontal ones of the transposed grid
+                grids = [g.transpose(2, 3) for g in grids]
+            rows, cols = grids[0].shape[2:4]
+            pad = (-rows) % s
+            grids = [F.pad(g, (0, 0, 0, 0, 0, pad)) for g in grids]
+            ns = (rows + pad) // s
+            qs, ks, vs = (g.reshape(b, half, ns, s * cols, -1) for g in grids)
+            real = (torch.arange(rows + pad, device=x.device) < rows).repeat_interleave(cols).reshape(ns, s * cols)
+            attn_mask = torch.zeros(ns, 1, s * cols, dtype=x.dtype, device=x.device).masked_fill(
+                ~real[:, None, :], float("-inf"))
+            y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask,
+                                               dropout_p=self.dropout if self.training else 0.0)
+            y = y.reshape(b, half, rows + pad, cols, -1)[:, :, :rows]
+            if branch:
+                y = y.transpose(2, 3)
+            outs.append(y.reshape(b, half, n, -1) + self._lepe(v[:, sl], branch, h, w))
+        return self.out_proj(self.merge_heads(torch.cat(outs, 1))), None
