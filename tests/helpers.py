@@ -66,6 +66,11 @@ class SquarishGrid:
         return PositionalContext(positions, grid=squarish(positions.shape[1]))
 
 
+def grid_context(h: int, w: int, b: int = 2) -> PositionalContext:
+    """Positions of b sequences of h*w tokens on an h x w grid, as an image model passes them."""
+    return PositionalContext(torch.arange(h * w).expand(b, -1), grid=(h, w))
+
+
 def squarish(n: int) -> tuple[int, int]:
     """The factor pair (h, w) of n with h <= w closest to square (1 x n for a prime)."""
     h = max((f for f in range(1, int(n**0.5) + 1) if n % f == 0), default=1)

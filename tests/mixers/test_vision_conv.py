@@ -6,12 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from efformer.nn.positional import PositionalContext
 from tests.helpers import LargestTensor, make_mixer, rel_err, with_form
-
-
-def _ctx(h, w, b=2):
-    return PositionalContext(torch.arange(h * w).expand(b, -1), grid=(h, w))
+from tests.helpers import grid_context as _ctx
 
 
 def test_pointwise_unstrided_projections_are_plain_attention():

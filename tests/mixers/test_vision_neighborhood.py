@@ -8,12 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from efformer.mixers.vision_neighborhood import axis_neighbours
-from efformer.nn.positional import PositionalContext
-from tests.helpers import make_mixer, rel_err, with_form
-
-
-def _ctx(h, w, b=2):
-    return PositionalContext(torch.arange(h * w).expand(b, -1), grid=(h, w))
+from tests.helpers import LargestTensor, make_mixer, rel_err, with_form
+from tests.helpers import grid_context as _ctx
 
 
 @pytest.mark.parametrize(("length", "kernel"), [(9, 3), (10, 5), (7, 7), (11, 4)])
@@ -80,7 +76,6 @@ def test_fast_matches_reference_with_bias_at_odd_grids_and_long_kernels():
 
 
 def test_fast_form_memory_grows_with_kernel_not_grid():
-    from tests.helpers import LargestTensor
     m = with_form(make_mixer("neighborhood", False, kernel=3, dilation=1).mixer, "fast")
     h = w = 24
     with LargestTensor() as t, torch.no_grad():

@@ -7,12 +7,8 @@ import pytest
 import torch
 
 from efformer.errors import ConfigError
-from efformer.nn.positional import PositionalContext
+from tests.helpers import grid_context as _ctx
 from tests.helpers import make_mixer, rel_err, with_form
-
-
-def _ctx(h, w, b=2):
-    return PositionalContext(torch.arange(h * w).expand(b, -1), grid=(h, w))
 
 
 @pytest.mark.parametrize("form", ["reference", "fast"])

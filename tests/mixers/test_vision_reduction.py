@@ -7,12 +7,8 @@ import pytest
 import torch
 
 from efformer.mixers.vision_grid import dense_attention
-from efformer.nn.positional import PositionalContext
 from tests.helpers import LargestTensor, make_mixer, rel_err, with_form
-
-
-def _ctx(h, w, b=2):
-    return PositionalContext(torch.arange(h * w).expand(b, -1), grid=(h, w))
+from tests.helpers import grid_context as _ctx
 
 
 def _full(m, x, keys_from):

@@ -9,13 +9,10 @@ import torch.nn.functional as F
 
 from efformer.errors import ConfigError, ShapeError
 from efformer.nn.positional import PositionalContext
+from tests.helpers import grid_context as _ctx
 from tests.helpers import make_mixer, rel_err, with_form
 
 GRIDS = [(4, 4, 2, 1), (5, 7, 3, 1), (6, 9, 3, 2), (7, 7, 4, 2), (8, 8, 4, 2), (3, 5, 4, 2)]
-
-
-def _ctx(h, w, b=2):
-    return PositionalContext(torch.arange(h * w).expand(b, -1), grid=(h, w))
 
 
 def _swin_loop_pattern(h, w, window, shift) -> torch.Tensor:
