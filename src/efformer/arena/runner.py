@@ -21,9 +21,11 @@ import torch
 from efformer.arena.tasks import TaskSpec, build_datasets, get_task
 from efformer.bench.perf import reset_peak_rss, rss_kb
 from efformer.bench.runner import measure_in_worker
-from efformer.errors import ConfigError, DataError, EfformerError
+from efformer.data.images import token_images
+from efformer.errors import CapabilityError, ConfigError, DataError, EfformerError
 from efformer.models import create_model
 from efformer.models.config import build_config
+from efformer.models.vision import build_vision_config
 from efformer.registry import MIXERS
 from efformer.results import ResultsStore
 from efformer.train.config import TrainConfig
@@ -115,6 +117,23 @@ def model_config(spec: TaskSpec, mixer: str, mixer_options: dict | None = None):
     return build_config(spec.model_config(mixer=mixer, mixer_options=mixer_options or {}, encoder_causal=causal))
 
 
+PIXEL_TASKS = ("image", "pathfinder", "pathx")  # square grey images, read as one token per pixel
+
+
+def image_model_config(spec: TaskSpec, mixer: str):
+    """The task's model as an image classifier with 2-D ``mixer``: patch 1, so it sees the very pixels (one
+    token each) that the 1-D mixers see, on their (side, side) grid, with the same width, depth and heads."""
+    if spec.name not in PIXEL_TASKS:
+        raise CapabilityError(f"mixer {mixer!r} mixes a 2-D grid, so it runs only on the image tasks "
+                              f"({', '.join(PIXEL_TASKS)}), not on {spec.name!r}")
+    m, side = spec.model_config(), math.isqrt(spec.seq_len)
+    return build_vision_config(dict(
+        task="image", image_size=side, in_channels=1, patch_size=1, n_classes=spec.n_classes, pooling="mean",
+        positional="learned", norm=m["norm"], ffn=m["ffn"], ffn_mult=m["ffn_mult"], dropout=m["dropout"],
+        attn_dropout=m["attn_dropout"], stages=[dict(depth=m["n_layers"], d_model=m["d_model"],
+                                                     n_heads=m["n_heads"], mixer=mixer)]))
+
+
 @dataclass
 class CellResult:
     """What one cell did: its run id, status and headline numbers (or the error)."""
@@ -140,11 +159,18 @@ def run_cell(spec: TaskSpec, mixer: str, seed: int, store: ResultsStore, out_roo
     if is_done(store, run_id):
         return CellResult(run_id, "skipped")
     t0 = time.perf_counter()
+    grid = MIXERS.get(mixer).capabilities.grid  # a 2-D mixer: an image model on the task's pixels
+    try:
+        cfg = image_model_config(spec, mixer) if grid else model_config(spec, mixer)
+    except CapabilityError as e:
+        return CellResult(run_id, "failed", error=str(e))
     try:
         train, val, test = build_datasets(spec, spec.preset, data_dir=data_dir, seed=0)
     except DataError as e:
         return CellResult(run_id, "missing-data", error=str(e))
-    cfg = model_config(spec, mixer)
+    if grid:
+        side = math.isqrt(spec.seq_len)
+        train, val, test = (token_images(d, side) for d in (train, val, test))
     tcfg = train_config(spec, seed, steps)
     torch.manual_seed(seed)  # the initial weights depend on the cell's seed alone, not on earlier cells
     model = create_model(cfg)
