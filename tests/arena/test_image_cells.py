@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 import efformer.arena.runner as runner
 from efformer.arena.tasks import get_task
 from efformer.results import ResultsStore
@@ -15,6 +17,7 @@ def _tiny_pathfinder():
                                optim=dict(spec.optim, steps=2, batch_size=8, warmup=1))
 
 
+@pytest.mark.slow  # generates Pathfinder images and trains two cells: ~40 s on a busy 2-core machine
 def test_a_2d_mixer_cell_runs_an_image_model_on_pathfinder_pixels(tmp_path):
     spec, store = _tiny_pathfinder(), ResultsStore(tmp_path / "r.db")
     cfg = runner.image_model_config(spec, "swin")
