@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from efformer.nn.positional import PositionalContext
 from efformer.registry import MIXERS
 
 
@@ -21,7 +24,8 @@ def make_mixer(name: str, causal: bool, d_model: int = 32, n_heads: int = 4, max
     opts = {**cls.test_options, **options}
     torch.manual_seed(0)
     max_len = cls.test_max_len if max_len is None else max_len
-    return cls(d_model, n_heads, causal=causal, options=opts, max_len=max_len).eval()
+    m = cls(d_model, n_heads, causal=causal, options=opts, max_len=max_len).eval()
+    return WithPositional(m, SquarishGrid()) if cls.capabilities.grid else m
 
 
 def softmax_twin_of(m, extra: set[str] = frozenset()):
@@ -59,6 +63,27 @@ class WithPositional(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("mixer"), name)
+
+
+class SquarishGrid:
+    """Stands in for an image model's positions: n tokens as the most nearly square h x w grid (h <= w)."""
+
+    def context(self, positions, dtype):
+        """A context holding ``positions`` (or the one given) and the grid of its length."""
+        if isinstance(positions, PositionalContext):
+            return dataclasses.replace(positions, grid=squarish(positions.positions.shape[1]))
+        return PositionalContext(positions, grid=squarish(positions.shape[1]))
+
+
+def grid_context(h: int, w: int, b: int = 2) -> PositionalContext:
+    """Positions of b sequences of h*w tokens on an h x w grid, as an image model passes them."""
+    return PositionalContext(torch.arange(h * w).expand(b, -1), grid=(h, w))
+
+
+def squarish(n: int) -> tuple[int, int]:
+    """The factor pair (h, w) of n with h <= w closest to square (1 x n for a prime)."""
+    h = max((f for f in range(1, int(n**0.5) + 1) if n % f == 0), default=1)
+    return h, max(n // h, 1)
 
 
 def mixer_cases() -> list[tuple[str, bool]]:

@@ -21,10 +21,12 @@ import torch
 from efformer.arena.tasks import TaskSpec, build_datasets, get_task
 from efformer.bench.perf import reset_peak_rss, rss_kb
 from efformer.bench.runner import measure_in_worker
+from efformer.data.images import token_images
 from efformer.data.recall import IGNORE
-from efformer.errors import ConfigError, DataError, EfformerError
+from efformer.errors import CapabilityError, ConfigError, DataError, EfformerError
 from efformer.models import create_model
 from efformer.models.config import build_config
+from efformer.models.vision import build_vision_config
 from efformer.registry import MIXERS
 from efformer.results import ResultsStore
 from efformer.train.config import TrainConfig
@@ -41,13 +43,18 @@ NOT_OFFERED = {("quick", "pathfinder"): "quick Pathfinder ended below chance (46
 # mamba ~280-400 (its CPU training form is slow; a separate issue fixes it), performer ~210), which with
 # retnet and simple_gla (since sped up: a quick cell now takes 22 s, like deltanet's) made `make demo`
 # take 17 minutes. `--mixers` runs them. kernel_rpe (FAVOR+ with m = 256 plus its Toeplitz RPE): ~9x a softmax
-# mixer's fwd+bwd at 64 tokens, batch 32, d_model 64 (772 vs 88 ms on a busy 2-core machine).
-QUICK_SLOW_ON_CPU = ("kernel_rpe", "mamba", "nystromformer", "performer")
+# mixer's fwd+bwd at 64 tokens, batch 32, d_model 64 (772 vs 88 ms on a busy 2-core machine); vim: two Mamba scans.
+QUICK_SLOW_ON_CPU = ("kernel_rpe", "mamba", "nystromformer", "performer", "vim")
+
+
+def sequence_mixers() -> list[str]:
+    """Mixers of 1-D sequences: the arena's tasks are token sequences (2-D mixers need an image model)."""
+    return [m for m in MIXERS.names() if not MIXERS.get(m).capabilities.grid]
 
 
 def default_mixers(preset: str) -> tuple[list[str], list[str]]:
     """(mixers of the default grid, mixers left out of it) for ``preset``."""
-    names = MIXERS.names()
+    names = sequence_mixers()
     if preset != "quick":
         return names, []
     return [m for m in names if m not in QUICK_SLOW_ON_CPU], [m for m in names if m in QUICK_SLOW_ON_CPU]
@@ -116,6 +123,23 @@ def model_config(spec: TaskSpec, mixer: str, mixer_options: dict | None = None):
     return build_config(spec.model_config(mixer=mixer, mixer_options=mixer_options or {}, encoder_causal=causal))
 
 
+PIXEL_TASKS = ("image", "pathfinder", "pathx")  # square grey images, read as one token per pixel
+
+
+def image_model_config(spec: TaskSpec, mixer: str):
+    """The task's model as an image classifier with 2-D ``mixer``: patch 1, so it sees the very pixels (one
+    token each) that the 1-D mixers see, on their (side, side) grid, with the same width, depth and heads."""
+    if spec.name not in PIXEL_TASKS:
+        raise CapabilityError(f"mixer {mixer!r} mixes a 2-D grid, so it runs only on the image tasks "
+                              f"({', '.join(PIXEL_TASKS)}), not on {spec.name!r}")
+    m, side = spec.model_config(), math.isqrt(spec.seq_len)
+    return build_vision_config(dict(
+        task="image", image_size=side, in_channels=1, patch_size=1, n_classes=spec.n_classes, pooling="mean",
+        positional="learned", norm=m["norm"], ffn=m["ffn"], ffn_mult=m["ffn_mult"], dropout=m["dropout"],
+        attn_dropout=m["attn_dropout"], stages=[dict(depth=m["n_layers"], d_model=m["d_model"],
+                                                     n_heads=m["n_heads"], mixer=mixer)]))
+
+
 @dataclass
 class CellResult:
     """What one cell did: its run id, status and headline numbers (or the error)."""
@@ -141,11 +165,18 @@ def run_cell(spec: TaskSpec, mixer: str, seed: int, store: ResultsStore, out_roo
     if is_done(store, run_id):
         return CellResult(run_id, "skipped")
     t0 = time.perf_counter()
+    grid = MIXERS.get(mixer).capabilities.grid  # a 2-D mixer: an image model on the task's pixels
+    try:
+        cfg = image_model_config(spec, mixer) if grid else model_config(spec, mixer)
+    except CapabilityError as e:
+        return CellResult(run_id, "failed", error=str(e))
     try:
         train, val, test = build_datasets(spec, spec.preset, data_dir=data_dir, seed=0)
     except DataError as e:
         return CellResult(run_id, "missing-data", error=str(e))
-    cfg = model_config(spec, mixer)
+    if grid:
+        side = math.isqrt(spec.seq_len)
+        train, val, test = (token_images(d, side) for d in (train, val, test))
     tcfg = train_config(spec, seed, steps)
     torch.manual_seed(seed)  # the initial weights depend on the cell's seed alone, not on earlier cells
     model = create_model(cfg)
@@ -230,7 +261,7 @@ def run_grid(preset: str = "quick", mixers: list[str] | None = None, tasks: list
             log(f"left out of the default {preset} grid (slow on CPU): {', '.join(left_out)}; include them with "
                 f"--mixers {' '.join(left_out)} (or --mixers all)")
     elif list(mixers) == ["all"]:
-        mixers = MIXERS.names()
+        mixers = sequence_mixers()
     for m in mixers:
         MIXERS.get(m)  # unknown names fail before any training
     tasks = tasks or default_tasks(preset, data_dir)

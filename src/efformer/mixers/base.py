@@ -45,6 +45,7 @@ class Capabilities:
     rotary: bool = False  # accepts a rotary transform of q and k (RoPE, xPos)
     dtypes: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
     packing: bool = False  # honours packed rows (positions.segments): no mixing across segment boundaries
+    grid: bool = False  # mixes a 2-D grid of patches: needs positions.grid, so only image models can use it
 
     def why_not(
         self,
@@ -57,12 +58,17 @@ class Capabilities:
         dtype: torch.dtype | str | None = None,
         form: str | None = None,
         device: torch.device | str | None = None,
+        grid: bool | None = None,
     ) -> list[str]:
         """Every reason mixer ``name`` cannot serve this request (empty when it can); one wording for all callers.
 
-        ``positional`` is the kind of positional scheme ("none", "embedding", "rotary", "bias").
+        ``positional`` is the kind of positional scheme ("none", "embedding", "rotary", "bias");
+        ``grid=False``: the caller has only a 1-D sequence (a text model), no 2-D grid of patches.
         """
         reasons = []
+        if grid is False and self.grid:
+            reasons.append(f"mixer {name!r} mixes a 2-D grid of image patches, so a 1-D (text) model cannot use "
+                           "it; build an image model (e.g. create_model('vit-tiny', mixer=...)) or pick a 1-D mixer")
         if causal is True and not self.causal:
             reasons.append(f"mixer {name!r} is bidirectional only, so it cannot run causally (a causal LM, "
                            "a causal encoder or decoding); pick a causal mixer or a bidirectional task")

@@ -183,7 +183,7 @@ def check_parts(cfg: ModelConfig) -> None:
         validated = validate_options(cls.Options, opts, where)
         if validated.form != "auto" and validated.form not in cls.capabilities.forms:
             raise ConfigError(f"{where}.form", validated.form, form_why_not(name, cls.capabilities, validated.form)[0])
-        reasons = cls.capabilities.why_not(name, causal=cfg.causal, positional=pos_cls.kind)
+        reasons = cls.capabilities.why_not(name, causal=cfg.causal, positional=pos_cls.kind, grid=False)
         if reasons:
             layer = f"layer {i}: " if per_layer else ""
             raise CapabilityError(layer + "; ".join(reasons))

@@ -10,6 +10,7 @@ from efformer.errors import ConfigError, UnknownNameError
 from efformer.models.classifier import DualEncoderClassifier, SequenceClassifier
 from efformer.models.config import ModelConfig, build_config
 from efformer.models.lm import CausalLM
+from efformer.models.vision import VISION_PRESETS, ImageClassifier, VisionConfig, create_image_model
 
 PRESETS: dict[str, dict[str, Any]] = {
     "lm-tiny": dict(task="lm", vocab_size=256, d_model=128, n_layers=2, n_heads=4, max_len=1024),
@@ -20,22 +21,28 @@ PRESETS: dict[str, dict[str, Any]] = {
                       positional="sinusoidal", norm="layernorm", ffn="gelu"),
 }
 
-MODEL_CLASSES = {"lm": CausalLM, "classifier": SequenceClassifier, "dual": DualEncoderClassifier}
+MODEL_CLASSES = {"lm": CausalLM, "classifier": SequenceClassifier, "dual": DualEncoderClassifier,
+                 "image": ImageClassifier}
 
 
 def list_presets() -> list[str]:
     """Names of the built-in model presets."""
-    return sorted(PRESETS)
+    return sorted([*PRESETS, *VISION_PRESETS])
 
 
 def create_model(preset_or_config: str | dict | ModelConfig = "lm-tiny", **overrides: Any) -> nn.Module:
     """Build a model from a preset name, a config dict or a ModelConfig, with keyword overrides."""
-    if not isinstance(preset_or_config, str | dict | ModelConfig):
+    if not isinstance(preset_or_config, str | dict | ModelConfig | VisionConfig):
         raise ConfigError("preset_or_config", preset_or_config,
-                          f"a preset name ({', '.join(sorted(PRESETS))}), a config dict or a ModelConfig")
+                          f"a preset name ({', '.join(list_presets())}), a config dict, a ModelConfig or a "
+                          "VisionConfig")
+    p = preset_or_config
+    if isinstance(p, VisionConfig) or (isinstance(p, str) and p in VISION_PRESETS) or (
+            isinstance(p, dict) and p.get("task") == "image"):
+        return create_image_model(p, **overrides)  # image classifiers (models/vision.py)
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
-            raise UnknownNameError("preset", preset_or_config, PRESETS)
+            raise UnknownNameError("preset", preset_or_config, [*PRESETS, *VISION_PRESETS])
         base: dict | ModelConfig = PRESETS[preset_or_config]
     else:
         base = preset_or_config

@@ -47,6 +47,7 @@ from efformer.durable import fsync_dir, fsync_file
 from efformer.errors import CheckpointError, ConfigError, EfformerError
 from efformer.models.config import ModelConfig, build_config
 from efformer.models.factory import MODEL_CLASSES
+from efformer.models.vision import VisionConfig, build_vision_config
 
 try:
     import fcntl
@@ -97,7 +98,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
 def _check_model(model: object) -> ModelConfig:
     """The config of an efformer model; refuses anything else before a byte is written."""
     cfg = getattr(model, "cfg", None)
-    cls = MODEL_CLASSES.get(cfg.task) if isinstance(cfg, ModelConfig) else None
+    cls = MODEL_CLASSES.get(cfg.task) if isinstance(cfg, ModelConfig | VisionConfig) else None
     if cls is None or not isinstance(model, cls):
         raise ConfigError("model", type(model).__name__,
                           "save takes an efformer model (from efformer.create_model or efformer.load); "
@@ -410,7 +411,7 @@ def _parse_config(path: Path, data: bytes) -> tuple[ModelConfig, dict]:
                               f"but a model config is a JSON object {{...}}; {_RESAVE}")
     sections = {k: obj.pop(k) for k in list(obj) if k in CONFIG_SECTIONS}
     try:
-        return build_config(obj), sections
+        return (build_vision_config(obj) if obj.get("task") == "image" else build_config(obj)), sections
     except EfformerError as e:
         raise CheckpointError(f"{path} is not a valid model config: {e}; fix that field or {_RESAVE}") from None
 

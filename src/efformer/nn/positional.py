@@ -63,13 +63,15 @@ class PositionalContext:
     ``bias`` is the score-bias scheme, whose tables are memoised per (query, key) positions pair, so
     the layers of a forward without a cache share one table. ``segments`` (b, n) integer ids mark a
     packed batch (several sequences laid end to end in one row, positions restarting per sequence):
-    tokens mix only within their own segment; None = one sequence per row.
+    tokens mix only within their own segment; None = one sequence per row. ``grid`` (height, width) in
+    tokens is set by image models: the sequence is that grid in row-major order, which 2-D mixers need.
     """
 
     positions: Tensor
     rotation: Rotation | None = None
     bias: nn.Module | None = None
     segments: Tensor | None = None
+    grid: tuple[int, int] | None = None
     _bias_memo: dict = field(default_factory=dict, repr=False)
 
     def rotate_queries(self, q: Tensor) -> Tensor:

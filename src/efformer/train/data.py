@@ -62,6 +62,8 @@ def collate(examples: Sequence[Example], pad_id: int = 0) -> dict[str, Tensor]:
     elif keys == {"input_ids", "targets"}:
         out["input_ids"], out["mask"] = _pad([e["input_ids"] for e in examples], pad_id, left=True)
         out["targets"], _ = _pad([e["targets"] for e in examples], IGNORE, left=True)
+    elif keys == {"images", "label"}:  # image models: equal-sized (C, H, W) images, nothing to pad
+        out["images"] = torch.stack([e["images"] for e in examples])
     elif keys == {"ids1", "ids2", "label"}:
         out["ids1"], out["mask1"] = _pad([e["ids1"] for e in examples], pad_id, left=False)
         out["ids2"], out["mask2"] = _pad([e["ids2"] for e in examples], pad_id, left=False)
@@ -137,8 +139,10 @@ def loss_terms(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tens
         logits = model(batch["input_ids"], mask=batch["mask"]).float()
     elif task == "dual":
         logits = model(batch["ids1"], batch["ids2"], mask1=batch["mask1"], mask2=batch["mask2"]).float()
+    elif task == "image":
+        logits = model(batch["images"]).float()
     else:
-        raise ConfigError("model.task", task, "one of lm, classifier, dual")
+        raise ConfigError("model.task", task, "one of lm, classifier, dual, image")
     label = batch["label"]
     ce = F.cross_entropy(logits, label, reduction="sum")
     correct = (logits.argmax(-1) == label).sum()

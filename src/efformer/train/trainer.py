@@ -90,7 +90,7 @@ class Trainer:
         self.run_id = run_id or f"{self.out_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.raw = model.to(self.info.device)
         self.task = self.raw.cfg.task
-        self.pad_id = self.raw.cfg.pad_id
+        self.pad_id = getattr(self.raw.cfg, "pad_id", 0)  # (image models have no token ids to pad)
         self.run_config = run_config or {"model": self.raw.cfg.model_dump(), "train": self.cfg.model_dump()}
         self.progress_stream = progress_stream
         self.on_step = on_step  # called as on_step(step, total_steps, loss) after every step, on rank 0

@@ -1,0 +1,101 @@
+"""Convolutional projections for attention (CvT).
+
+Paper: "CvT: Introducing Convolutions to Vision Transformers" (Wu et al., 2021).
+
+Queries, keys and values are each made by a depthwise ``kernel`` x ``kernel`` convolution on the
+grid, a BatchNorm and a pointwise linear map; keys and values use stride ``kv_stride`` (CvT: 2), so
+attention runs over N / s^2 keys. The convolutions pad by kernel // 2 with zeros, as in the paper.
+"""
+
+from __future__ import annotations
+
+import pydantic
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from efformer.mixers.base import Capabilities, MixerOptions
+from efformer.mixers.vision_grid import GridMixer, dense_attention
+from efformer.registry import register_mixer
+
+
+class ConvProjOptions(MixerOptions):
+    """Options of CvT's convolutional projections."""
+
+    kernel: int = pydantic.Field(3, ge=1, le=15, description="odd depthwise kernel side (CvT: 3)")
+    kv_stride: int = pydantic.Field(2, ge=1, le=8, description="stride of the key/value convolutions (CvT: 2)")
+
+    @pydantic.field_validator("kernel")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("must be odd, so the kernel is centred on its token")
+        return v
+
+
+class _ConvProjection(nn.Module):
+    """Depthwise conv (stride s) -> BatchNorm -> linear: grid (b, h, w, d) -> tokens (b, h'*w', d)."""
+
+    def __init__(self, d: int, kernel: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv2d(d, d, kernel, stride=stride, padding=kernel // 2, groups=d, bias=False)
+        self.norm = nn.BatchNorm2d(d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, g: Tensor, loop: bool) -> Tensor:
+        """``loop``: the depthwise convolution written as a sum over kernel offsets (the reference)."""
+        x = g.permute(0, 3, 1, 2)
+        if loop:
+            k, s = self.conv.kernel_size[0], self.conv.stride[0]
+            h, w = x.shape[2:]
+            xp = F.pad(x, (k // 2,) * 4)
+            ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
+            y = x.new_zeros(x.shape[0], x.shape[1], ho, wo)
+            for dy in range(k):
+                for dx in range(k):
+                    y = y + xp[:, :, dy : dy + s * (ho - 1) + 1 : s, dx : dx + s * (wo - 1) + 1 : s] * \
+                        self.conv.weight[:, 0, dy, dx][None, :, None, None]
+        else:
+            y = self.conv(x)
+        return self.proj(self.norm(y).flatten(2).transpose(1, 2))
+
+
+@register_mixer("cvt")
+class ConvProjectionAttention(GridMixer):
+    """CvT attention with convolutional q/k/v projections: (b, h*w, d) on the model's grid -> (b, h*w, d)."""
+
+    capabilities = Capabilities(
+        family="reduction-2d", paper="CvT: Introducing Convolutions to Vision Transformers",
+        causal=False, bidirectional=True, padding_mask=False, decode=False, exact=False,
+        time="O(N^2 d / s^2)", memory="O(N^2 / s^2)", forms=("reference", "fast"), grid=True,
+    )
+    Options = ConvProjOptions
+    test_options = {"kernel": 3, "kv_stride": 2}
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        d, o = self.d_model, self.opts
+        self.q_conv = _ConvProjection(d, o.kernel, 1)
+        self.k_conv, self.v_conv = _ConvProjection(d, o.kernel, o.kv_stride), _ConvProjection(d, o.kernel, o.kv_stride)
+        self.out_proj = nn.Linear(d, d)
+
+    def init_roles(self) -> dict[str, list[Tensor]]:
+        """The value projection's pointwise map, and the output projection."""
+        return {"value": [self.v_conv.proj.weight], "output": [self.out_proj.weight]}
+
+    def _qkv(self, x: Tensor, pos, loop: bool) -> tuple[Tensor, Tensor, Tensor]:
+        b, n, d = x.shape
+        h, w = self.grid_of(pos, n)
+        g = x.reshape(b, h, w, d)
+        return tuple(self.split_heads(p(g, loop)) for p in (self.q_conv, self.k_conv, self.v_conv))
+
+    def forward_reference(self, x, *, mask, state, pos):
+        """Convolutions as sums over kernel offsets, then plain softmax attention."""
+        q, k, v = self._qkv(x, pos, True)
+        return self.out_proj(self.merge_heads(dense_attention(q, k, v, None,
+                                                              dropout=self.dropout if self.training else 0.0))), None
+
+    def forward_fast(self, x, *, mask, state, pos):
+        """torch's grouped convolutions and fused attention."""
+        q, k, v = self._qkv(x, pos, False)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(self.merge_heads(y)), None

@@ -1,0 +1,253 @@
+"""Image classifiers built from the same blocks as the text models: ViT, DeiT and staged pyramids.
+
+Papers: "An Image is Worth 16x16 Words" (ViT); "Training data-efficient image transformers &
+distillation through attention" (DeiT: the distillation token); "Swin Transformer", "Pyramid Vision
+Transformer" and "MetaFormer Is Actually What You Need for Vision" (stages joined by patch merging).
+
+Images (b, c, H, W) become patch tokens on an (h, w) grid; each stage is a stack of
+:class:`~efformer.models.block.Block` with any mixer by name, given the grid through
+``PositionalContext.grid``; between stages the grid is halved and the width changed. The presets are
+CPU-sized (32 x 32 inputs) versions of the papers' tiny models: same layout, fewer channels.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Literal
+
+import pydantic
+import torch
+from torch import Tensor, nn
+
+from efformer.errors import CapabilityError, ConfigError, UnknownNameError
+from efformer.models.block import Block
+from efformer.models.config import CrossFieldError, ModelConfig, Placement, StrictInt
+from efformer.nn.patch import (
+    ConditionalPosition,
+    PatchEmbed,
+    PatchMerge,
+    check_images,
+    resize_table,
+    rope_2d,
+    sincos_2d,
+)
+from efformer.nn.positional import PositionalContext
+from efformer.options import StrictModel, config_error, validate_options
+from efformer.registry import FFNS, MIXERS, NORMS
+
+
+class StageConfig(StrictModel):
+    """One stage of an image model: ``depth`` blocks of width ``d_model`` on one grid."""
+
+    depth: StrictInt = pydantic.Field(2, gt=0)
+    d_model: StrictInt = pydantic.Field(64, gt=0)
+    n_heads: StrictInt = pydantic.Field(4, gt=0)
+    # One mixer for every block of the stage, or one per block (e.g. Swin's plain and shifted windows).
+    mixer: str | list[str] = "softmax"
+    mixer_options: dict[str, Any] | list[dict[str, Any]] = {}
+
+
+class VisionConfig(StrictModel):
+    """Everything needed to build an image classifier; round-trips through JSON."""
+
+    task: Literal["image"] = "image"
+    image_size: StrictInt = pydantic.Field(32, gt=0)  # the size learned positions are made for
+    in_channels: StrictInt = pydantic.Field(3, gt=0)
+    patch_size: StrictInt = pydantic.Field(4, gt=0)
+    stem: Literal["linear", "conv"] = "linear"
+    stages: list[StageConfig] = pydantic.Field(default_factory=lambda: [StageConfig()], min_length=1)
+    merge: Literal["patch_merge", "conv"] = "patch_merge"  # between stages: Swin's, or PVT's strided conv
+    positional: Literal["none", "learned", "sincos2d", "rope2d", "cpe"] = "learned"
+    pooling: Literal["cls", "mean"] = "cls"
+    distillation: bool = False  # DeiT: a second (distillation) token with its own head
+    n_classes: StrictInt = pydantic.Field(10, gt=1)
+    norm: str = "layernorm"
+    norm_placement: Placement = "pre"
+    ffn: str = "gelu"
+    ffn_mult: float = pydantic.Field(4.0, gt=0)
+    dropout: float = pydantic.Field(0.0, ge=0, lt=1)
+    attn_dropout: float = pydantic.Field(0.0, ge=0, lt=1)
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> VisionConfig:
+        if self.image_size % self.patch_size:
+            raise CrossFieldError("patch_size", f"patch_size={self.patch_size} does not divide "
+                                  f"image_size={self.image_size}")
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise CrossFieldError("patch_size", f"patch_size={self.patch_size} must be a power of 2 for stem='conv' "
+                                  "(one stride-2 convolution per halving); use stem='linear' for other sizes")
+        if self.pooling == "cls" and len(self.stages) > 1:
+            raise CrossFieldError("pooling", "pooling='cls' needs one stage (patch merging has no place for a "
+                                  "class token); use pooling='mean' for a staged model")
+        if self.distillation and self.pooling != "cls":
+            raise CrossFieldError("distillation", "the distillation token needs pooling='cls'")
+        return self
+
+    def to_json(self) -> str:
+        """The config as a JSON string (what save writes to config.json)."""
+        return json.dumps(self.model_dump(), indent=2, sort_keys=True)
+
+    def grid(self) -> int:
+        """Side of the first stage's token grid at ``image_size``."""
+        return self.image_size // self.patch_size
+
+    def stage_config(self, i: int) -> ModelConfig:
+        """Stage ``i`` as a ModelConfig for its blocks (their mixers, norms and FFN)."""
+        s = self.stages[i]
+        # one mixer name with per-block options (Swin's alternating shifts) is that name in every block
+        mixer = [s.mixer] * s.depth if isinstance(s.mixer, str) and isinstance(s.mixer_options, list) else s.mixer
+        return ModelConfig.model_validate(dict(
+            task="classifier", d_model=s.d_model, n_heads=s.n_heads, n_layers=s.depth, mixer=mixer,
+            mixer_options=s.mixer_options, positional="none", norm=self.norm, norm_placement=self.norm_placement,
+            ffn=self.ffn, ffn_mult=self.ffn_mult, dropout=self.dropout, attn_dropout=self.attn_dropout,
+            max_len=max(self.grid() ** 2, 1) + 2))
+
+
+def build_vision_config(data: dict[str, Any] | VisionConfig | None = None, **overrides: Any) -> VisionConfig:
+    """A validated VisionConfig; ``mixer=``/``mixer_options=`` overrides set every stage's. Checks the parts."""
+    merged = (data.model_dump() if isinstance(data, VisionConfig) else copy.deepcopy(data or {})) | {}
+    for key in ("mixer", "mixer_options"):
+        if key in overrides:
+            value = overrides.pop(key)
+            merged["stages"] = [{**s, key: value} for s in merged.get("stages", [StageConfig().model_dump()])]
+    merged.update(overrides)
+    try:
+        cfg = VisionConfig.model_validate(merged)
+    except pydantic.ValidationError as e:
+        cause = e.errors()[0].get("ctx", {}).get("error")
+        if isinstance(cause, CrossFieldError):
+            raise ConfigError(cause.field, merged.get(cause.field), str(cause)) from None
+        raise config_error(e, "", VisionConfig) from None
+    NORMS.get(cfg.norm)
+    FFNS.get(cfg.ffn)
+    kind = "rotary" if cfg.positional == "rope2d" else "none"
+    for i, s in enumerate(cfg.stages):
+        try:
+            mcfg = cfg.stage_config(i)
+        except pydantic.ValidationError as e:
+            cause = e.errors()[0].get("ctx", {}).get("error")
+            msg = str(cause) if isinstance(cause, CrossFieldError) else e.errors()[0]["msg"]
+            raise ConfigError(f"stages[{i}]", s.model_dump(), msg) from None
+        for j, (name, opts) in enumerate(mcfg.layer_mixers()):
+            cls = MIXERS.get(name)
+            validate_options(cls.Options, opts, f"stages[{i}].mixer_options[{j}]")
+            reasons = cls.capabilities.why_not(name, causal=False, positional=kind, grid=True)
+            if reasons:
+                raise CapabilityError(f"stage {i} block {j}: " + "; ".join(reasons))
+            if cls.capabilities.grid and cfg.pooling == "cls":
+                raise ConfigError("pooling", "cls", f"stage {i} uses the 2-D mixer {name!r}, which takes only patch "
+                                  "tokens (no class token); use pooling='mean'")
+    return cfg
+
+
+class ImageClassifier(nn.Module):
+    """Images (b, c, H, W) -> class logits (b, n_classes): patch tokens, staged blocks, pooling, head."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        s0 = cfg.stages[0]
+        self.patch = PatchEmbed(cfg.in_channels, s0.d_model, cfg.patch_size, cfg.stem)
+        self.n_extra = (1 + cfg.distillation) if cfg.pooling == "cls" else 0
+        if self.n_extra:
+            self.extra = nn.Parameter(torch.randn(self.n_extra, s0.d_model) * 0.02)
+        if cfg.positional == "learned":
+            self.pos_table = nn.Parameter(torch.randn(cfg.grid() ** 2, s0.d_model) * 0.02)
+            if self.n_extra:
+                self.pos_extra = nn.Parameter(torch.randn(self.n_extra, s0.d_model) * 0.02)
+        self.stages = nn.ModuleList()
+        self.cpe = nn.ModuleList()
+        self.merges = nn.ModuleList()
+        for i, s in enumerate(cfg.stages):
+            mcfg = cfg.stage_config(i)
+            self.stages.append(nn.ModuleList(Block(mcfg, name, opts) for name, opts in mcfg.layer_mixers()))
+            self.cpe.append(ConditionalPosition(s.d_model) if cfg.positional == "cpe" else nn.Identity())
+            if i:
+                self.merges.append(PatchMerge(cfg.stages[i - 1].d_model, s.d_model, cfg.merge))
+        d = cfg.stages[-1].d_model
+        self.final_norm = NORMS.get(cfg.norm)(d)
+        self.head = nn.Linear(d, cfg.n_classes)
+        if cfg.distillation:
+            self.head_dist = nn.Linear(d, cfg.n_classes)
+
+    def _context(self, b: int, h: int, w: int, head_dim: int, dtype, device) -> PositionalContext:
+        n = h * w + self.n_extra
+        rotation = (rope_2d(h, w, self.n_extra, head_dim, b, dtype, device)
+                    if self.cfg.positional == "rope2d" else None)
+        return PositionalContext(torch.arange(n, device=device).expand(b, n), rotation=rotation,
+                                 grid=None if self.n_extra else (h, w))
+
+    def features(self, images: Tensor) -> Tensor:
+        """Pooled features (b, d_last), or (b, 2, d_last) [class, distillation] with DeiT's token."""
+        check_images(images, self.cfg.in_channels, self.cfg.patch_size)
+        g = self.patch(images)  # (b, h, w, d)
+        b, h, w, d = g.shape
+        tok = g.reshape(b, h * w, d)
+        if self.cfg.positional == "sincos2d":
+            tok = tok + sincos_2d(h, w, d, images.device).to(tok.dtype)
+        elif self.cfg.positional == "learned":
+            tok = tok + resize_table(self.pos_table, self.cfg.grid(), self.cfg.grid(), h, w).to(tok.dtype)
+        for i, blocks in enumerate(self.stages):
+            if i:
+                g = self.merges[i - 1](tok.reshape(b, h, w, -1))
+                h, w = g.shape[1:3]
+                tok = g.reshape(b, h * w, -1)
+            if i == 0 and self.n_extra:
+                extra = self.extra + (self.pos_extra if self.cfg.positional == "learned" else 0)
+                tok = torch.cat([extra.to(tok.dtype).expand(b, -1, -1), tok], 1)
+            ctx = self._context(b, h, w, self.cfg.stages[i].d_model // self.cfg.stages[i].n_heads, tok.dtype,
+                                images.device)
+            for j, block in enumerate(blocks):
+                tok, _ = block(tok, mask=None, state=None, positions=ctx)
+                if j == 0 and self.cfg.positional == "cpe":  # PEG after the first block of each stage
+                    grid = self.cpe[i](tok[:, self.n_extra :].reshape(b, h, w, -1))
+                    tok = torch.cat([tok[:, : self.n_extra], grid.reshape(b, h * w, -1)], 1)
+        tok = self.final_norm(tok)
+        if self.cfg.distillation:
+            return tok[:, :2]
+        return tok[:, 0] if self.n_extra else tok.mean(1)
+
+    def forward(self, images: Tensor, *, both_heads: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (b, n_classes); with DeiT's token, the mean of both heads, or both with ``both_heads``."""
+        f = self.features(images)
+        if not self.cfg.distillation:
+            return self.head(f)
+        cls_logits, dist_logits = self.head(f[:, 0]), self.head_dist(f[:, 1])
+        return (cls_logits, dist_logits) if both_heads else (cls_logits + dist_logits) / 2
+
+
+def _swin_stage(depth: int, d: int, heads: int, window: int) -> dict[str, Any]:
+    """A Swin stage: blocks alternate plain and shifted (by window // 2) windows."""
+    opts = [{"window": window, "shift": (j % 2) * (window // 2)} for j in range(depth)]
+    return dict(depth=depth, d_model=d, n_heads=heads, mixer="swin", mixer_options=opts)
+
+
+def _stages(mixer: str, depths, dims, heads, options=None) -> list[dict[str, Any]]:
+    return [dict(depth=a, d_model=b, n_heads=c, mixer=mixer, mixer_options=(options or [{}] * len(depths))[i])
+            for i, (a, b, c) in enumerate(zip(depths, dims, heads, strict=True))]
+
+
+VISION_PRESETS: dict[str, dict[str, Any]] = {
+    "vit-tiny": dict(patch_size=4, stages=[dict(depth=4, d_model=64, n_heads=4)], positional="learned",
+                     pooling="cls"),
+    "deit-tiny": dict(patch_size=4, stages=[dict(depth=4, d_model=64, n_heads=4)], positional="learned",
+                      pooling="cls", distillation=True),
+    "swin-tiny": dict(patch_size=2, stages=[_swin_stage(2, 32, 2, 4), _swin_stage(2, 64, 4, 4),
+                                            _swin_stage(2, 128, 8, 4)],
+                      merge="patch_merge", positional="none", pooling="mean"),
+    "pvt-tiny": dict(patch_size=2, stages=_stages("sra", (2, 2, 2), (32, 64, 128), (1, 2, 4),
+                                                  [{"ratio": 4}, {"ratio": 2}, {"ratio": 1}]),
+                     merge="conv", positional="learned", pooling="mean"),
+    "poolformer-s12": dict(patch_size=2, stages=_stages("pool", (2, 2, 6, 2), (32, 64, 96, 128), (1, 1, 1, 1)),
+                           merge="conv", positional="none", pooling="mean"),
+}
+
+
+def create_image_model(preset_or_config: str | dict | VisionConfig = "vit-tiny", **overrides: Any) -> ImageClassifier:
+    """An image classifier from a preset name (see VISION_PRESETS), a dict or a VisionConfig, with overrides."""
+    if isinstance(preset_or_config, str):
+        if preset_or_config not in VISION_PRESETS:
+            raise UnknownNameError("image preset", preset_or_config, VISION_PRESETS)
+        preset_or_config = VISION_PRESETS[preset_or_config]
+    return ImageClassifier(build_vision_config(preset_or_config, **overrides))
