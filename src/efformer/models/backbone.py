@@ -6,11 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from efformer.errors import ShapeError
-from efformer.models.block import Block
+from efformer.models.block import Block, norm_factory
 from efformer.models.cache import Cache
 from efformer.models.config import ModelConfig
 from efformer.nn.positional import build_positional
-from efformer.registry import NORMS
 
 
 class Backbone(nn.Module):
@@ -21,13 +20,13 @@ class Backbone(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = build_positional(
-            cfg.positional, cfg.d_model, cfg.n_heads, cfg.max_len, cfg.causal, cfg.positional_options
+            cfg.positional, cfg.d_model, cfg.n_heads, cfg.max_len, cfg.causal, cfg.positional_options, cfg.head_dim
         )
         self.blocks = nn.ModuleList(Block(cfg, name, opts) for name, opts in cfg.layer_mixers())
-        norm = NORMS.get(cfg.norm)
+        norm = norm_factory(cfg)
         # post-LN and DeepNorm end every block with a norm already; Peri-LN also normalises embeddings
         self.final_norm = nn.Identity() if cfg.norm_placement in ("post", "deepnorm") else norm(cfg.d_model)
-        self.embed_norm = norm(cfg.d_model) if cfg.norm_placement == "peri" else nn.Identity()
+        self.embed_norm = norm(cfg.d_model) if cfg.norm_placement == "peri" or cfg.embed_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(_init_weights)
 
