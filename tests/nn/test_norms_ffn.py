@@ -27,7 +27,8 @@ def _gelu_new(t):  # GPT-2's tanh approximation, written out
     return 0.5 * t * (1 + torch.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t**3)))
 
 
-_ACT = {"gelu": F.gelu, "gelu_tanh": _gelu_new, "relu": F.relu, "relu2": lambda t: F.relu(t) ** 2, "swiglu": F.silu, "geglu": F.gelu,
+_ACT = {"gelu": F.gelu, "gelu_tanh": _gelu_new, "relu": F.relu, "relu2": lambda t: F.relu(t) ** 2, "swiglu": F.silu,
+        "geglu": F.gelu,
         "reglu": F.relu}
 
 
