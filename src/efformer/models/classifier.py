@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
@@ -44,12 +42,6 @@ class _Encoder(nn.Module):
         w = mask[..., None].to(h.dtype)
         return (h * w).sum(1) / w.sum(1).clamp(min=1)
 
-
-    def save_pretrained(self, directory) -> Path:
-        """``efformer.save(self, directory)``, in Hugging Face's spelling; ``efformer.from_pretrained`` reads it."""
-        from efformer.models.io import save  # io imports this module (through the factory)
-
-        return save(self, directory)
 
     def generate(self, *args, **kwargs):
         """Encoders do not generate: a CapabilityError that says what can."""

@@ -91,6 +91,17 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     return out
 
 
+def save_pretrained(self: nn.Module, directory: str | os.PathLike) -> Path:
+    """``efformer.save(model, directory)`` in Hugging Face's spelling; ``efformer.from_pretrained`` reads it back."""
+    return save(self, directory)
+
+
+# Every model class gets the method here, beside ``save``: the class modules cannot import this one,
+# which imports them (through the factory).
+for _cls in MODEL_CLASSES.values():
+    _cls.save_pretrained = save_pretrained
+
+
 def _check_model(model: object) -> ModelConfig:
     """The config of an efformer model; refuses anything else before a byte is written."""
     cfg = getattr(model, "cfg", None)

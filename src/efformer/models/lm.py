@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +42,6 @@ class CausalLM(nn.Module):
         if self.cfg.tie_embeddings:
             return h @ self.backbone.embed.weight.t()
         return self.lm_head(h)
-
-    def save_pretrained(self, directory) -> Path:
-        """``efformer.save(self, directory)``, in Hugging Face's spelling; ``efformer.from_pretrained`` reads it."""
-        from efformer.models.io import save  # io imports this module (through the factory)
-
-        return save(self, directory)
 
     def new_cache(self, batch: int) -> Cache:
         """An empty decode cache for ``batch`` rows."""
