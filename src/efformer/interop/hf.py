@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from efformer.interop.archs import ARCHS, Rule, to_efformer, to_hf_tensors
 from efformer.interop.folder import CONFIG, SINGLE, Weights, hf_folder, read_json
 from efformer.interop.heads import FirstTokenClassifier, MaskedLM
 from efformer.models.config import ModelConfig, build_config
-from efformer.models.io import MANIFEST_FILE, _as_path, _install, _locked, _make_temp_dir, _remove_leftovers, load
+from efformer.models.io import MANIFEST_FILE, _as_path, load, publish_folder
 from efformer.models.lm import CausalLM
 
 _HEADS = {"lm": CausalLM, "mlm": MaskedLM, "cls": FirstTokenClassifier}
@@ -138,7 +137,7 @@ def _export_plan(cfg: ModelConfig) -> tuple[str, dict]:
     if names - {"softmax", "sliding_window"} or len({json.dumps(o, sort_keys=True) for _, o in mixers}) > 1:
         why.append(f"mixers {sorted(names)}: HF's Llama/Mistral/Qwen2/GPT-2 have softmax or sliding-window "
                    "attention with the same options in every layer")
-    if opts.get("qk_norm") or opts.get("form", "auto") not in ("auto", "fast", "reference"):
+    if opts.get("qk_norm"):
         why.append("qk_norm has no place in these HF classes")
     if cfg.norm_placement != "pre" or cfg.embed_norm:
         why.append(f"norm_placement={cfg.norm_placement!r}, embed_norm={cfg.embed_norm}: HF's decoders are pre-LN")
@@ -254,30 +253,15 @@ def _write_folder_atomically(directory, hf_cfg: dict, tensors: dict[str, Tensor]
     if out.exists() and (not out.is_dir() or set(os.listdir(out)) - {CONFIG, SINGLE}):
         raise CheckpointError(f"cannot export to {out}: it is a file or holds files other than {CONFIG} and {SINGLE}; "
                               "export replaces the whole folder, so pick a new or empty one")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot create the folder {out.parent} ({e.strerror}); export to a writable folder") \
-            from None
-    with _locked(out.parent):
-        tmp = None
-        try:
-            tmp = _make_temp_dir(out)
-            (tmp / CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True), encoding="utf-8")
-            fsync_file(tmp / CONFIG)
-            save_file(tensors, str(tmp / SINGLE), metadata={"format": "pt"})
-            fsync_file(tmp / SINGLE)
-            fsync_dir(tmp)
-            _install(tmp, out)
-        except BaseException as e:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError) and not isinstance(e, EfformerError):
-                raise CheckpointError(f"could not export to {out} ({e}); nothing was changed there") from None
-            raise
-        _remove_leftovers(out)
-        fsync_dir(out.parent)
-    return out
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True), encoding="utf-8")
+        fsync_file(tmp / CONFIG)
+        save_file(tensors, str(tmp / SINGLE), metadata={"format": "pt"})
+        fsync_file(tmp / SINGLE)
+        fsync_dir(tmp)
+
+    return publish_folder(out, write, "export")
 
 
 # ---- either kind of folder --------------------------------------------------------------------
