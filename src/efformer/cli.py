@@ -20,7 +20,10 @@ from efformer.bench import cli as bench_cli
 from efformer.compress import cli as compress_cli
 from efformer.data import cli as data_cli
 from efformer.errors import CapabilityError, ConfigError, EfformerError
-from efformer.models import CausalLM, load
+from efformer.interop import cli as interop_cli
+from efformer.interop import from_pretrained
+from efformer.interop.text import load_tokenizer
+from efformer.models import CausalLM
 from efformer.registry import FFNS, MIXERS, NORMS, POSITIONALS, describe_mixer
 from efformer.serve import cli as serve_cli
 from efformer.train import cli as train_cli
@@ -95,14 +98,14 @@ def _cmd_generate(args) -> int:
         raise ConfigError("--max-new-tokens", args.max_new_tokens, "must be >= 0")
     if not args.prompt:
         raise ConfigError("--prompt", args.prompt, "give at least one character to continue from")
-    model = load(args.model)
+    model = from_pretrained(args.model)  # an efformer folder or a Hugging Face one
     if not isinstance(model, CausalLM):
         raise CapabilityError(f"{args.model} holds a {model.cfg.task!r} model ({type(model).__name__}); "
                               "only a language model (task='lm') can generate text")
-    prompt = list(args.prompt.encode("utf-8"))
-    out = model.generate([prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p)[0]
-    print(bytes(t % 256 for t in out).decode("utf-8", errors="replace"))
+    tokenizer = load_tokenizer(args.model)  # the folder's tokenizer.json, else UTF-8 bytes
+    out = model.generate([tokenizer.encode(args.prompt)], max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)[0]
+    print(tokenizer.decode(out))
     return 0
 
 
@@ -128,6 +131,7 @@ PLUGINS = (
     bench_cli,  # bench, advise
     compress_cli,  # quantize, perplexity
     serve_cli,  # serve
+    interop_cli,  # tokenizer train
 )
 
 
@@ -144,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("name")
     d.add_argument("--json", action="store_true", help="machine-readable JSON")
     d.set_defaults(fn=_cmd_describe)
-    g = sub.add_parser("generate", help="generate text from a saved byte-level LM")
-    g.add_argument("model", help="folder written by model.save()")
+    g = sub.add_parser("generate", help="generate text from a saved LM (its tokenizer.json, else bytes)")
+    g.add_argument("model", help="folder written by efformer.save / save_pretrained, or a Hugging Face folder")
     g.add_argument("--prompt", default="The ")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)

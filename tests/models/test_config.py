@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import efformer
 from efformer.errors import ConfigError
@@ -54,3 +55,19 @@ def test_model_max_len_is_the_mixers_max_len():
         type(mixer)(32, 4, max_len=0)
     with pytest.raises(ConfigError, match="max_len"):
         build_config(mixer="linformer", task="classifier", mixer_options={"max_len": 64})
+
+
+def test_interop_settings_reach_the_parts():
+    """norm_eps, ffn_bias, head_dim and embed_norm: each validated and built into the model."""
+    cfg = build_config(vocab_size=11, d_model=16, n_heads=2, n_layers=1, norm="layernorm", norm_eps=1e-3,
+                       ffn="swiglu", ffn_bias=True, head_dim=4, embed_norm=True)
+    m = efformer.models.CausalLM(cfg)
+    blk = m.backbone.blocks[0]
+    assert blk.norm1.eps == 1e-3 and m.backbone.final_norm.eps == 1e-3 and m.backbone.embed_norm.eps == 1e-3
+    assert blk.ffn.gate_up.bias is not None and blk.mixer.q_proj.out_features == 2 * 4
+    assert m.backbone.pos.rot_dim == 4
+    assert m(torch.randint(0, 11, (1, 5))).shape == (1, 5, 11)
+    with pytest.raises(ConfigError, match="head_dim"):
+        build_config(mixer="linear", positional="none", head_dim=4)
+    with pytest.raises(ConfigError, match="norm_eps"):
+        build_config(norm_eps=0.0)

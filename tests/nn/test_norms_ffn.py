@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,12 @@ def test_norm_formula(name):
     assert torch.allclose(y, expected, atol=1e-5)
 
 
-_ACT = {"gelu": F.gelu, "relu": F.relu, "relu2": lambda t: F.relu(t) ** 2, "swiglu": F.silu, "geglu": F.gelu,
+def _gelu_new(t):  # GPT-2's tanh approximation, written out
+    return 0.5 * t * (1 + torch.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t**3)))
+
+
+_ACT = {"gelu": F.gelu, "gelu_tanh": _gelu_new, "relu": F.relu, "relu2": lambda t: F.relu(t) ** 2, "swiglu": F.silu,
+        "geglu": F.gelu,
         "reglu": F.relu}
 
 
@@ -46,3 +53,16 @@ def test_ffn_formula_and_width(name):
         expected = ffn.down(act(ffn.up(x)))
         assert ffn.up.out_features == 96
     assert torch.allclose(ffn(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gelu", "swiglu"])
+def test_ffn_bias_flag(name):
+    ffn = FFNS.get(name)(8, 2.0, 0.0, bias=name == "swiglu")  # the opposite of each default
+    biases = [m.bias is not None for m in ffn.modules() if isinstance(m, torch.nn.Linear)]
+    assert biases and all(b == (name == "swiglu") for b in biases)
+
+
+@pytest.mark.parametrize("name", NORMS.names())
+def test_norm_eps(name):
+    x = torch.tensor([[1e-3, -1e-3, 1e-3, -1e-3]])  # tiny variance and rms: eps dominates
+    assert not torch.allclose(NORMS.get(name)(4, eps=1.0)(x), NORMS.get(name)(4)(x))

@@ -113,3 +113,56 @@ def test_bad_options_name_the_field():
         build_positional("rope", D, H, 64, True, {"base": -1})
     with pytest.raises(ConfigError, match="unknown key"):
         build_positional("alibi", D, H, 64, True, {"slope": 1})
+
+
+def test_rope_half_layout_is_interleaved_on_permuted_dims():
+    inter = build_positional("rope", D, H, 128, True)
+    half = build_positional("rope", D, H, 128, True, {"layout": "half"})
+    hd = D // H
+    perm = torch.cat([torch.arange(0, hd, 2), torch.arange(1, hd, 2)])  # interleaved dim -> its half-layout slot
+    q, p = torch.randn(2, H, 5, hd), _pos(5, offset=7)
+    assert torch.allclose(half.rotate_queries(q[..., perm], p), inter.rotate_queries(q, p)[..., perm], atol=1e-6)
+
+
+def test_rope_linear_scaling_is_position_interpolation():
+    plain = build_positional("rope", D, H, 128, True)
+    linear = build_positional("rope", D, H, 128, True, {"scaling": "linear", "factor": 4.0})
+    q = torch.randn(1, H, 3, D // H)
+    far = torch.tensor([[40, 44, 48]])
+    assert torch.allclose(linear.rotate_queries(q, far), plain.rotate_queries(q, far // 4), atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling, opts", [
+    ("linear", {"factor": 4.0}),
+    ("llama3", {"factor": 8.0, "original_max_len": 32}),
+    ("yarn", {"factor": 4.0, "original_max_len": 32}),
+])
+def test_rope_scalings_only_slow_frequencies_down(scaling, opts):
+    plain = build_positional("rope", D, H, 128, True).inv_freq
+    scaled = build_positional("rope", D, H, 128, True, {"scaling": scaling, **opts}).inv_freq
+    factor = opts["factor"]
+    assert torch.all(scaled <= plain * (1 + 1e-6)) and torch.all(scaled >= plain / factor * (1 - 1e-6))
+    assert torch.allclose(scaled[-1], plain[-1] / factor)  # the slowest frequency is interpolated by every scaling
+    if scaling != "linear":
+        assert torch.equal(scaled[0], plain[0])  # the fastest one is kept
+
+
+def test_rope_dynamic_grows_the_base_only_past_original_len():
+    dyn = build_positional("rope", D, H, 16, True, {"scaling": "dynamic", "factor": 2.0})
+    plain = build_positional("rope", D, H, 16, True)
+    q = torch.randn(1, H, 4, D // H)
+    short, long = _pos(4, 1, 10), _pos(4, 1, 60)
+    assert torch.equal(dyn.rotate_queries(q, short), plain.rotate_queries(q, short))
+    assert not torch.allclose(dyn.rotate_queries(q, long), plain.rotate_queries(q, long), atol=1e-3)
+
+
+def test_rope_yarn_scales_cos_and_sin():
+    yarn = build_positional("rope", D, H, 128, True, {"scaling": "yarn", "factor": 4.0, "original_max_len": 32})
+    q = torch.randn(1, H, 1, D // H)
+    assert torch.allclose(yarn.rotate_queries(q, _pos(1, 1, 0)), q * (0.1 * math.log(4.0) + 1))  # angle 0
+
+
+def test_rope_llama3_bands_must_be_ordered():
+    with pytest.raises(ConfigError, match="high_freq_factor"):
+        build_positional("rope", D, H, 128, True, {"scaling": "llama3", "low_freq_factor": 4.0,
+                                                    "high_freq_factor": 2.0})

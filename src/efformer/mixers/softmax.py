@@ -158,6 +158,9 @@ class SoftmaxOptions(MixerOptions):
         "than SDPA up to 64K keys: benchmarks/split_kv_decode.py)",
     )
 
+    out_bias: bool | None = pydantic.Field(None, description="bias on the out projection (None: as qkv_bias)")
+    head_dim: int | None = pydantic.Field(None, gt=0, description="width of each head (None: d_model // n_heads)")
+
 
 class OutlierFreeOptions(SoftmaxOptions):
     """Options of exact attention, plus the outlier-free normalizers and gate (plain softmax by default)."""
@@ -216,10 +219,13 @@ class SoftmaxAttention(Mixer):
         if kv <= 0 or n_heads % kv:
             raise ConfigError(f"{self.name}.n_kv_heads", kv, f"must be positive and divide n_heads={n_heads}")
         self.n_kv_heads = kv
+        if self.opts.head_dim is not None:
+            self.head_dim = self.opts.head_dim
         hd, bias = self.head_dim, self.opts.qkv_bias
+        out_bias = bias if self.opts.out_bias is None else self.opts.out_bias
         self.q_proj = nn.Linear(d_model, n_heads * hd, bias=bias)
         self.kv_proj = nn.Linear(d_model, 2 * kv * hd, bias=bias)
-        self.out_proj = nn.Linear(n_heads * hd, d_model, bias=bias)
+        self.out_proj = nn.Linear(n_heads * hd, d_model, bias=out_bias)
         if self.opts.qk_norm:
             self.q_norm = nn.RMSNorm(hd)
             self.k_norm = nn.RMSNorm(hd)

@@ -6,12 +6,12 @@ import torch
 from torch import Tensor, nn
 
 from efformer.errors import CapabilityError, ShapeError
+from efformer.models.block import norm_factory
 from efformer.models.cache import Cache
 from efformer.models.config import ModelConfig
 from efformer.models.depth import MoDBlock, make_block
 from efformer.nn.moe import link_pregated
 from efformer.nn.positional import build_positional, segment_positions
-from efformer.registry import NORMS
 
 
 class Backbone(nn.Module):
@@ -22,17 +22,17 @@ class Backbone(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = build_positional(
-            cfg.positional, cfg.d_model, cfg.n_heads, cfg.max_len, cfg.causal, cfg.positional_options
+            cfg.positional, cfg.d_model, cfg.n_heads, cfg.max_len, cfg.causal, cfg.positional_options, cfg.head_dim
         )
         self.blocks = nn.ModuleList(make_block(cfg, i, name, opts) for i, (name, opts) in enumerate(cfg.layer_mixers()))
         for blk in self.blocks:
             if hasattr(blk, "bind_positional"):  # Mixture-of-Depths rebuilds the context of its chosen tokens
                 blk.bind_positional(self.pos)
         link_pregated([blk.ffn for blk in self.blocks])  # pre-gated MoE: each layer routes the next
-        norm = NORMS.get(cfg.norm)
+        norm = norm_factory(cfg)
         # post-LN and DeepNorm end every block with a norm already; Peri-LN also normalises embeddings
         self.final_norm = nn.Identity() if cfg.norm_placement in ("post", "deepnorm") else norm(cfg.d_model)
-        self.embed_norm = norm(cfg.d_model) if cfg.norm_placement == "peri" else nn.Identity()
+        self.embed_norm = norm(cfg.d_model) if cfg.norm_placement == "peri" or cfg.embed_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.exit_hidden: dict[int, Tensor] = {}
         self.apply(_init_weights)

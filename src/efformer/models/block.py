@@ -5,6 +5,8 @@ Architecture") and DeepNorm ("DeepNet: Scaling Transformers to 1,000 Layers").""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -12,6 +14,12 @@ from efformer.mixers.base import Mixer, MixerState
 from efformer.models.config import ModelConfig
 from efformer.nn.positional import PositionalContext
 from efformer.registry import FFNS, MIXERS, NORMS
+
+
+def norm_factory(cfg: ModelConfig):
+    """The config's norm class, given ``cfg.norm_eps`` when it is set: width -> module."""
+    norm = NORMS.get(cfg.norm)
+    return norm if cfg.norm_eps is None else functools.partial(norm, eps=cfg.norm_eps)
 
 
 def deepnorm_constants(n_layers: int) -> tuple[float, float]:
@@ -34,7 +42,7 @@ class Block(nn.Module):
             max_len=cfg.max_len,
         )
         self.ffn = build_ffn(cfg)
-        norm = NORMS.get(cfg.norm)
+        norm = norm_factory(cfg)
         self.norm1, self.norm2 = norm(cfg.d_model), norm(cfg.d_model)
         if self.placement in ("peri", "sandwich"):
             self.out_norm1, self.out_norm2 = norm(cfg.d_model), norm(cfg.d_model)
@@ -73,9 +81,10 @@ class Block(nn.Module):
 def build_ffn(cfg: ModelConfig) -> nn.Module:
     """The config's FFN; one with options (MoE) gets ``ffn_options`` and whether the model is causal."""
     cls = FFNS.get(cfg.ffn)
+    extra = {} if cfg.ffn_bias is None else {"bias": cfg.ffn_bias}  # checked at config time: cls takes it
     if cls.Options.model_fields:
-        return cls(cfg.d_model, cfg.ffn_mult, cfg.dropout, options=cfg.ffn_options, causal=cfg.causal)
-    return cls(cfg.d_model, cfg.ffn_mult, cfg.dropout)
+        return cls(cfg.d_model, cfg.ffn_mult, cfg.dropout, options=cfg.ffn_options, causal=cfg.causal, **extra)
+    return cls(cfg.d_model, cfg.ffn_mult, cfg.dropout, **extra)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Annotated, Any, Literal
 
@@ -67,6 +68,11 @@ class ModelConfig(StrictModel):
     # with weight exit_loss_weight each. None: no exits.
     exit_layers: list[StrictInt] | None = None
     exit_loss_weight: float = pydantic.Field(1.0, ge=0)
+    # Settings imported models need (None / False: each part's own default).
+    norm_eps: float | None = pydantic.Field(None, gt=0)  # epsilon of every norm
+    ffn_bias: bool | None = None  # biases in the FFN (MLPs have them by default, GLUs not)
+    head_dim: StrictInt | None = pydantic.Field(None, gt=0)  # per-head width of mixers and rotary (d_model // n_heads)
+    embed_norm: bool = False  # normalise the embeddings before the first block (BERT; Peri-LN always does)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -113,11 +119,12 @@ class ModelConfig(StrictModel):
     def layer_mixers(self) -> list[tuple[str, dict[str, Any]]]:
         """(mixer name, options) for each layer."""
         opts = self.mixer_options
+        extra = {} if self.head_dim is None else {"head_dim": self.head_dim}
         if isinstance(self.mixer, str):
-            return [(self.mixer, dict(opts))] * self.n_layers  # type: ignore[arg-type]
+            return [(self.mixer, {**opts, **extra})] * self.n_layers  # type: ignore[dict-item]
         if isinstance(opts, list):
-            return [(m, dict(o)) for m, o in zip(self.mixer, opts, strict=True)]
-        return [(m, dict(opts.get(m, {}))) for m in self.mixer]
+            return [(m, {**o, **extra}) for m, o in zip(self.mixer, opts, strict=True)]
+        return [(m, {**opts.get(m, {}), **extra}) for m in self.mixer]
 
     def layer_mod_capacity(self, layer: int) -> float | None:
         """Mixture-of-Depths capacity of layer ``layer``, or None for a plain block."""
@@ -175,6 +182,15 @@ def check_parts(cfg: ModelConfig) -> None:
             raise ConfigError("ffn_options.layer_widths", widths, f"one width per layer (n_layers={cfg.n_layers})")
         with torch.device("meta"):  # its own checks (e.g. routing vs causal), allocating nothing
             ffn_cls(cfg.d_model, cfg.ffn_mult, cfg.dropout, options=ffn_opts, causal=cfg.causal)
+    for field, value, part, kw in (("norm_eps", cfg.norm_eps, NORMS.get(cfg.norm), "eps"),
+                                   ("ffn_bias", cfg.ffn_bias, FFNS.get(cfg.ffn), "bias")):
+        if value is not None and kw not in inspect.signature(part).parameters:
+            raise ConfigError(field, value, f"{part.__name__} takes no {kw!r}; leave {field} unset (None) for it")
+    if cfg.head_dim is not None:
+        for name, _ in cfg.layer_mixers():
+            if "head_dim" not in MIXERS.get(name).Options.model_fields:
+                raise ConfigError("head_dim", cfg.head_dim, f"mixer {name!r} has no head_dim option; leave head_dim "
+                                  "unset (None: d_model // n_heads)")
     per_layer = isinstance(cfg.mixer, list)
     checked: set[str] = set()
     for i, (name, opts) in enumerate(cfg.layer_mixers()):

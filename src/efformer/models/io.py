@@ -70,29 +70,47 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     cfg = _check_model(model)
     out = _check_save_target(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sections = {k: getattr(model, k) for k in CONFIG_SECTIONS if getattr(model, k, None)}
+    return publish_folder(out, lambda tmp: _write_folder(tmp, cfg, tensors, sections), "save")
+
+
+def publish_folder(out: Path, write: Callable[[Path], None], verb: str) -> Path:
+    """Run ``write(tmp)`` on a fresh hidden sibling of ``out``, then swap it into place (see the module
+    docstring); any failure leaves ``out`` as it was and removes the temporary folder."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"cannot create the folder {out.parent} ({e.strerror}); save to a writable folder") \
+        raise CheckpointError(f"cannot create the folder {out.parent} ({e.strerror}); {verb} to a writable folder") \
             from None
     with _locked(out.parent):
         had_old, tmp = out.is_dir(), None
         try:
-            if had_old:  # a complete model is in place, so leftovers of killed saves are garbage now
+            if had_old:  # a complete folder is in place, so leftovers of killed writes are garbage now
                 _remove_leftovers(out)
             tmp = _make_temp_dir(out)
-            _write_folder(tmp, cfg, tensors, {k: getattr(model, k) for k in CONFIG_SECTIONS if getattr(model, k, None)})
+            write(tmp)
             _install(tmp, out)
         except BaseException as e:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError | SafetensorError) and not isinstance(e, EfformerError):
                 kept = f"the model already at {out} is unchanged" if had_old else "nothing was written"
-                raise CheckpointError(f"could not save to {out} ({e}); {kept}") from None
+                raise CheckpointError(f"could not {verb} to {out} ({e}); {kept}") from None
             raise
         _remove_leftovers(out)
         fsync_dir(out.parent)
     return out
+
+
+def save_pretrained(self: nn.Module, directory: str | os.PathLike) -> Path:
+    """``efformer.save(model, directory)`` in Hugging Face's spelling; ``efformer.from_pretrained`` reads it back."""
+    return save(self, directory)
+
+
+# Every model class gets the method here, beside ``save``: the class modules cannot import this one,
+# which imports them (through the factory).
+for _cls in MODEL_CLASSES.values():
+    _cls.save_pretrained = save_pretrained
 
 
 def _check_model(model: object) -> ModelConfig:

@@ -4,6 +4,8 @@ Transformers for Language Modeling") and the GLU family from "GLU Variants Impro
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -19,20 +21,22 @@ def _relu2(x: Tensor) -> Tensor:
     return F.relu(x).square()
 
 
-_ACTS = {"gelu": F.gelu, "relu": F.relu, "relu2": _relu2, "silu": F.silu}
+# gelu_tanh: the tanh approximation of GELU, GPT-2's "gelu_new"
+_ACTS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu, "relu2": _relu2,
+         "silu": F.silu}
 
 
 class MLP(nn.Module):
-    """Two-layer MLP: (b, n, d) -> (b, n, d) with hidden width ``mult * d``."""
+    """Two-layer MLP: (b, n, d) -> (b, n, d) with hidden width ``mult * d``; biased unless ``bias=False``."""
 
     Options = FFNOptions
     activation = "gelu"
 
-    def __init__(self, d_model: int, mult: float = 4.0, dropout: float = 0.0):
+    def __init__(self, d_model: int, mult: float = 4.0, dropout: float = 0.0, bias: bool = True):
         super().__init__()
         hidden = max(1, round(mult * d_model))
-        self.up = nn.Linear(d_model, hidden)
-        self.down = nn.Linear(hidden, d_model)
+        self.up = nn.Linear(d_model, hidden, bias=bias)
+        self.down = nn.Linear(hidden, d_model, bias=bias)
         self.drop = nn.Dropout(dropout)
         self.act = _ACTS[self.activation]
 
@@ -42,16 +46,17 @@ class MLP(nn.Module):
 
 
 class GLU(nn.Module):
-    """Gated linear unit FFN: down(act(gate(x)) * up(x)); hidden = 2/3 * mult * d keeps MLP's params."""
+    """Gated linear unit FFN: down(act(gate(x)) * up(x)); hidden = 2/3 * mult * d keeps MLP's params;
+    unbiased unless ``bias=True``."""
 
     Options = FFNOptions
     activation = "silu"
 
-    def __init__(self, d_model: int, mult: float = 4.0, dropout: float = 0.0):
+    def __init__(self, d_model: int, mult: float = 4.0, dropout: float = 0.0, bias: bool = False):
         super().__init__()
         hidden = max(1, round(2 * mult * d_model / 3))
-        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=bias)
+        self.down = nn.Linear(hidden, d_model, bias=bias)
         self.drop = nn.Dropout(dropout)
         self.act = _ACTS[self.activation]
 
@@ -67,6 +72,7 @@ def _variant(base: type, act: str, doc: str) -> type:
 
 for _name, _base, _act in [
     ("gelu", MLP, "gelu"),
+    ("gelu_tanh", MLP, "gelu_tanh"),
     ("relu", MLP, "relu"),
     ("relu2", MLP, "relu2"),
     ("swiglu", GLU, "silu"),

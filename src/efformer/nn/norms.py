@@ -22,8 +22,8 @@ class LayerNorm(nn.LayerNorm):
 
     Options = NormOptions
 
-    def __init__(self, d_model: int):
-        super().__init__(d_model)
+    def __init__(self, d_model: int, eps: float = 1e-5):
+        super().__init__(d_model, eps=eps)
 
 
 @NORMS.register("rmsnorm")
@@ -32,5 +32,5 @@ class RMSNorm(nn.RMSNorm):
 
     Options = NormOptions
 
-    def __init__(self, d_model: int):
-        super().__init__(d_model, eps=1e-6)
+    def __init__(self, d_model: int, eps: float = 1e-6):
+        super().__init__(d_model, eps=eps)

@@ -38,6 +38,7 @@ class Rotation:
     q_sin: Tensor
     k_cos: Tensor
     k_sin: Tensor
+    layout: str = "interleaved"  # which dims pair up; see RopeOptions.layout
 
     def queries(self, q: Tensor) -> Tensor:
         """q (b, h, n, d) rotated (and scaled, for xPos)."""
@@ -49,9 +50,13 @@ class Rotation:
 
     def _apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         r = self.rot_dim
-        x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+        if self.layout == "half":  # dim i pairs with dim i + r/2 (Hugging Face's rotate_half)
+            x1, x2 = x[..., : r // 2], x[..., r // 2 : r]
+            out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        else:
+            x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
+            out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
         return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
 
 
@@ -110,15 +115,17 @@ def segment_positions(segments: Tensor) -> Tensor:
 
 
 class PositionalScheme(nn.Module):
-    """Base class; built with ``(d_model, n_heads, max_len, causal, options)``."""
+    """Base class; built with ``(d_model, n_heads, max_len, causal, options)`` (``head_dim``: d_model // n_heads
+    unless given)."""
 
     kind: ClassVar[Kind]
     Options: ClassVar[type[StrictModel]] = StrictModel
 
-    def __init__(self, d_model: int, n_heads: int, max_len: int, causal: bool, options=None):
+    def __init__(self, d_model: int, n_heads: int, max_len: int, causal: bool, options=None, *,
+                 head_dim: int | None = None):
         super().__init__()
         self.opts = validate_options(self.Options, options, f"positional_options[{self.name}]")
-        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, head_dim or d_model // n_heads
         self.max_len, self.causal = max_len, causal
 
     def context(self, positions: Tensor, dtype: torch.dtype) -> PositionalContext:
@@ -170,10 +177,88 @@ class Learned(PositionalScheme):
 
 
 class RopeOptions(StrictModel):
-    """RoPE options."""
+    """RoPE options, with the context-extension scalings of "Extending Context Window of Large Language
+    Models via Positional Interpolation" (linear), NTK-aware "dynamic" scaling, Llama 3's band-wise
+    scaling, and "YaRN: Efficient Context Window Extension of Large Language Models"."""
 
     base: float = pydantic.Field(10000.0, gt=1, description="theta base of the rotary frequencies")
     rotary_fraction: float = pydantic.Field(1.0, gt=0, le=1, description="partial rotary: rotate this share of dims")
+    layout: Literal["interleaved", "half"] = pydantic.Field(
+        "interleaved", description="dims rotated together: (2i, 2i+1) as in RoFormer, or (i, i + d/2) as in "
+        "Hugging Face's Llama/Mistral/Qwen2 (rotate_half)")
+    scaling: Literal["none", "linear", "dynamic", "llama3", "yarn"] = pydantic.Field(
+        "none", description="context extension: linear divides every frequency by factor; dynamic raises the base "
+        "once positions pass original_max_len; llama3 divides low frequencies only; yarn blends the two per band")
+    factor: float = pydantic.Field(1.0, ge=1, description="context extension factor of the scaling")
+    original_max_len: int | None = pydantic.Field(
+        None, gt=0, description="pre-training context length the scaling extends (None: the model's max_len)")
+    low_freq_factor: float = pydantic.Field(
+        1.0, gt=0, description="llama3: wavelengths above original_max_len / low_freq_factor are divided by factor")
+    high_freq_factor: float = pydantic.Field(
+        4.0, gt=0, description="llama3: wavelengths below original_max_len / high_freq_factor are kept")
+    beta_fast: float = pydantic.Field(32.0, gt=0, description="yarn: rotations above which dims extrapolate")
+    beta_slow: float = pydantic.Field(1.0, gt=0, description="yarn: rotations below which dims interpolate")
+    truncate: bool = pydantic.Field(True, description="yarn: round the blended band to whole dims")
+    attention_factor: float | None = pydantic.Field(
+        None, gt=0, description="yarn: scale of cos/sin, so of q.k by its square (None: 0.1 ln(factor) + 1)")
+
+    @pydantic.model_validator(mode="after")
+    def _bands(self) -> RopeOptions:
+        if self.scaling == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"high_freq_factor={self.high_freq_factor} must exceed "
+                             f"low_freq_factor={self.low_freq_factor}")
+        return self
+
+
+def rope_frequencies(o: RopeOptions, dim: int, max_len: int, seq_len: int | None = None) -> tuple[Tensor, float]:
+    """Inverse frequencies (dim/2,) fp32 and the cos/sin scale of RoPE over ``dim`` dims.
+
+    Computed with the same fp32 operations, in the same order, as Hugging Face's rope utilities, so
+    angles ``position * inv_freq`` agree bit for bit (an ulp of inv_freq is 8e-3 rad at 128K).
+    ``seq_len`` (dynamic scaling only) is the longest position + 1 of the forward.
+    """
+    orig = o.original_max_len or max_len
+    exps = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    base: float | Tensor = o.base
+    if o.scaling == "dynamic" and seq_len is not None and seq_len > orig:
+        grown = torch.tensor(seq_len)
+        base = o.base * ((o.factor * grown / orig) - (o.factor - 1)) ** (dim / (dim - 2))
+    if o.scaling == "yarn":
+        return _yarn(o, dim, orig, exps)
+    inv = 1.0 / (base ** exps)
+    if o.scaling == "linear":
+        inv = inv / o.factor
+    elif o.scaling == "llama3":
+        low_wavelen, high_wavelen = orig / o.low_freq_factor, orig / o.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / o.factor, inv)
+        smooth = (orig / wavelen - o.low_freq_factor) / (o.high_freq_factor - o.low_freq_factor)
+        blended = (1 - smooth) * scaled / o.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv = torch.where(medium, blended, scaled)
+    return inv, 1.0
+
+
+def _yarn(o: RopeOptions, dim: int, orig: int, exps: Tensor) -> tuple[Tensor, float]:
+    """YaRN: interpolate the low-frequency band, extrapolate the high one, ramp between (by rotations)."""
+    scale = o.attention_factor
+    if scale is None:
+        scale = 0.1 * math.log(o.factor) + 1.0 if o.factor > 1 else 1.0
+
+    def band_edge(rotations: float) -> float:  # the dim whose wavelength fits ``rotations`` times in orig
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(o.base))
+
+    low, high = band_edge(o.beta_fast), band_edge(o.beta_slow)
+    if o.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a zero-width ramp would divide by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (unchanged frequency), 0: interpolate (divided by factor)
+    pos_freqs = o.base ** exps
+    inv = (1.0 / (o.factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv, scale
 
 
 @POSITIONALS.register("rope")
@@ -189,19 +274,26 @@ class Rope(PositionalScheme):
         if rot == 0:
             raise ShapeError(f"rotary_fraction={self.opts.rotary_fraction} leaves no dims to rotate")
         self.rot_dim = rot
-        inv = 1.0 / self.opts.base ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
-        self.register_buffer("inv_freq", inv.float(), persistent=False)
+        inv, self.cos_scale = rope_frequencies(self.opts, rot, self.max_len)
+        self.register_buffer("inv_freq", inv, persistent=False)
 
     def rotation(self, positions: Tensor, dtype: torch.dtype) -> Rotation:
         """The rotation for absolute positions (b, n): cos/sin tables (b, 1, n, rot/2) in ``dtype``."""
         cos, sin = self._angles(positions, dtype)
-        return Rotation(self.rot_dim, cos, sin, cos, sin)
+        return Rotation(self.rot_dim, cos, sin, cos, sin, self.opts.layout)
 
     def _angles(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         # Angles in at least fp32 (fp64 for an fp64 model); the tables are then cast to the model's dtype.
         work = torch.promote_types(dtype, torch.float32)
-        ang = positions[:, None, :, None].to(work) * self.inv_freq.to(work)
-        return ang.cos(), ang.sin()
+        inv, scale = self.inv_freq, self.cos_scale
+        if self.opts.scaling == "dynamic" and positions.numel():
+            # the base grows with the longest position of this forward (a sync, for dynamic scaling only)
+            inv, scale = rope_frequencies(self.opts, self.rot_dim, self.max_len, int(positions.max()) + 1)
+            inv = inv.to(positions.device)
+        ang = positions[:, None, :, None].to(work) * inv.to(work)
+        if scale == 1.0:
+            return ang.cos(), ang.sin()
+        return ang.cos() * scale, ang.sin() * scale
 
     def context(self, positions: Tensor, dtype: torch.dtype) -> PositionalContext:
         """Positions plus this rotation, for every layer of one forward pass."""
@@ -238,7 +330,7 @@ class XPos(Rope):
         """RoPE tables with q scaled by zeta^(n/scale_base) and k by zeta^(-m/scale_base)."""
         cos, sin = self._angles(positions, dtype)
         scale = self.zeta.to(cos.dtype) ** (positions[:, None, :, None].to(cos.dtype) / self.opts.scale_base)
-        return Rotation(self.rot_dim, cos * scale, sin * scale, cos / scale, sin / scale)
+        return Rotation(self.rot_dim, cos * scale, sin * scale, cos / scale, sin / scale, self.opts.layout)
 
 
 @POSITIONALS.register("alibi")
@@ -337,6 +429,8 @@ class Fire(PositionalScheme):
         return self.mlp((psi_rel / norm)[..., None]).permute(0, 3, 1, 2)
 
 
-def build_positional(name: str, d_model: int, n_heads: int, max_len: int, causal: bool, options=None):
-    """The positional scheme registered as ``name``."""
-    return POSITIONALS.get(name)(d_model, n_heads, max_len, causal, options)
+def build_positional(name: str, d_model: int, n_heads: int, max_len: int, causal: bool, options=None,
+                     head_dim: int | None = None):
+    """The positional scheme registered as ``name`` (``head_dim`` only when it is not d_model // n_heads)."""
+    extra = {} if head_dim is None else {"head_dim": head_dim}
+    return POSITIONALS.get(name)(d_model, n_heads, max_len, causal, options, **extra)
