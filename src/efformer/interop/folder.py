@@ -48,7 +48,8 @@ def hf_folder(path: str | os.PathLike) -> Path:
                               "model.safetensors")
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a folder; pass a local Hugging Face model folder (config.json + "
+        raise CheckpointError(f"{folder} is not a folder; pass a folder written by efformer.save (or "
+                              "save_pretrained) or a local Hugging Face model folder (config.json + "
                               "model.safetensors; efformer never downloads)")
     return folder
 

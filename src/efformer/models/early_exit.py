@@ -52,7 +52,9 @@ def classifier_exit_logits(model: nn.Module, k: int, hidden: Tensor) -> Tensor:
 def exit_loss_terms(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Summed cross-entropy of every exit head on the batch the model has just run (weighted by
     ``exit_loss_weight``); 0 for a model without exits. Same terms as the final head's loss."""
-    exits = model.cfg.exit_layers or []
+    exits = getattr(model.cfg, "exit_layers", None) or []  # image models (VisionConfig) have no exits
+    if not exits:
+        return torch.zeros((), device=next(model.parameters()).device)
     hidden = model.backbone.exit_hidden
     total = torch.zeros((), device=next(model.parameters()).device)
     for k, layer in enumerate(exits):

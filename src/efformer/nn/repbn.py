@@ -45,9 +45,9 @@ class RepBN(nn.Module):
 
     Options = NormOptions
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, eps: float = 1e-5):
         super().__init__()
-        self.bn = nn.BatchNorm1d(d_model)
+        self.bn = nn.BatchNorm1d(d_model, eps=eps)
         self.alpha = nn.Parameter(torch.ones(1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -77,14 +77,14 @@ class ProgressiveRepBN(nn.Module):
     Options = NormOptions
     default_warmup = 10_000
 
-    def __init__(self, d_model: int, warmup: int | None = None):
+    def __init__(self, d_model: int, warmup: int | None = None, eps: float = 1e-5):
         super().__init__()
         warmup = self.default_warmup if warmup is None else warmup
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup <= 0:
             raise ConfigError("prepbn.warmup", warmup, "a positive number of training steps")
         self.warmup = warmup
-        self.ln = nn.LayerNorm(d_model)
-        self.repbn = RepBN(d_model)
+        self.ln = nn.LayerNorm(d_model, eps=eps)
+        self.repbn = RepBN(d_model, eps)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # saved, so a resumed run continues
 
     @property

@@ -212,7 +212,7 @@ class Trainer:
             terms = float(count_terms(batch))
             for name, value in aux.items():
                 aux_sums[name] = aux_sums.get(name, 0.0) + float(value.detach()) * terms
-            if self.raw.cfg.exit_layers:
+            if getattr(self.raw.cfg, "exit_layers", None):  # image models (VisionConfig) have no exits
                 aux_sums["exit"] = aux_sums.get("exit", 0.0) + float(exit_total.detach())
             ((total + exit_total + (sum(aux.values()) * terms if aux else 0.0)) * scale).backward()
             if s == 0:  # the logged loss and accuracy are the full model's
