@@ -18,7 +18,7 @@ from efformer.bench.cells import Cell
 from efformer.bench.runner import sweep
 from efformer.results import ResultsStore
 
-MIXERS = ("softmax", "linear", "gla", "simple_gla", "retnet", "deltanet", "gated_deltanet", "mamba2")
+MIXERS = ("softmax", "linear", "gla", "simple_gla", "retnet", "deltanet", "gated_deltanet", "mamba2", "mamba")
 
 
 def table(rows: list[dict], n: int) -> str:

@@ -134,12 +134,12 @@ def test_chance_is_the_majority_class_of_the_data():
     assert runner.chance_accuracy(data) == pytest.approx(3 / 6)
 
 
-def test_default_quick_grid_leaves_out_slow_mixers_and_says_how_to_add_them(tmp_path, tiny_tasks, monkeypatch):
+def test_default_quick_grid_is_the_fixed_set_and_says_how_to_add_the_rest(tmp_path, tiny_tasks, monkeypatch):
     grid, left = runner.default_mixers("quick")
     seq = runner.sequence_mixers()  # every mixer but the 2-D ones, which need an image model
     assert set(seq) == {m for m in MIXERS.names() if not MIXERS.get(m).capabilities.grid}
     assert set(grid) | set(left) == set(seq) and not set(grid) & set(left)
-    assert set(left) == set(runner.QUICK_SLOW_ON_CPU) & set(seq)
+    assert set(grid) == set(runner.QUICK_GRID) and len(grid) == len(runner.QUICK_GRID)  # every name registered
     assert runner.default_mixers("paper") == (seq, [])
     monkeypatch.setattr(runner, "default_mixers", lambda preset: (["softmax"], ["mamba"]))
     store, said = ResultsStore(tmp_path / "r.db"), []

@@ -18,8 +18,8 @@ def register(sub) -> None:
     a = sub.add_parser("arena", help="Long Range Arena grid: mixers x tasks x seeds, then the leaderboard")
     a.add_argument("--preset", default="quick", choices=["quick", "paper"])
     a.add_argument("--mixers", nargs="+", default=None,
-                   help="'all', or names; default: every registered mixer, except that the quick grid leaves out "
-                        "the ones slow on CPU (it prints which)")
+                   help="'all', or names; default: every sequence mixer under paper, a fixed set of 24 under quick "
+                        "(efformer.arena.runner.QUICK_GRID; it prints what it leaves out)")
     a.add_argument("--tasks", nargs="+", default=None,
                    help="default: listops (quick) or listops and pathfinder (paper), plus text/retrieval/image if "
                         "--data-dir has their files; quick pathfinder is not offered (it ended below chance); "

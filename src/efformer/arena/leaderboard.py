@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from efformer.arena.runner import NOT_OFFERED, QUICK_SLOW_ON_CPU, summary_rows
+from efformer.arena.runner import NOT_OFFERED, QUICK_GRID, sequence_mixers, summary_rows
 from efformer.arena.tasks import PAPER_TABLE1, RECALL_NAMES, TASK_NAMES, TASKS
 from efformer.results import ResultsStore
 
@@ -65,12 +65,14 @@ def _notes(preset: str, rows: list[dict[str, Any]], tasks: list[str]) -> list[st
     if budgets:
         lines.append(f"- Budget per cell: {'; '.join(budgets)} (cells here ran {', '.join(map(str, ran))} steps).")
     if preset == "quick":
-        present = sorted({r["mixer"] for r in rows} & set(QUICK_SLOW_ON_CPU))
-        lines.append(f"- The default quick grid leaves out {', '.join(QUICK_SLOW_ON_CPU)}: on CPU each of their cells "
-                     "costs 3-7x a softmax cell (see `efformer.arena.runner.QUICK_SLOW_ON_CPU`), so `make demo` fits "
-                     "in about 10 minutes on 2 cores. Run them with `efformer arena --mixers NAME ...` or "
-                     "`--mixers all`" + (f"; rows here for {', '.join(present)} come from such runs." if present
-                                         else "; none of them has been run here."))
+        others = [m for m in sequence_mixers() if m not in QUICK_GRID]
+        present = sorted({r["mixer"] for r in rows} & set(others))
+        lines.append(f"- The default quick grid runs a fixed set of {len(QUICK_GRID)} mixers (the LRA paper's and one "
+                     "or more per later family; see `efformer.arena.runner.QUICK_GRID`), so `make demo` fits in about "
+                     f"10 minutes on 2 cores; it leaves out {len(others)} others. Run them with `efformer arena "
+                     "--mixers NAME ...` or `--mixers all`"
+                     + (f"; rows here for {', '.join(present)} come from such runs." if present
+                        else "; none of them has been run here."))
     for (p, t), why in NOT_OFFERED.items():
         if p == preset:
             lines.append(f"- `{t}` is not offered under `{preset}`: {why}.")
