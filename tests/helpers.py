@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from efformer.nn.positional import PositionalContext
+from efformer.nn.positional import PositionalContext, Rope
 from efformer.registry import MIXERS
 
 
@@ -147,3 +147,18 @@ def assert_forms_agree(m, forms, x, mask=None, init=None, tol: float = 1e-5, gra
         for i, (a, b) in enumerate(zip(ref_grad, grad, strict=True)):
             if a.abs().max() > 0:
                 assert rel_err(a, b) <= grad_tol, f"{form} gradient #{i} differs at n={x.shape[1]}"
+
+
+def assert_equals_softmax_under_rope(m, n: int, extra: set[str] = frozenset(), seed: int = 3) -> None:
+    """Every form of softmax-layout mixer ``m`` == softmax with the same weights, under RoPE, with and
+    without left padding (for mixers whose exact limit is softmax)."""
+    rope = Rope(m.d_model, m.n_heads, 64, m.causal)
+    sm, mr = WithPositional(softmax_twin_of(m, extra), rope), WithPositional(m, rope)
+    x = torch.randn(2, n, m.d_model, generator=torch.Generator().manual_seed(seed))
+    keep = torch.ones(2, n, dtype=torch.bool)
+    keep[1, :4] = False
+    for mask in (None, keep):
+        want, _ = sm(x, mask=mask)
+        for form in ("reference", "fast"):
+            got, _ = with_form(mr, form)(x, mask=mask)
+            assert rel_err(want, got) < 1e-5, (form, mask is not None)

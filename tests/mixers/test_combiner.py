@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from efformer.errors import ConfigError
-from efformer.nn.positional import Rope
 from efformer.registry import MIXERS
-from tests.helpers import WithPositional, make_mixer, rel_err, softmax_twin_of, with_form
+from tests.helpers import assert_equals_softmax_under_rope, make_mixer, rel_err, softmax_twin_of, with_form
 from tests.mixers.test_local import assert_no_dense_matrix
 
 DIRECTIONS = pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
@@ -80,16 +79,7 @@ def test_full_covering_partition_is_softmax(name, options, causal):
     m = make_mixer(name, causal, **options)
     with torch.no_grad():
         m.region_query.normal_()  # no region exists, so it must not matter
-    rope = Rope(m.d_model, m.n_heads, 64, causal)
-    sm, mr = WithPositional(softmax_twin_of(m, {"region_query"}), rope), WithPositional(m, rope)
-    x = torch.randn(2, n, m.d_model, generator=torch.Generator().manual_seed(3))
-    keep = torch.ones(2, n, dtype=torch.bool)
-    keep[1, :4] = False
-    for mask in (None, keep):
-        want, _ = sm(x, mask=mask)
-        for form in ("reference", "fast"):
-            got, _ = with_form(mr, form)(x, mask=mask)
-            assert rel_err(want, got) < 1e-5, (form, mask is not None)
+    assert_equals_softmax_under_rope(m, n, {"region_query"}, seed=3)
 
 
 @DIRECTIONS

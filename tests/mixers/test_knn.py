@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from efformer.errors import ConfigError
-from efformer.nn.positional import Rope
 from efformer.registry import MIXERS
-from tests.helpers import WithPositional, make_mixer, rel_err, softmax_twin_of, with_form
+from tests.helpers import assert_equals_softmax_under_rope, make_mixer, rel_err, softmax_twin_of, with_form
 from tests.mixers.test_local import assert_no_dense_matrix
 
 DIRECTIONS = pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
@@ -25,16 +24,7 @@ def _ice(causal, **options):
 def test_k_equal_to_n_with_a_covering_probe_is_softmax(causal, block, metric):
     n = 11
     m = _ice(causal, top_k=n, probe=32, index_block=block, metric=metric)
-    rope = Rope(m.d_model, m.n_heads, 64, causal)
-    sm, mr = WithPositional(softmax_twin_of(m), rope), WithPositional(m, rope)
-    x = torch.randn(2, n, m.d_model, generator=torch.Generator().manual_seed(4))
-    keep = torch.ones(2, n, dtype=torch.bool)
-    keep[1, :4] = False
-    for mask in (None, keep):
-        want, _ = sm(x, mask=mask)
-        for form in ("reference", "fast"):
-            got, _ = with_form(mr, form)(x, mask=mask)
-            assert rel_err(want, got) < 1e-5, (form, mask is not None)
+    assert_equals_softmax_under_rope(m, n, seed=4)
 
 
 def _mean_error(n: int, seeds: int = 4, causal: bool = False, **options) -> float:
