@@ -48,6 +48,8 @@ def configs() -> list[tuple[str, object]]:
             rows.append((f"GPTQ int{bits} {gname}", GPTQConfig(bits=bits, group_size=g, act_order=True)))
     rows += [("W8A8 naive", W8A8Config()), ("W8A8 SmoothQuant a=0.5", W8A8Config(smoothing="smoothquant")),
              ("W8A8 OS+", W8A8Config(smoothing="osplus")),
+             ("W8A8 + log2 attention probs 4-bit", W8A8Config(prob_bits=4)),
+             ("float weights, log2 attention probs 4-bit", W8A8Config(prob_bits=4, quantize=False)),
              ("FP8 E4M3 per-channel", FloatConfig(format="fp8_e4m3")),
              ("FP8 E5M2 per-channel", FloatConfig(format="fp8_e5m2")),
              ("FP4 E2M1 MX (pow2 / 32)", FloatConfig(format="fp4_e2m1", scaling="mx")),

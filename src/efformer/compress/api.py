@@ -23,6 +23,7 @@ from efformer.compress import gptq as gptq_mod
 from efformer.compress import smooth
 from efformer.compress.calibration import HessianObserver, observe
 from efformer.compress.formats import FLOAT_FORMATS, float_fake_quant
+from efformer.compress.probs import install_prob_quantizers
 from efformer.compress.qlinear import IntWeightLinear, W8A8Linear
 from efformer.compress.rtn import rtn_quantize, weight_format
 from efformer.errors import ConfigError, ShapeError, UnknownNameError
@@ -75,6 +76,9 @@ class W8A8Config(_Config):
         "none", description="outlier migration before quantizing: none, SmoothQuant or OS+")
     alpha: float = pydantic.Field(0.5, ge=0, le=1, description="SmoothQuant migration strength")
     quantize: bool = pydantic.Field(True, description="False: only apply the (exact) smoothing transform")
+    prob_bits: int | None = pydantic.Field(
+        None, ge=2, le=8, description="log2-quantize post-softmax attention probabilities to this many bits "
+        "(FQ-ViT); None keeps them in float")
 
 
 class FloatConfig(_Config):
@@ -218,7 +222,10 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: Tensor | None =
     if getattr(model, "quantization", None):
         raise ConfigError("model", "already quantized", "quantize a float model (load the original again)")
     _check(config, _targets(model, filter), calibration)
+    prob_bits = getattr(config, "prob_bits", None)
     work = copy.deepcopy(model)
+    if prob_bits is not None:
+        install_prob_quantizers(work, prob_bits)  # refuses a model without softmax attention
     targets = _targets(work, filter)
     progress = progress or (lambda *a: None)
     with torch.no_grad():

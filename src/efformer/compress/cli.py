@@ -27,6 +27,8 @@ def register(sub) -> None:
     q.add_argument("--static-groups", action="store_true", help="GPTQ: group grids from the original weights")
     q.add_argument("--smoothing", default="none", help="w8a8: none, smoothquant or osplus")
     q.add_argument("--alpha", type=float, default=0.5, help="w8a8 smoothquant: migration strength")
+    q.add_argument("--prob-bits", type=int, default=None,
+                   help="w8a8: log2-quantize softmax attention probabilities to this many bits (FQ-ViT)")
     q.add_argument("--format", default="fp8_e4m3", help="float: fp8_e4m3, fp8_e5m2 or fp4_e2m1")
     q.add_argument("--scaling", default="channel", help="float: tensor, channel, mx or nv")
     q.add_argument("--calib", nargs="+", default=None, help="UTF-8 text files for calibration (gptq, smoothing)")
@@ -52,7 +54,7 @@ def _method_config(args):
     if args.method not in METHODS:
         raise ConfigError("--method", args.method, f"one of {', '.join(METHODS)}")
     opts = {"rtn": dict(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric),
-            "w8a8": dict(smoothing=args.smoothing, alpha=args.alpha),
+            "w8a8": dict(smoothing=args.smoothing, alpha=args.alpha, prob_bits=args.prob_bits),
             "float": dict(format=args.format, scaling=args.scaling)}
     opts["gptq"] = {**opts["rtn"], "act_order": args.act_order, "static_groups": args.static_groups}
     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from efformer.compress.probs import install_prob_quantizers
 from efformer.compress.qlinear import build_module
 from efformer.errors import CheckpointError
 from efformer.models.io import CONFIG_SECTIONS
@@ -45,6 +46,9 @@ def apply_quantization_section(model: nn.Module, section: object, path: Path) ->
             raise CheckpointError(f"{path}: quantization entry {name!r} is invalid ({e})") from None
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
+    prob_bits = (section.get("config") or {}).get("prob_bits")
+    if prob_bits is not None:
+        install_prob_quantizers(model, prob_bits)
     model.quantization = section
 
 

@@ -212,6 +212,9 @@ class SoftmaxAttention(Mixer):
     )
     Options = OutlierFreeOptions
     test_options = {"n_kv_heads": 2}
+    # A callable p -> p_hat applied to the attention weights after normalisation, installed by
+    # efformer.compress (FQ-ViT's log2 quantizer of post-softmax probabilities); the explicit form then runs.
+    prob_quantizer = None
 
     def __init__(self, d_model: int, n_heads: int, **kw):
         super().__init__(d_model, n_heads, **kw)
@@ -323,12 +326,15 @@ class SoftmaxAttention(Mixer):
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
         p = self._normalize(scores)
+        if self.prob_quantizer is not None:
+            p = self.prob_quantizer(p)
         p = F.dropout(p, self.dropout, self.training)
         return self._finish(p @ v, x), state
 
     def forward_fast(self, x, *, mask, state, pos):
         """``scaled_dot_product_attention``: FlashAttention on GPUs, a fused kernel on CPUs."""
-        if self.normalizer == "clipped":  # no fused kernel clips weights: the explicit form is the fast one
+        if self.normalizer == "clipped" or self.prob_quantizer is not None:  # no fused kernel clips or
+            # quantizes the weights: the explicit form is the fast one
             return self.forward_reference(x, mask=mask, state=state, pos=pos)
         q, k, v, allowed, bias, plain_causal = self._project(x, mask, state, pos)
         if self.normalizer == "softmax1":
