@@ -116,6 +116,7 @@ class StreamingKVState(MixerState):
     wkeep: Tensor
     sinks: int
     window: int
+    sinks_full: bool = False  # every row's sink slots hold tokens: new unpadded tokens all enter the window
     stands_in_for: ClassVar[type] = KVState
     in_cache_positions: ClassVar[bool] = True  # softmax attends through :meth:`extend`
 
@@ -152,12 +153,17 @@ class StreamingKVState(MixerState):
         keys, values = torch.cat([self.sk, wk, k], 2), torch.cat([self.sv, wv, v], 2)
         kept = torch.cat([self.skeep, wkeep, m], 1)
         positions = (kept.long().cumsum(1) - 1).clamp(min=0)
+        width = min(self.window, wk.shape[2] + n)
+        if keep is None and self.sinks_full:  # the decode fast path: append to the right-aligned window
+            self.wk, self.wv, self.wkeep = (torch.cat([a, b], d).narrow(d, a.shape[d] + n - width, width)
+                                            for a, b, d in ((wk, k, 2), (wv, v, 2), (wkeep, m, 1)))
+            return keys, values, kept, positions
         # the row's first `sinks` real tokens are its sinks; later ones enter the window
         rank = self.skeep.sum(1, keepdim=True) + m.long().cumsum(1) - 1
         to_sink = m & (rank < self.sinks)
         self.sk, self.sv, self.skeep = _compact(torch.cat([self.sk, k], 2), torch.cat([self.sv, v], 2),
                                                 torch.cat([self.skeep, to_sink], 1), self.sinks, left=True)
-        width = min(self.window, wk.shape[2] + n)
+        self.sinks_full = bool(self.skeep.all())
         self.wk, self.wv, self.wkeep = _compact(torch.cat([wk, k], 2), torch.cat([wv, v], 2),
                                                 torch.cat([wkeep, m & ~to_sink], 1), width, left=False)
         return keys, values, kept, positions
@@ -176,7 +182,8 @@ class StreamingKVState(MixerState):
         out = dataclasses.replace(
             first, sk=torch.cat([s.sk for s in states]), sv=torch.cat([s.sv for s in states]),
             skeep=torch.cat([s.skeep for s in states]), wk=torch.cat([pad(s.wk, 2) for s in states]),
-            wv=torch.cat([pad(s.wv, 2) for s in states]), wkeep=torch.cat([pad(s.wkeep, 1) for s in states]))
+            wv=torch.cat([pad(s.wv, 2) for s in states]), wkeep=torch.cat([pad(s.wkeep, 1) for s in states]),
+            sinks_full=all(s.sinks_full for s in states))
         out.seen = max(s.seen for s in states)
         return out
 
