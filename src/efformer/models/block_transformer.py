@@ -2,11 +2,13 @@
 
 From "Block Transformer: Global-to-Local Language Modeling for Fast Inference" (Ho et al., 2024).
 Tokens are grouped into blocks of ``block_len`` (L). An embedder turns each block's L token
-embeddings into one block embedding (concatenation, then a linear map: the paper's lookup
-embedder). The *block decoder* (lower layers; any efformer mixer) runs causally over the block
+embeddings into one block embedding (concatenation, then a linear map L d -> d; the paper's lookup
+embedder concatenates d/L-wide embeddings, here the table is shared with the token decoder, hence the
+map). The *block decoder* (lower layers; any efformer mixer) runs causally over the block
 sequence [BOS, E_0, E_1, ...], so its output at index i, the context embedding of block i, has seen
 blocks 0..i-1 only. The *token decoder* (upper layers) runs independently per block on the local
-sequence [prefix(ctx_i), x_{iL}, ..., x_{iL+L-2}] and predicts x_{iL}, ..., x_{iL+L-1}; it never
+sequence [prefix(ctx_i), x_{iL}, ..., x_{iL+L-2}] (one prefix vector, a linear map of the context
+embedding; the paper also tries several) and predicts x_{iL}, ..., x_{iL+L-1}; it never
 attends beyond its block, so its KV cache stays at most L entries, and the block decoder runs once
 per L generated tokens: that is where the decode speed comes from.
 
