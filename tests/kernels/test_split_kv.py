@@ -3,11 +3,17 @@ masks and biases; and a softmax mixer decoding through it == full recomputation.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from efformer.errors import ConfigError, ShapeError
+from efformer.errors import CapabilityError, ConfigError, ShapeError
 from efformer.kernels.split_kv import split_kv_attention
 from tests.helpers import make_mixer
 
@@ -70,3 +76,61 @@ def test_softmax_decode_through_split_kv_equals_full_forward():
     finally:
         sm.SPLIT_KV_CHUNK = old
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-6)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A fresh interpreter: TRITON_INTERPRET must be set before triton decorates the kernels.
+_INTERPRETED = textwrap.dedent(
+    """
+    import torch
+    from efformer.kernels.split_kv import split_kv_attention
+
+    torch.manual_seed(0)
+    # odd chunk counts (1, 3, 4, 8 chunks; last chunks partly filled), GQA groups 1/2/4, 1 and 3 queries;
+    # bool masks and biases, with a chunk holding no allowed key
+    for t, chunk, group, n in [(1, 4, 1, 1), (7, 3, 4, 1), (97, 32, 2, 3), (50, 7, 4, 3)]:
+        q, k, v = torch.randn(2, 4, n, 16), torch.randn(2, 4 // group, t, 16), torch.randn(2, 4 // group, t, 16)
+        masks = [None]
+        if n == 3:
+            keep = torch.rand(2, 1, n, t) > 0.5
+            keep[..., -1] = True
+            keep[..., : min(chunk, t - 1)] = False  # a chunk with no allowed key contributes nothing
+            masks += [keep, torch.randn(2, 4, n, t).masked_fill(~keep, float("-inf"))]
+        for mask in masks:
+            want = split_kv_attention(q, k, v, mask, chunk_size=chunk, backend="torch")
+            got = split_kv_attention(q, k, v, mask, chunk_size=chunk, backend="triton")
+            err = float((got - want).abs().max())
+            assert err < 2e-6, (t, chunk, group, n, mask is None, err)
+    print("ok")
+    """
+)
+
+
+def test_triton_split_kv_interpreted_matches_torch():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    r = subprocess.run([sys.executable, "-c", _INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_auto_picks_torch_on_cpu_and_triton_refuses_what_it_cannot_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8)
+    torch.testing.assert_close(split_kv_attention(q, k, k, chunk_size=2),
+                               split_kv_attention(q, k, k, chunk_size=2, backend="torch"))
+    with pytest.raises(CapabilityError, match="TRITON_INTERPRET"):
+        split_kv_attention(q, k, k, backend="triton")
+    with pytest.raises(ConfigError, match="backend"):
+        split_kv_attention(q, k, k, backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton kernel needs a CUDA GPU")
+@pytest.mark.parametrize("t", [1, 1000, 65536])
+def test_triton_split_kv_on_cuda_matches_sdpa(t):
+    q, k, v = torch.randn(2, 8, 1, 64, device="cuda"), torch.randn(2, 2, t, 64, device="cuda"), \
+        torch.randn(2, 2, t, 64, device="cuda")
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(split_kv_attention(q, k, v, chunk_size=1024, backend="triton"), want,
+                               rtol=1e-4, atol=1e-5)

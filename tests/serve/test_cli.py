@@ -32,6 +32,9 @@ def model_dir(tmp_path_factory):
 @pytest.mark.parametrize(("args", "needle"), [
     (["--port", "70000"], "--port"),
     (["--drain", "-1"], "--drain"),
+    (["--kv-window", "0"], "window"),
+    (["--kv-window", "8", "--kv-int8"], "int8"),
+    (["--kv-window", "8", "--kv-sinks", "-1"], "sinks"),
 ])
 def test_bad_arguments_exit_2(model_dir, capsys, args, needle):
     assert main(["serve", str(model_dir), *args]) == 2
@@ -51,7 +54,8 @@ def test_serve_subprocess_answers_and_stops(model_dir):
     src = str(Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "efformer.cli", "serve", str(model_dir), "--port", str(port),
-                             "--drain", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--drain", "1", "--kv-window", "16"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     try:
         ok = False
         for _ in range(300):  # bounded: up to ~30 s for the interpreter and torch to start

@@ -242,11 +242,16 @@ class SoftmaxAttention(Mixer):
     # ---- shared parts of both forms -------------------------------------------------------
     def _qkv(self, x: Tensor, pos: PositionalContext) -> tuple[Tensor, Tensor, Tensor]:
         """q (b, h, n, d) and k, v (b, kv, n, d) of the new tokens: projected, QK-normed, rotated."""
+        q, k, v = self._qkv_unrotated(x)
+        return pos.rotate_queries(q), pos.rotate_keys(k), v
+
+    def _qkv_unrotated(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (b, h, n, d) and k, v (b, kv, n, d): projected and QK-normed, not yet rotated."""
         q = self.split_heads(self.q_proj(x))
         k, v = self.split_heads(self.kv_proj(x), 2 * self.n_kv_heads).chunk(2, dim=1)
         if self.opts.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return pos.rotate_queries(q), pos.rotate_keys(k), v
+        return q, k, v
 
     def qkv_heads(self, x: Tensor, pos: PositionalContext) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (b, h, n, d) of the new tokens, key/value heads repeated for the query heads they serve (GQA)."""
@@ -264,6 +269,8 @@ class SoftmaxAttention(Mixer):
         """q (b, h, n, d); k, v (b, kv, t, d) with the cache; allowed pairs (or None); the score bias;
         whether the call is a plain causal square (no padding, no cache offset), which needs no mask."""
         b, n, _ = x.shape
+        if getattr(state, "in_cache_positions", False):
+            return self._project_streaming(x, mask, state, pos)
         positions = pos.positions
         q, k, v = self._qkv(x, pos)
         if state is not None:
@@ -288,6 +295,17 @@ class SoftmaxAttention(Mixer):
             allowed = same if allowed is None else allowed & same
         bias = pos.score_bias(positions, k_pos)
         return q, k, v, allowed, bias, plain_causal
+
+    def _project_streaming(self, x, mask, state, pos):
+        """:meth:`_project` for a sinks + window cache (kv_policies.StreamingKVState): the kept keys are
+        rotated (or biased) at their positions within the cache, the new queries at the ones after."""
+        n = x.shape[1]
+        q, k, v = self._qkv_unrotated(x)
+        k, v, kept, k_pos = state.extend(k, v, mask)
+        q_pos = k_pos[:, -n:]
+        q, k = pos.at(q_pos).rotate_queries(q), pos.at(k_pos).rotate_keys(k)
+        allowed = attention_keep(mask, kept, n, k.shape[2], self.causal, x.device)
+        return q, k, v, allowed, pos.score_bias(q_pos, k_pos), False
 
     def _finish(self, o: Tensor, x: Tensor | None = None) -> Tensor:
         # gated attention: gates (b, n, h) -> (b, h, n, 1), so a head can switch its update off

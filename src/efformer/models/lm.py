@@ -13,6 +13,7 @@ from efformer.errors import ConfigError, ShapeError
 from efformer.models.backbone import Backbone, check_tensor
 from efformer.models.cache import Cache
 from efformer.models.config import ModelConfig
+from efformer.models.kv_policy import layer_policies, policy_state
 
 
 class CausalLM(nn.Module):
@@ -45,11 +46,18 @@ class CausalLM(nn.Module):
             return h @ self.backbone.embed.weight.t()
         return self.lm_head(h)
 
-    def new_cache(self, batch: int) -> Cache:
-        """An empty decode cache for ``batch`` rows."""
+    def new_cache(self, batch: int, *, kv_policy=None) -> Cache:
+        """An empty decode cache for ``batch`` rows; ``kv_policy`` (a KVPolicy or dict, or one per layer)
+        stores softmax layers' KV as sinks + window or int8 (see :mod:`efformer.models.kv_policy`)."""
         if not _is_int(batch) or batch < 1:
             raise ConfigError("batch", batch, "an integer >= 1 (rows of the decode cache)")
-        return self.backbone.new_cache(batch)
+        cache = self.backbone.new_cache(batch)
+        if kv_policy is not None:
+            p = self.backbone.embed.weight
+            mixers = [b.mixer for b in self.backbone.blocks]
+            cache.states = [policy_state(m, pol, batch, p.device, p.dtype)
+                            for m, pol in zip(mixers, layer_policies(mixers, kv_policy), strict=True)]
+        return cache
 
     @torch.no_grad()
     def generate(
@@ -63,11 +71,13 @@ class CausalLM(nn.Module):
         stop_tokens: tuple[int, ...] | list[int] = (),
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        kv_policy=None,
     ) -> Tensor | list[list[int]]:
         """Prompt + up to ``max_new_tokens`` new tokens per row.
 
         ``prompt_ids`` is a LongTensor (b, n) or a list of token lists of different lengths (then a
         list comes back, each row cut after its first stop token). ``temperature=0`` is greedy.
+        ``kv_policy``: see :meth:`new_cache` (e.g. ``{"sinks": 4, "window": 508}`` for bounded memory).
         """
         if not _is_int(max_new_tokens) or max_new_tokens < 0:
             raise ConfigError("max_new_tokens", max_new_tokens, "an integer >= 0")
@@ -90,7 +100,9 @@ class CausalLM(nn.Module):
         was_training = self.training
         self.eval()
         use_cache = use_cache and self.backbone.can_decode
-        cache = self.new_cache(b) if use_cache else None
+        if kv_policy is not None and not use_cache:
+            raise ConfigError("kv_policy", kv_policy, "None when decoding without a cache (use_cache=False)")
+        cache = self.new_cache(b, kv_policy=kv_policy) if use_cache else None
         seq, seq_mask = ids, mask  # the full context, used when recomputing without a cache
         logits = self(ids, mask=None if bool(mask.all()) else mask, cache=cache, logits_to_keep=1)[:, -1]
         for t in range(max_new_tokens):

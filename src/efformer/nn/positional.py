@@ -77,7 +77,17 @@ class PositionalContext:
     bias: nn.Module | None = None
     segments: Tensor | None = None
     grid: tuple[int, int] | None = None
+    scheme: nn.Module | None = field(default=None, repr=False)  # the scheme that made it (for :meth:`at`)
     _bias_memo: dict = field(default_factory=dict, repr=False)
+
+    def at(self, positions: Tensor) -> PositionalContext:
+        """The same scheme at other positions (b, n): a streaming KV cache re-positions its kept keys."""
+        if self.rotation is None:
+            return PositionalContext(positions, bias=self.bias)
+        if self.scheme is None:
+            raise ShapeError("this positional context was built without its scheme, so it cannot rotate other "
+                             "positions; build it with scheme.context(positions, dtype)")
+        return self.scheme.context(positions, self.rotation.q_cos.dtype)
 
     def rotate_queries(self, q: Tensor) -> Tensor:
         """q (b, h, n, d), rotated when the model has a rotary scheme."""
@@ -297,7 +307,7 @@ class Rope(PositionalScheme):
 
     def context(self, positions: Tensor, dtype: torch.dtype) -> PositionalContext:
         """Positions plus this rotation, for every layer of one forward pass."""
-        return PositionalContext(positions, rotation=self.rotation(positions, dtype))
+        return PositionalContext(positions, rotation=self.rotation(positions, dtype), scheme=self)
 
     def rotate_queries(self, q: Tensor, positions: Tensor) -> Tensor:
         """q (b, h, n, d) rotated by positions (b, n) (a convenience; models pass a context instead)."""

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from efformer.errors import CapabilityError, EfformerError, ShapeError
 from efformer.mixers.base import Mixer, MixerState
+from efformer.mixers.kv_policies import StreamingKVState, dequantize_int8, quantize_int8
 from efformer.mixers.local import PatternKVState
 from efformer.mixers.softmax import KVState
 
@@ -60,19 +61,42 @@ class BlockPool:
 
 @dataclass
 class LayerPages:
-    """One softmax layer's share of the pool: keys/values (slots, kv_heads, d) and positions (slots,)."""
+    """One softmax layer's share of the pool: keys/values (slots, kv_heads, d) and positions (slots,);
+    int8 pages hold codes plus per-token fp32 scales ks, vs (slots, kv_heads, 1) and dequantize to ``dtype``."""
 
     k: Tensor
     v: Tensor
     pos: Tensor
+    ks: Tensor | None = None
+    vs: Tensor | None = None
+    dtype: torch.dtype = torch.float32
 
     @classmethod
-    def empty(cls, pool: BlockPool, kv_heads: int, head_dim: int, device, dtype) -> LayerPages:
-        """Storage for every block of ``pool``."""
+    def empty(cls, pool: BlockPool, kv_heads: int, head_dim: int, device, dtype, *, int8: bool = False) -> LayerPages:
+        """Storage for every block of ``pool`` (int8 codes and scales when ``int8``)."""
         slots = pool.num_blocks * pool.block_size
-        return cls(torch.zeros(slots, kv_heads, head_dim, device=device, dtype=dtype),
-                   torch.zeros(slots, kv_heads, head_dim, device=device, dtype=dtype),
-                   torch.zeros(slots, dtype=torch.long, device=device))
+        store = torch.int8 if int8 else dtype
+        scales = [torch.ones(slots, kv_heads, 1, device=device) for _ in range(2)] if int8 else [None, None]
+        return cls(torch.zeros(slots, kv_heads, head_dim, device=device, dtype=store),
+                   torch.zeros(slots, kv_heads, head_dim, device=device, dtype=store),
+                   torch.zeros(slots, dtype=torch.long, device=device), *scales, dtype=dtype)
+
+    def write(self, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store keys/values (tokens, kv_heads, d) at ``slots`` (quantized per token for int8 pages)."""
+        for store, scale, x in ((self.k, self.ks, k), (self.v, self.vs, v)):
+            if scale is None:
+                store.index_copy_(0, slots, x.to(store.dtype))
+            else:
+                codes, s = quantize_int8(x)
+                store.index_copy_(0, slots, codes)
+                scale.index_copy_(0, slots, s)
+
+    def read(self, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values at ``slots`` (any shape S) -> (*S, kv_heads, d) in the model's dtype."""
+        if self.ks is None:
+            return self.k[slots], self.v[slots]
+        return (dequantize_int8(self.k[slots], self.ks[slots], self.dtype),
+                dequantize_int8(self.v[slots], self.vs[slots], self.dtype))
 
 
 @dataclass(kw_only=True)
@@ -118,8 +142,7 @@ class PagedKVState(KVState):
                 raise CacheFullError(f"a row's block table holds {len(t) * self.block_size} tokens, not "
                                      f"{length + n}; reserve blocks for prompt + max_tokens")
         slots = self._slots(self.lengths, n).flatten()
-        self.pages.k.index_copy_(0, slots, k.transpose(1, 2).flatten(0, 1).to(self.pages.k.dtype))
-        self.pages.v.index_copy_(0, slots, v.transpose(1, 2).flatten(0, 1).to(self.pages.v.dtype))
+        self.pages.write(slots, k.transpose(1, 2).flatten(0, 1), v.transpose(1, 2).flatten(0, 1))
         self.pages.pos.index_copy_(0, slots, positions.flatten())
         self.lengths = [x + n for x in self.lengths]
         self._view = None
@@ -132,8 +155,8 @@ class PagedKVState(KVState):
             slots = self._slots([0] * len(self.tables), t)
             keep = torch.arange(t, device=slots.device)[None] < torch.tensor(self.lengths, device=slots.device)[:, None]
             slots = torch.where(keep, slots, 0)
-            self._view = (self.pages.k[slots].transpose(1, 2), self.pages.v[slots].transpose(1, 2),
-                          self.pages.pos[slots], keep)
+            k, v = self.pages.read(slots)
+            self._view = (k.transpose(1, 2), v.transpose(1, 2), self.pages.pos[slots], keep)
         return self._view
 
     @property
@@ -175,7 +198,7 @@ class PagedKVState(KVState):
 
 
 # ---- which kind of slot each layer needs ------------------------------------------------------------
-KINDS = ("paged", "window", "fixed")
+KINDS = ("paged", "window", "fixed", "streaming")
 
 
 def state_kind(mixer: Mixer) -> str:
@@ -215,6 +238,8 @@ def merge_states(kind: str, states: list[MixerState]) -> MixerState:
                                    lengths=[n for s in states for n in s.lengths], _view=None)
     if kind == "window":
         return _merge_windows(states)
+    if kind == "streaming":
+        return StreamingKVState.merge(states)
     merged = dataclasses.replace(states[0], **{
         f.name: _cat([getattr(s, f.name) for s in states]) for f in dataclasses.fields(states[0])})
     merged.seen = max(s.seen for s in states)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from efformer.errors import CapabilityError, ConfigError
 from efformer.models import CausalLM, load
+from efformer.models.kv_policy import KVPolicy
+from efformer.options import validate_options
 from efformer.serve.engine import Engine
 
 try:  # fastapi and uvicorn come with the serve extra; the rest of the command line works without them
@@ -28,6 +30,11 @@ def register(sub) -> None:
     s.add_argument("--block-size", type=int, default=16, help="tokens per paged KV block")
     s.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: max-batch full rows)")
     s.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per engine step")
+    s.add_argument("--kv-window", type=int, default=None,
+                   help="streaming KV: softmax layers keep only the last N tokens plus --kv-sinks (bounded memory)")
+    s.add_argument("--kv-sinks", type=int, default=4,
+                   help="streaming KV: first tokens never evicted (with --kv-window)")
+    s.add_argument("--kv-int8", action="store_true", help="store softmax layers' KV pages as int8 (per-token scales)")
     s.add_argument("--drain", type=float, default=10.0, help="seconds in-flight requests may finish on shutdown")
     s.set_defaults(fn=_cmd_serve)
 
@@ -41,11 +48,15 @@ def _cmd_serve(args) -> int:
         raise ConfigError("model", args.model, "a folder written by efformer.save(model, DIR)")
     if build_app is None:
         raise ConfigError("serve", "fastapi/uvicorn missing", "install the serve extra: pip install 'efformer[serve]'")
+    policy = None
+    if args.kv_window is not None or args.kv_int8:
+        policy = validate_options(KVPolicy, {"window": args.kv_window, "sinks": args.kv_sinks, "int8": args.kv_int8},
+                                  "--kv")
     model = load(args.model)
     if not isinstance(model, CausalLM):
         raise CapabilityError(f"{args.model} holds a {model.cfg.task!r} model; only a language model can be served")
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, block_size=args.block_size,
-                    num_blocks=args.num_blocks, prefill_chunk=args.prefill_chunk)
+                    num_blocks=args.num_blocks, prefill_chunk=args.prefill_chunk, kv_policy=policy)
     app = build_app(engine, args.name or Path(args.model).resolve().name, drain_s=args.drain)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=int(args.drain) + 5)
     return 0

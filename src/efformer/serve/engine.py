@@ -24,6 +24,7 @@ from torch import Tensor
 
 from efformer.errors import ConfigError, EfformerError
 from efformer.models.cache import Cache
+from efformer.models.kv_policy import layer_policies, policy_state
 from efformer.models.lm import CausalLM, sample_next
 from efformer.options import StrictModel
 from efformer.serve.cache import BlockPool, CacheFullError, LayerPages, PagedKVState, merge_states, state_kind
@@ -92,10 +93,14 @@ class Engine:
         block_size, num_blocks: the paged KV pool (default: room for max_batch full-length sequences).
         prefill_chunk: prompt tokens per step (over one or more requests), so a long prompt does not
             stall the running batch.
+        kv_policy: a KVPolicy (or dict, or one per layer; see :mod:`efformer.models.kv_policy`) for the
+            softmax layers: ``window`` (+ ``sinks``) keeps a bounded sinks + window cache per row instead of
+            pages (then a request may run past max_len when no layer needs absolute positions), ``int8``
+            stores the pages as int8 codes with per-token scales.
     """
 
     def __init__(self, model: CausalLM, *, max_batch: int = 8, max_queue: int = 64, block_size: int = 16,
-                 num_blocks: int | None = None, prefill_chunk: int = 128):
+                 num_blocks: int | None = None, prefill_chunk: int = 128, kv_policy=None):
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("block_size", block_size),
                             ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -105,14 +110,21 @@ class Engine:
         self.model = model.eval()
         self.max_len = model.cfg.max_len
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.kinds = [state_kind(b.mixer) for b in model.backbone.blocks]
+        mixers = [b.mixer for b in model.backbone.blocks]
+        self.policies = layer_policies(mixers, kv_policy) if kv_policy is not None else [None] * len(mixers)
+        self.kinds = ["streaming" if p is not None and p.window is not None else state_kind(m)
+                      for m, p in zip(mixers, self.policies, strict=True)]
+        # bounded states everywhere and no position table: a request may generate past max_len
+        self.unbounded = "paged" not in self.kinds and model.backbone.pos.kind != "embedding"
         if num_blocks is None:
             num_blocks = max_batch * -(-self.max_len // block_size)
         self.pool = BlockPool(num_blocks, block_size)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.pages = [LayerPages.empty(self.pool, b.mixer.n_kv_heads, b.mixer.head_dim, p.device, p.dtype)
-                      if kind == "paged" else None for b, kind in zip(model.backbone.blocks, self.kinds, strict=True)]
+        self.pages = [LayerPages.empty(self.pool, m.n_kv_heads, m.head_dim, p.device, p.dtype,
+                                       int8=pol is not None and pol.int8)
+                      if kind == "paged" else None
+                      for m, kind, pol in zip(mixers, self.kinds, self.policies, strict=True)]
         self.waiting: deque[Request] = deque()
         self.prefilling: Request | None = None
         self.running: list[Request] = []
@@ -134,7 +146,7 @@ class Engine:
         if len(prompt) >= self.max_len:
             raise RequestError("prompt", f"{len(prompt)} tokens leave no room for a new one within the model's "
                                f"max_len={self.max_len}")
-        if len(prompt) + params.max_tokens > self.max_len:
+        if len(prompt) + params.max_tokens > self.max_len and not self.unbounded:
             raise RequestError("max_tokens", f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) "
                                f"exceeds the model's max_len={self.max_len}")
         if self._blocks_needed(len(prompt), params) > self.pool.num_blocks:
@@ -204,11 +216,12 @@ class Engine:
 
     def _new_cache(self, req: Request) -> Cache:
         states = []
-        for blk, kind, pages in zip(self.model.backbone.blocks, self.kinds, self.pages, strict=True):
+        for blk, kind, pages, pol in zip(self.model.backbone.blocks, self.kinds, self.pages, self.policies,
+                                         strict=True):
             if kind == "paged":
                 states.append(PagedKVState.for_tables(pages, [req.blocks], self.pool.block_size))
             else:
-                states.append(blk.mixer.init_state(1, self.device, self.dtype))
+                states.append(policy_state(blk.mixer, pol, 1, self.device, self.dtype))
         return Cache(states=states, next_position=torch.zeros(1, dtype=torch.long, device=self.device))
 
     def _prefill_chunk(self, req: Request, budget: int) -> int:
