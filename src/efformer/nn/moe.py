@@ -85,6 +85,11 @@ def _glu_hidden(d_model: int, mult: float) -> int:
     return max(1, round(2 * mult * d_model / 3))
 
 
+def expert_width(d_model: int, mult: float, o: MoEOptions) -> int:
+    """Hidden width of one expert: ``expert_hidden``, else the dense GLU width / (top_k + n_shared)."""
+    return o.expert_hidden or max(1, round(_glu_hidden(d_model, mult) / (o.top_k + o.n_shared)))
+
+
 @FFNS.register("moe")
 class MoE(nn.Module):
     """Mixture-of-Experts FFN: (b, n, d) -> (b, n, d); ``aux_losses`` and ``stats`` hold the last call's."""
@@ -103,7 +108,7 @@ class MoE(nn.Module):
                                   "training-only comparison")
         self.d_model = d_model
         inner = o.bigmac_dim or d_model
-        hidden = o.expert_hidden or max(1, round(_glu_hidden(d_model, mult) / (o.top_k + o.n_shared)))
+        hidden = expert_width(d_model, mult, o)
         self.hidden = hidden
         if o.bigmac_dim:
             self.descend = nn.Linear(d_model, inner, bias=False)
