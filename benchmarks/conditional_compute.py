@@ -64,6 +64,7 @@ def variants(n_layers: int) -> dict[str, dict]:
     return {
         "dense": {},
         "moe_top2": {"ffn": "moe", "ffn_options": {**moe, "normalize_topk": True}},
+        "moe_top2_lr4": {"ffn": "moe", "ffn_options": {**moe, "normalize_topk": True, "expert_lr_scale": 4.0}},
         "moe_expert_choice": {"ffn": "moe", "ffn_options": {**moe, "routing": "expert", "capacity_factor": 2.0,
                                                             "allow_future_routing": True}},
         "moe_top1_shared": {"ffn": "moe", "ffn_options": {**moe, "top_k": 1, "n_shared": 1}},
