@@ -2,7 +2,7 @@
 through the real Trainer, in one run:
 
 - dense vs MoE 8 experts top-2 at equal *active* FFN parameters (Mixtral routing: softmax, top-2,
-  renormalised), expert choice, top-1 + a shared expert;
+  renormalised; also with the experts' learning rate x4), expert choice, top-1 + a shared expert;
 - Mixture-of-Depths at 12.5% and 50% capacity on every other block (as in the paper);
 - MatFormer (granularities 1/4, 1/2, 1, trained jointly) whose extracted submodels are compared with
   the same architectures trained alone;
@@ -19,7 +19,7 @@ predictor path (what decoding does), with the non-causal top-k loss beside it. T
 ``tf_loss`` picks each position's exit from the full forward's exit logits (teacher forcing); the
 decode columns are real CALM decoding (skipped layers' caches filled from the exit state).
 
-    python benchmarks/conditional_compute.py [--data ../shared/data/shakespeare] [--steps 300] [--only dense,moe_top2]
+    python benchmarks/conditional_compute.py [--data ../shared/data/shakespeare] [--steps 120] [--only dense,moe_top2]
 """
 
 from __future__ import annotations
@@ -184,14 +184,14 @@ def main() -> None:
     """Train every variant on the same bytes and print the tables."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="../shared/data/shakespeare")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--val-windows", type=int, default=64)
-    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--val-windows", type=int, default=48)
+    p.add_argument("--decode-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     a = p.parse_args()
