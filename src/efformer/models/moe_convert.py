@@ -1,4 +1,5 @@
-"""Dense-to-MoE (and dense-to-ACM) conversion after "LLaMA-MoE: Building Mixture-of-Experts from LLaMA with Continual
+"""Dense-to-MoE conversion (FFN neurons -> experts; also -> ACM learners, and attention heads -> attention
+MoE) after "LLaMA-MoE: Building Mixture-of-Experts from LLaMA with Continual
 Pre-training" and "LLaMA-MoE v2": a trained GLU FFN's hidden neurons are split into groups,
 each group becoming one expert (its rows of the gate/up projection and columns of the down one).
 Groups differ in size by at most one neuron; a shorter group's spare slot is a zero neuron.
@@ -208,4 +209,26 @@ def convert_to_acm(model: nn.Module, n_learners: int, *, calibration_ids: Tensor
         acm.w_gate.copy_(gate_w[order])
         acm.w_up.copy_(up_w[order])
         acm.w_down.copy_(down_w[order])
+    return new.train(model.training)
+
+
+@torch.no_grad()
+def convert_attention_to_moe(model: nn.Module, n_experts: int, top_k: int | None = None, **options) -> nn.Module:
+    """A new model whose softmax attention layers are LLaMA-MoE v2 attention MoE (``attention_moe``) with the
+    same weights: query-head groups become experts, the router starts at zero and gates are scaled by
+    n_experts, so with ``top_k`` = n_experts (the default) it computes the original attention."""
+    cfg = model.cfg
+    mixers = cfg.layer_mixers()
+    if any(name != "softmax" for name, _ in mixers):
+        raise ConfigError("mixer", cfg.mixer, "softmax attention in every layer (its query heads become experts)")
+    top_k = n_experts if top_k is None else top_k
+    head_dim = {} if cfg.head_dim is None else {"head_dim": cfg.head_dim}  # layer_mixers adds it; the config too
+    per_layer = [{**{k: v for k, v in opts.items() if k not in head_dim}, "n_experts": n_experts, "top_k": top_k,
+                  "expert_scale": float(n_experts), **options} for _, opts in mixers]
+    new_cfg = build_config(cfg, mixer=["attention_moe"] * cfg.n_layers, mixer_options=per_layer)
+    new = type(model)(new_cfg).to(next(model.parameters()).device)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith("mixer.router.weight") for k in missing), (missing, unexpected)
+    for block in new.backbone.blocks:
+        block.mixer.router.weight.zero_()
     return new.train(model.training)
