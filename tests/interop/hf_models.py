@@ -42,6 +42,13 @@ def qwen2(**kw):
     return _noisy(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**_DEC, **kw})))
 
 
+def mixtral(**kw):
+    """A MixtralForCausalLM: 4 experts, top-2, each expert 24 wide (kw: e.g. num_local_experts, sliding_window)."""
+    torch.manual_seed(0)
+    cfg = {**_DEC, "intermediate_size": 24, "num_local_experts": 4, "num_experts_per_tok": 2, **kw}
+    return _noisy(transformers.MixtralForCausalLM(transformers.MixtralConfig(**cfg)))
+
+
 def gpt2(**kw):
     """A GPT2LMHeadModel."""
     torch.manual_seed(0)

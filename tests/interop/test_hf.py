@@ -10,7 +10,7 @@ from efformer.models.lm import CausalLM
 from tests.helpers import rel_err
 from tests.interop import hf_models as hm
 
-DECODERS = {"llama": hm.llama, "mistral": hm.mistral, "qwen2": hm.qwen2, "gpt2": hm.gpt2}
+DECODERS = {"llama": hm.llama, "mistral": hm.mistral, "mixtral": hm.mixtral, "qwen2": hm.qwen2, "gpt2": hm.gpt2}
 SCALINGS = {
     "linear": {"rope_type": "linear", "factor": 2.0},
     "dynamic": {"rope_type": "dynamic", "factor": 2.0},

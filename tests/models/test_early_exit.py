@@ -12,6 +12,7 @@ from efformer.models.early_exit import (
     classifier_exit_logits,
     classify_with_exit,
     exit_loss_terms,
+    freeze_for_exit_distillation,
     generate_with_exit,
     lm_exit_logits,
 )
@@ -122,7 +123,60 @@ def test_exit_losses_are_the_heads_cross_entropy_and_reach_the_trainer(tmp_path)
     assert out["aux_exit"] == pytest.approx(ex.item() / float(count), rel=1e-4)
 
 
+@pytest.mark.parametrize("task", ["lm", "classifier"])
+def test_self_distillation_adds_the_tempered_kl_from_the_detached_final_head(task):
+    """LGViT stage 2's loss by hand: CE + weight * T^2 * KL(final || exit); the teacher gets no gradient."""
+    kw = dict(exit_loss_weight=0.5, exit_distill_weight=2.0, exit_distill_temperature=3.0)
+    model = (lm(**kw) if task == "lm" else classifier(**kw)).train()
+    F = torch.nn.functional
+    if task == "lm":
+        batch = {"input_ids": torch.randint(1, 30, (3, 9)), "mask": torch.ones(3, 9, dtype=torch.bool)}
+        batch["mask"][2, 6:] = False
+        final = model(batch["input_ids"], mask=batch["mask"])[:, :-1]
+        exits = [lm_exit_logits(model, model.backbone.exit_hidden[i])[:, :-1] for i in (0, 2)]
+        keep = (batch["mask"][:, 1:] & batch["mask"][:, :-1]).reshape(-1).float()
+        target = batch["input_ids"][:, 1:].reshape(-1)
+    else:
+        batch = {"input_ids": torch.randint(1, 30, (4, 9)), "mask": torch.ones(4, 9, dtype=torch.bool),
+                 "label": torch.tensor([0, 1, 1, 0])}
+        final = model(batch["input_ids"], mask=batch["mask"])
+        exits = [classifier_exit_logits(model, k, model.backbone.exit_hidden[i]) for k, i in enumerate((0, 1))]
+        keep, target = torch.ones(4), batch["label"]
+    got = exit_loss_terms(model, batch)
+    p_final = (final.detach() / 3.0).softmax(-1).reshape(target.shape[0], -1)
+    manual = 0
+    for lg in exits:
+        lg = lg.reshape(target.shape[0], -1)
+        kl = (p_final * (p_final.log() - (lg / 3.0).log_softmax(-1))).sum(-1)
+        manual = manual + ((0.5 * F.cross_entropy(lg, target, reduction="none") + 2.0 * 9.0 * kl) * keep).sum()
+    torch.testing.assert_close(got, manual)
+    model.zero_grad()
+    head = model.lm_head if task == "lm" and not model.cfg.tie_embeddings else None
+    got.backward()
+    if task == "classifier":
+        assert model.head[0].weight.grad is None  # the final head teaches; it is not taught
+    assert head is None or head.weight.grad is None
+
+
+def test_freezing_for_distillation_trains_only_the_exit_heads(tmp_path):
+    from efformer.train.trainer import Trainer
+
+    model = freeze_for_exit_distillation(classifier(exit_loss_weight=0.0, exit_distill_weight=1.0).train())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [{"input_ids": torch.randint(1, 30, (8,)), "label": torch.tensor(i % 2)} for i in range(8)]
+    trainer = Trainer(model, {"steps": 2, "batch_size": 4, "checkpoint_every": 0, "log_every": 1, "lr": 1e-2},
+                      data, out_dir=tmp_path / "run")
+    out = trainer.train_step()
+    assert out["aux_exit"] > 0
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("exit_heads.") for k in changed)
+    with pytest.raises(CapabilityError, match="share"):
+        freeze_for_exit_distillation(lm())
+
+
 def test_bad_exit_configs_are_refused():
+    with pytest.raises(ConfigError, match="exit_distill_weight"):
+        efformer.build_config(**LM, exit_distill_weight=1.0)
     for bad in ([3], [-1], [1, 0], [1, 1]):
         with pytest.raises(ConfigError, match="exit_layers"):
             efformer.build_config(**LM, exit_layers=bad)

@@ -63,3 +63,28 @@ def test_a_dense_model_has_no_aux_losses(tmp_path):
     model = create_model("lm-tiny", d_model=32, n_heads=2)
     model(torch.randint(0, 256, (1, 5)))
     assert collect_aux_losses(model) == {}
+
+
+def test_expert_lr_scale_scales_only_the_experts_update(tmp_path):
+    """AdamW's first step moves each weight by about lr * sign(grad): experts move lr_scale times as far."""
+    deltas = []
+    for scale in (1.0, 3.0):
+        raw = tiny_run_dict(tmp_path / str(scale), steps=1, checkpoint_every=0, batch_size=8, clip_grad=None,
+                            warmup_steps=0, weight_decay=0.0, lr=1e-3)
+        raw["model"].update({**MOE, "ffn_options": {**MOE["ffn_options"], "expert_lr_scale": scale}})
+        cfg = build_run_config(raw)
+        torch.manual_seed(0)
+        model = create_model(cfg.build_model_config())
+        tr, ev = build_datasets(cfg.data, model.cfg)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        trainer = Trainer(model, cfg.train, tr, ev, out_dir=cfg.output_dir())
+        trainer.train_step()
+        deltas.append({k: (v - before[k]) for k, v in model.state_dict().items()})
+        if scale != 1.0:
+            assert {g.get("lr_scale") for g in trainer.optimizer.param_groups} == {None, scale}
+    for name, d1 in deltas[0].items():
+        d3 = deltas[1][name]
+        if name.endswith(("ffn.w_in", "ffn.w_out")):
+            assert float(d1.abs().max()) > 0 and torch.allclose(d3, 3 * d1, rtol=1e-3, atol=1e-9), name
+        else:
+            assert torch.allclose(d3, d1, rtol=1e-3, atol=1e-7), name

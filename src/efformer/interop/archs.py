@@ -4,9 +4,11 @@ names -> efformer names with their transforms.
 A :class:`Rule` ties efformer tensor names to HF tensor names with a transform (``same``, ``t`` for
 GPT-2's Conv1D, ``cat`` of HF's separate k/v and gate/up into efformer's fused ones, ``t_split`` /
 ``split`` of GPT-2's fused ``c_attn``, ``fold`` of BERT's token-type row into the word embedding,
-``rows`` keeping the last rows, which drops RoBERTa's padding offset). ``{i}`` stands for the layer
-index. A rule applies when its efformer tensors exist in the built model (so bias rules cover
-biased and unbiased checkpoints); ``a|b`` tries HF name ``a`` then ``b`` (BERT's tied decoder is
+``rows`` keeping the last rows, which drops RoBERTa's padding offset, ``experts_in`` / ``experts_out``
+stacking Mixtral's per-expert w1|w3 and w2 into efformer's (experts, in, out) tensors). ``{i}`` stands for
+the layer index and ``{e}`` for the expert index (one HF name per expert, expert-major per name). A
+rule applies when its efformer tensors exist in the built model (so bias rules cover biased and
+unbiased checkpoints); ``a|b`` tries HF name ``a`` then ``b`` (BERT's tied decoder is
 saved or not).
 """
 
@@ -66,6 +68,13 @@ def to_efformer(how: str, hf: list[Tensor], shapes: list[tuple[int, ...]]) -> li
         return [hf[0] + hf[1][0]]  # word embedding + token type 0 (the only type a plain input has)
     if how == "rows":
         return [hf[0][hf[0].shape[0] - shapes[0][0]:]]  # RoBERTa's table starts at padding_idx + 1
+    if how in ("experts_in", "experts_out"):
+        if hf[0].dim() == 3:  # transformers 5's fused (experts, out, in) tensor, named once per expert
+            return [hf[0].transpose(1, 2)]
+        if how == "experts_out":  # w2 (d, h) per expert -> (experts, h, d)
+            return [torch.stack([w.t() for w in hf])]
+        n = len(hf) // 2  # w1 (gate) of every expert, then w3 (up): -> (experts, d, gate | up)
+        return [torch.stack([torch.cat([g.t(), u.t()], 1) for g, u in zip(hf[:n], hf[n:], strict=True)])]
     raise AssertionError(how)
 
 
@@ -81,6 +90,11 @@ def to_hf_tensors(how: str, ef: list[Tensor], n_hf: int) -> list[Tensor]:
         return [torch.cat(ef, 0).t()]
     if how == "split":
         return [torch.cat(ef, 0)]
+    if how == "experts_out":
+        return [w.t() for w in ef[0]]
+    if how == "experts_in":
+        gate, up = ef[0].transpose(1, 2).chunk(2, 1)  # (experts, h, d) each
+        return [*gate, *up]
     raise CheckpointError(f"weight transform {how!r} has no inverse; this model cannot be exported")
 
 
@@ -179,6 +193,20 @@ def _llama_config(c: dict, qkv_bias: bool | None = None, out_bias: bool | None =
             "head_dim": None if hd == d // h else hd}
 
 
+def _mixtral_config(c: dict) -> dict:
+    """Mixtral: Mistral's attention and a top-k MoE FFN (softmax over all experts, top-k renormalised).
+
+    HF's balance loss (coefficient ``router_aux_loss_coef``) counts top-k assignments per token and
+    averages over the layers; efformer's counts them per assignment and sums layers, so the weight is
+    rescaled by top_k / n_layers. ``router_jitter_noise`` (training-time input noise) is not mapped."""
+    k, layers = c["num_experts_per_tok"], c["num_hidden_layers"]
+    opts = {"n_experts": c["num_local_experts"], "top_k": k, "normalize_topk": True,
+            "expert_hidden": c["intermediate_size"], "activation": "silu", "z_loss_weight": 0.0,
+            "aux_loss_weight": float(c.get("router_aux_loss_coef", 0.001)) * k / layers}
+    # _llama_config refuses activations other than silu; Mixtral experts have no biases
+    return {**_llama_config(c), "ffn": "moe", "ffn_options": opts, "ffn_bias": None}
+
+
 def _gpt2_config(c: dict) -> dict:
     for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                     ("add_cross_attention", False)):
@@ -226,6 +254,13 @@ _LLAMA = [
     *wbs((f"{_L}.ffn.gate_up",), ("model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj"), "cat"),
     *wb(f"{_L}.ffn.down", "model.layers.{i}.mlp.down_proj"),
     r("backbone.final_norm.weight", "model.norm.weight"),
+]
+_MOE = "model.layers.{i}.block_sparse_moe"  # transformers 5 loads it as .mlp and may save fused experts
+_MIXTRAL = [rule for rule in _LLAMA if ".ffn." not in rule.ef[0]] + [
+    r(_L + ".ffn.router.weight", f"{_MOE}.gate.weight|model.layers.{{i}}.mlp.gate.weight"),
+    r(_L + ".ffn.w_in", (f"{_MOE}.experts.{{e}}.w1.weight|model.layers.{{i}}.mlp.experts.gate_up_proj",
+                         f"{_MOE}.experts.{{e}}.w3.weight|model.layers.{{i}}.mlp.experts.gate_up_proj"), "experts_in"),
+    r(_L + ".ffn.w_out", f"{_MOE}.experts.{{e}}.w2.weight|model.layers.{{i}}.mlp.experts.down_proj", "experts_out"),
 ]
 _GPT2 = [
     r("backbone.embed.weight", "transformer.wte.weight"),
@@ -275,6 +310,7 @@ _BUFFERS = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "position_id
 ARCHS: dict[str, Arch] = {
     "llama": Arch(_llama_config, _LLAMA, _LM_HEAD, _BUFFERS),
     "mistral": Arch(_llama_config, _LLAMA, _LM_HEAD, _BUFFERS),
+    "mixtral": Arch(_mixtral_config, _MIXTRAL, _LM_HEAD, _BUFFERS),
     "qwen2": Arch(lambda c: _llama_config(c, qkv_bias=True, out_bias=False), _LLAMA, _LM_HEAD, _BUFFERS),
     "gpt2": Arch(_gpt2_config, _GPT2, {"lm": []}, _BUFFERS),
     "bert": Arch(_bert_config, _encoder("bert"), _BERT_HEADS, _BUFFERS),

@@ -4,7 +4,7 @@ Import builds the efformer model the folder's ``config.json`` describes (through
 mapping in ``archs.py``), then fills every one of its tensors from the safetensors by the mapping's
 rules; a tensor the mapping leaves unused, or one missing or of the wrong shape, is refused, so an
 imported model is the checkpoint or an error. Export runs the same rules backwards for models HF's
-Llama / Mistral / Qwen2 / GPT-2 classes can represent, and writes the folder atomically (a temporary
+Llama / Mistral / Mixtral / Qwen2 / GPT-2 classes can represent, and writes the folder atomically (a temporary
 sibling renamed into place, as ``efformer.save`` does).
 """
 
@@ -26,6 +26,7 @@ from efformer.interop.heads import FirstTokenClassifier, MaskedLM
 from efformer.models.config import ModelConfig, build_config
 from efformer.models.io import MANIFEST_FILE, _as_path, load, publish_folder
 from efformer.models.lm import CausalLM
+from efformer.nn.moe import MoEOptions, expert_width
 
 _HEADS = {"lm": CausalLM, "mlm": MaskedLM, "cls": FirstTokenClassifier}
 _HEAD_SUFFIX = (("ForCausalLM", "lm"), ("LMHeadModel", "lm"), ("ForMaskedLM", "mlm"),
@@ -72,26 +73,31 @@ def _head_kind(folder: Path, hf_cfg: dict, heads: dict) -> str:
     return next(iter(heads))
 
 
-def _expand(rules: list[Rule], n_layers: int) -> list[Rule]:
+def _expand(rules: list[Rule], cfg: ModelConfig) -> list[Rule]:
+    """Rules with ``{i}`` filled per layer, and each HF name holding ``{e}`` repeated once per expert."""
+    n_experts = int(cfg.ffn_options.get("n_experts", 0))
     out = []
     for rule in rules:
         per_layer = any("{i}" in n for n in rule.ef)
-        for i in range(n_layers) if per_layer else [None]:
+        for i in range(cfg.n_layers) if per_layer else [None]:
             def fill(names, i=i):
                 return tuple(n.replace("{i}", str(i)) for n in names)
 
-            out.append(Rule(fill(rule.ef), fill(rule.hf), rule.how))
+            hf = tuple(n.replace("{e}", str(e)) for n in fill(rule.hf)
+                       for e in (range(n_experts) if "{e}" in n else [None]))
+            out.append(Rule(fill(rule.ef), hf, rule.how))
     return out
 
 
 def _import_tensors(rules, ignore, weights: Weights, model: nn.Module, folder: Path) -> dict[str, Tensor]:
     """The model's state dict filled from the checkpoint by ``rules``; every tensor accounted for."""
     state, out, used = model.state_dict(), {}, set()
-    for rule in _expand(rules, model.cfg.n_layers):
+    for rule in _expand(rules, model.cfg):
         if not all(e in state for e in rule.ef):
             continue  # e.g. a bias this model has none of
         names = [_pick(alts, weights, folder, rule.ef[0]) for alts in rule.hf]
-        tensors = [weights.get(n) for n in names]
+        read = {n: weights.get(n) for n in dict.fromkeys(names)}  # a fused tensor named once per expert: read once
+        tensors = [read[n] for n in names]
         used.update(names)
         shapes = [tuple(state[e].shape) for e in rule.ef]
         try:
@@ -139,6 +145,8 @@ def _export_plan(cfg: ModelConfig) -> tuple[str, dict]:
                    "attention with the same options in every layer")
     if opts.get("qk_norm"):
         why.append("qk_norm has no place in these HF classes")
+    if cfg.mod_capacity is not None:
+        why.append("mod_capacity: Mixture-of-Depths routing is in no HF decoder class")
     if cfg.norm_placement != "pre" or cfg.embed_norm:
         why.append(f"norm_placement={cfg.norm_placement!r}, embed_norm={cfg.embed_norm}: HF's decoders are pre-LN")
     hd = cfg.head_dim or cfg.d_model // cfg.n_heads
@@ -147,15 +155,21 @@ def _export_plan(cfg: ModelConfig) -> tuple[str, dict]:
     if cfg.positional == "rope":
         why += [w for ok, w in (
             (cfg.norm == "rmsnorm", f"norm={cfg.norm!r}: a rotary HF decoder uses rmsnorm"),
-            (cfg.ffn == "swiglu", f"ffn={cfg.ffn!r}: a rotary HF decoder uses swiglu"),
+            (cfg.ffn in ("swiglu", "moe"), f"ffn={cfg.ffn!r}: a rotary HF decoder uses swiglu (or Mixtral's moe)"),
             (cfg.positional_options.get("rotary_fraction", 1.0) == 1.0, "partial rotary is not in HF's Llama"),
         ) if not ok]
+        moe = _mixtral_fields(cfg, why) if cfg.ffn == "moe" else None
         if why:
             raise CapabilityError(f"cannot export to Hugging Face: {'; '.join(why)}")
         qkv, out = opts.get("qkv_bias", False), opts.get("out_bias")
         out = qkv if out is None else out
         sliding = "sliding_window" in names
-        if qkv == out and not (qkv and sliding):
+        if moe is not None and (qkv or out):
+            raise CapabilityError("cannot export to Hugging Face: Mixtral's attention has no biases "
+                                  f"(qkv_bias={qkv}, out_bias={out})")
+        if moe is not None:
+            model_type = "mixtral"
+        elif qkv == out and not (qkv and sliding):
             model_type = "mistral" if sliding else "llama"
         elif qkv and not out and not sliding:
             model_type = "qwen2"
@@ -169,8 +183,11 @@ def _export_plan(cfg: ModelConfig) -> tuple[str, dict]:
               "rope_parameters": _rope_parameters(cfg), "mlp_bias": bool(cfg.ffn_bias)}
         if model_type == "llama":
             hf["attention_bias"] = bool(qkv)
-        if model_type == "mistral":
-            hf["sliding_window"] = opts["window"]
+        if model_type in ("mistral", "mixtral"):
+            hf["sliding_window"] = opts["window"] if sliding else None
+        if moe is not None:
+            del hf["mlp_bias"]
+            hf.update(moe)
         return model_type, hf
     acts = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
     why += [w for ok, w in (
@@ -189,6 +206,21 @@ def _export_plan(cfg: ModelConfig) -> tuple[str, dict]:
                     "n_positions": cfg.max_len, "n_inner": round(cfg.ffn_mult * cfg.d_model),
                     "activation_function": acts[cfg.ffn], "layer_norm_epsilon": cfg.norm_eps or 1e-5,
                     "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+def _mixtral_fields(cfg: ModelConfig, why: list[str]) -> dict:
+    """HF Mixtral config fields of a ``moe`` FFN; appends to ``why`` what Mixtral cannot represent."""
+    o = MoEOptions.model_validate(cfg.ffn_options)
+    why += [w for ok, w in (
+        (o.routing == "token", "expert-choice routing: Mixtral's tokens choose their experts"),
+        (o.normalize_topk, "normalize_topk=false: Mixtral renormalises the top-k gates"),
+        (o.n_shared == 0 and o.bigmac_dim is None, "shared experts / BigMac dimensions are not in Mixtral"),
+        (o.expert_scale == 1.0 and not o.pregated, "expert_scale and pregated routing are not in Mixtral"),
+        (o.activation == "silu", f"activation={o.activation!r}: Mixtral's experts use silu"),
+    ) if not ok]
+    return {"num_local_experts": o.n_experts, "num_experts_per_tok": o.top_k,
+            "intermediate_size": expert_width(cfg.d_model, cfg.ffn_mult, o),
+            "router_aux_loss_coef": o.aux_loss_weight * cfg.n_layers / o.top_k}  # inverse of the import's scale
 
 
 def _rope_parameters(cfg: ModelConfig) -> dict:
@@ -238,12 +270,12 @@ def to_hf(model: nn.Module, directory: str | os.PathLike) -> Path:
     if cfg.positional == "rope" and cfg.positional_options.get("layout", "interleaved") == "interleaved":
         state = _half_layout(state, cfg)
     tensors = {}
-    for rule in _expand(arch.body + arch.heads["lm"], cfg.n_layers):
+    for rule in _expand(arch.body + arch.heads["lm"], cfg):
         if all(e in state for e in rule.ef):
             outs = to_hf_tensors(rule.how, [state[e] for e in rule.ef], len(rule.hf))
             tensors.update({h.split("|")[0]: t.contiguous() for h, t in zip(rule.hf, outs, strict=True)})
     architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "gpt2": "GPT2LMHeadModel"}[model_type]
+                    "mixtral": "MixtralForCausalLM", "gpt2": "GPT2LMHeadModel"}[model_type]
     hf_cfg = {"architectures": [architecture], "model_type": model_type, **hf_cfg}
     return _write_folder_atomically(directory, hf_cfg, tensors)
 

@@ -100,7 +100,7 @@ class Backbone(nn.Module):
         for i, block in enumerate(self.blocks):
             state = cache.states[i] if cache is not None else None
             h, state = block(h, mask=layer_mask, state=state, positions=context)
-            if i in exits:
+            if i in exits or (exits and i == len(self.blocks) - 1):  # the last: the teacher of distillation
                 self.exit_hidden[i] = h
         if cache is not None:
             step = mask.sum(1) if mask is not None else torch.full((b,), n, device=h.device)

@@ -68,6 +68,10 @@ class ModelConfig(StrictModel):
     # with weight exit_loss_weight each. None: no exits.
     exit_layers: list[StrictInt] | None = None
     exit_loss_weight: float = pydantic.Field(1.0, ge=0)
+    # LGViT self-distillation: each exit also matches the final head's (detached) distribution, weight *
+    # temperature^2 * KL; with freeze_for_exit_distillation it is LGViT's second stage.
+    exit_distill_weight: float = pydantic.Field(0.0, ge=0)
+    exit_distill_temperature: float = pydantic.Field(1.0, gt=0)
     # Settings imported models need (None / False: each part's own default).
     norm_eps: float | None = pydantic.Field(None, gt=0)  # epsilon of every norm
     ffn_bias: bool | None = None  # biases in the FFN (MLPs have them by default, GLUs not)
@@ -105,6 +109,8 @@ class ModelConfig(StrictModel):
         if ex != sorted(set(ex)) or any(not 0 <= i < self.n_layers - 1 for i in ex):
             raise CrossFieldError("exit_layers", f"exit_layers={ex} must be distinct ascending layer indices in "
                                   f"[0, {self.n_layers - 2}] (after the last layer the model's own head predicts)")
+        if self.exit_distill_weight and not ex:
+            raise CrossFieldError("exit_distill_weight", "self-distillation of exits needs exit_layers")
         if ex and self.task == "dual":
             raise CrossFieldError("exit_layers", "early exit is for task='lm' or 'classifier', not 'dual'")
         if self.pad_id >= self.vocab_size:

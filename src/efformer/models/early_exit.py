@@ -2,8 +2,12 @@
 (the trainer adds :func:`exit_loss_terms`), and exit at inference when a head is confident enough.
 
 Classifiers ("LGViT: Dynamic Early Exiting for Accelerating Vision Transformer" trains one head per
-exit; its second, self-distillation stage is not implemented) stop a row at the first exit whose top
-class probability exceeds ``threshold``; the batch stops once every row has exited.
+exit) stop a row at the first exit whose top class probability exceeds ``threshold``; the batch stops
+once every row has exited. LGViT's second stage, self-distillation, is config ``exit_distill_weight``
+(each exit also pays temperature^2 * KL from the final head's detached distribution) together with
+:func:`freeze_for_exit_distillation`, which leaves only the exit heads trainable. LGViT's
+heterogeneous (local-perception / global-aggregation) exit heads are not built: exits are the
+classifier's own head design.
 
 Language models follow "Confident Adaptive Language Modeling" (CALM): exits share the final norm
 and the output head; prefill runs the full depth; each decoded token stops at the first exit where
@@ -51,22 +55,55 @@ def classifier_exit_logits(model: nn.Module, k: int, hidden: Tensor) -> Tensor:
 
 def exit_loss_terms(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Summed cross-entropy of every exit head on the batch the model has just run (weighted by
-    ``exit_loss_weight``); 0 for a model without exits. Same terms as the final head's loss."""
+    ``exit_loss_weight``), plus ``exit_distill_weight`` * T^2 * KL(final head || exit) per term when set;
+    0 for a model without exits. Same terms as the final head's loss."""
     exits = getattr(model.cfg, "exit_layers", None) or []  # image models (VisionConfig) have no exits
     if not exits:
         return torch.zeros((), device=next(model.parameters()).device)
-    hidden = model.backbone.exit_hidden
+    hidden, cfg = model.backbone.exit_hidden, model.cfg
     total = torch.zeros((), device=next(model.parameters()).device)
+    teacher = None
+    if cfg.exit_distill_weight:  # the final head's distribution, detached: exits learn from it, not it from them
+        with torch.no_grad():
+            teacher = _final_logits(model, hidden[cfg.n_layers - 1]).float() / cfg.exit_distill_temperature
     for k, layer in enumerate(exits):
-        if model.cfg.task == "lm":
+        if cfg.task == "lm":
             ids, keep = batch["input_ids"], batch["mask"]
             logits = lm_exit_logits(model, hidden[layer])[:, :-1].float()
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-            total = total + (ce * (keep[:, 1:] & keep[:, :-1]).reshape(-1)).sum()
+            terms = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+            weight = (keep[:, 1:] & keep[:, :-1]).reshape(-1).to(terms.dtype)
         else:
             logits = classifier_exit_logits(model, k, hidden[layer]).float()
-            total = total + F.cross_entropy(logits, batch["label"], reduction="sum")
-    return model.cfg.exit_loss_weight * total
+            terms, weight = F.cross_entropy(logits, batch["label"], reduction="none"), None
+        loss = cfg.exit_loss_weight * terms
+        if teacher is not None:
+            t = cfg.exit_distill_temperature
+            student = F.log_softmax(logits / t, -1).reshape(terms.shape[0], -1)
+            kl = F.kl_div(student, F.log_softmax(teacher.reshape(student.shape), -1), log_target=True,
+                          reduction="none").sum(-1)
+            loss = loss + cfg.exit_distill_weight * t * t * kl
+        total = total + (loss * weight if weight is not None else loss).sum()
+    return total
+
+
+def _final_logits(model: nn.Module, last: Tensor) -> Tensor:
+    """The model's own output logits from its last layer's hidden states (the LM: without the last position)."""
+    if model.cfg.task == "lm":
+        return lm_exit_logits(model, last)[:, :-1]
+    return model.head(model.pool(model.backbone.final_norm(last), model.pool_mask))
+
+
+def freeze_for_exit_distillation(model: nn.Module) -> nn.Module:
+    """LGViT's second stage: every parameter frozen but the exit heads' (train with exit_distill_weight > 0)."""
+    heads = getattr(model, "exit_heads", None)
+    if heads is None:
+        raise CapabilityError("freeze_for_exit_distillation needs a classifier with exit_layers: a language "
+                              "model's exits share its final norm and head (CALM), so nothing would train")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in heads.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Dense-to-MoE conversion after "LLaMA-MoE: Building Mixture-of-Experts from LLaMA with Continual
+"""Dense-to-MoE conversion (FFN neurons -> experts; also -> ACM learners, and attention heads -> attention
+MoE) after "LLaMA-MoE: Building Mixture-of-Experts from LLaMA with Continual
 Pre-training" and "LLaMA-MoE v2": a trained GLU FFN's hidden neurons are split into groups,
 each group becoming one expert (its rows of the gate/up projection and columns of the down one).
 Groups differ in size by at most one neuron; a shorter group's spare slot is a zero neuron.
@@ -142,24 +143,92 @@ def convert_to_moe(model: nn.Module, n_experts: int, top_k: int | None = None, m
     if method == "coactivation":
         if calibration_ids is None:
             raise ConfigError("calibration_ids", None, "token ids (batch, seq) to measure co-activation on")
-        def keep_input(i):
-            return lambda module, args: inputs.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]))
-
-        hooks = [b.ffn.register_forward_pre_hook(keep_input(i)) for i, b in enumerate(blocks)]
-        was_training = model.training
-        try:
-            model.eval()
-            with torch.no_grad():
-                model(calibration_ids)
-        finally:
-            for h in hooks:
-                h.remove()
-            model.train(was_training)
-    new = type(model)(new_cfg).to(next(model.parameters()).device)
-    state = {k: v for k, v in model.state_dict().items() if ".ffn." not in k}
-    missing, unexpected = new.load_state_dict(state, strict=False)
-    assert not unexpected and all(".ffn." in k for k in missing), (missing, unexpected)
+        inputs = _ffn_inputs(model, calibration_ids)
+    new = _with_new_ffns(model, new_cfg)
     for i, (old_b, new_b) in enumerate(zip(blocks, new.backbone.blocks, strict=True)):
         groups = split_neurons(old_b.ffn, n_experts, method, gate_inputs=inputs[i], seed=seed + i)
         load_experts(new_b.ffn, old_b.ffn, groups)
+    return new.train(model.training)
+
+
+def _ffn_inputs(model: nn.Module, ids: Tensor) -> list[Tensor]:
+    """Each layer's FFN inputs (tokens, d) on the calibration ids (b, n), from one eval forward."""
+    blocks = model.backbone.blocks
+    inputs: list[Tensor] = [torch.empty(0)] * len(blocks)
+
+    def keep_input(i):
+        return lambda module, args: inputs.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]))
+
+    hooks = [b.ffn.register_forward_pre_hook(keep_input(i)) for i, b in enumerate(blocks)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return inputs
+
+
+def _with_new_ffns(model: nn.Module, cfg) -> nn.Module:
+    """A model of ``cfg`` holding ``model``'s weights everywhere but in the FFNs (left to the caller)."""
+    new = type(model)(cfg).to(next(model.parameters()).device)
+    state = {k: v for k, v in model.state_dict().items() if ".ffn." not in k}
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    assert not unexpected and all(".ffn." in k for k in missing), (missing, unexpected)
+    return new
+
+
+@torch.no_grad()
+def convert_to_acm(model: nn.Module, n_learners: int, *, calibration_ids: Tensor | None = None,
+                   **acm_options) -> nn.Module:
+    """A new model whose GLU FFNs are Adaptive Computation Modules of their neurons (``efformer.nn.acm``):
+    all learners together compute the dense FFN. With ``calibration_ids`` (b, n) the neurons are ordered
+    by importance (mean |act(gate) * up| on those tokens times the norm of the neuron's down column), so
+    the first learners carry most of the output; otherwise they keep their order."""
+    cfg = model.cfg
+    blocks = model.backbone.blocks
+    if not all(isinstance(b.ffn, GLU) for b in blocks):
+        raise ConfigError("ffn", cfg.ffn, "a GLU FFN (swiglu, geglu, reglu) to convert; its neurons become learners")
+    hidden = blocks[0].ffn.down.in_features
+    if not 1 <= n_learners <= hidden:
+        raise ConfigError("n_learners", n_learners, f"between 1 and the FFN's hidden width {hidden}")
+    options = {"n_learners": n_learners, "activation": _GLU_ACT[blocks[0].ffn.activation], **acm_options}
+    new = _with_new_ffns(model, build_config(cfg, ffn="acm", ffn_options=options))
+    inputs = _ffn_inputs(model, calibration_ids) if calibration_ids is not None else None
+    for i, (old_b, new_b) in enumerate(zip(blocks, new.backbone.blocks, strict=True)):
+        ffn, acm = old_b.ffn, new_b.ffn
+        gate_w, up_w, down_w = ffn.gate_up.weight[:hidden], ffn.gate_up.weight[hidden:], ffn.down.weight.t()
+        order = torch.arange(hidden)
+        if inputs is not None:
+            x = inputs[i]
+            a = (ffn.act(x @ gate_w.t()) * (x @ up_w.t())).abs().mean(0)
+            order = (a * down_w.norm(dim=1)).argsort(descending=True, stable=True).cpu()
+        acm.w_gate.copy_(gate_w[order])
+        acm.w_up.copy_(up_w[order])
+        acm.w_down.copy_(down_w[order])
+    return new.train(model.training)
+
+
+@torch.no_grad()
+def convert_attention_to_moe(model: nn.Module, n_experts: int, top_k: int | None = None, **options) -> nn.Module:
+    """A new model whose softmax attention layers are LLaMA-MoE v2 attention MoE (``attention_moe``) with the
+    same weights: query-head groups become experts, the router starts at zero and gates are scaled by
+    n_experts, so with ``top_k`` = n_experts (the default) it computes the original attention."""
+    cfg = model.cfg
+    mixers = cfg.layer_mixers()
+    if any(name != "softmax" for name, _ in mixers):
+        raise ConfigError("mixer", cfg.mixer, "softmax attention in every layer (its query heads become experts)")
+    top_k = n_experts if top_k is None else top_k
+    head_dim = {} if cfg.head_dim is None else {"head_dim": cfg.head_dim}  # layer_mixers adds it; the config too
+    per_layer = [{**{k: v for k, v in opts.items() if k not in head_dim}, "n_experts": n_experts, "top_k": top_k,
+                  "expert_scale": float(n_experts), **options} for _, opts in mixers]
+    new_cfg = build_config(cfg, mixer=["attention_moe"] * cfg.n_layers, mixer_options=per_layer)
+    new = type(model)(new_cfg).to(next(model.parameters()).device)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith("mixer.router.weight") for k in missing), (missing, unexpected)
+    for block in new.backbone.blocks:
+        block.mixer.router.weight.zero_()
     return new.train(model.training)

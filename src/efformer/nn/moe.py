@@ -61,6 +61,9 @@ class MoEOptions(StrictModel):
     expert_scale: float = pydantic.Field(
         1.0, gt=0, description="Multiplier of the routed experts' sum (n_experts after converting a dense FFN: "
         "a uniform router then weighs each expert 1).")
+    expert_lr_scale: float = pydantic.Field(
+        1.0, gt=0, description="The trainer's learning rate for the routed experts' weights is multiplied by "
+        "this (each expert sees about top_k / n_experts of the tokens, so fewer updates than a dense FFN).")
     pregated: bool = pydantic.Field(
         False, description="Pre-gated MoE: each MoE layer's router is applied to the previous MoE layer's "
         "input (the first routes itself), so expert choices are known one layer ahead.")
@@ -85,6 +88,11 @@ def _glu_hidden(d_model: int, mult: float) -> int:
     return max(1, round(2 * mult * d_model / 3))
 
 
+def expert_width(d_model: int, mult: float, o: MoEOptions) -> int:
+    """Hidden width of one expert: ``expert_hidden``, else the dense GLU width / (top_k + n_shared)."""
+    return o.expert_hidden or max(1, round(_glu_hidden(d_model, mult) / (o.top_k + o.n_shared)))
+
+
 @FFNS.register("moe")
 class MoE(nn.Module):
     """Mixture-of-Experts FFN: (b, n, d) -> (b, n, d); ``aux_losses`` and ``stats`` hold the last call's."""
@@ -103,7 +111,7 @@ class MoE(nn.Module):
                                   "training-only comparison")
         self.d_model = d_model
         inner = o.bigmac_dim or d_model
-        hidden = o.expert_hidden or max(1, round(_glu_hidden(d_model, mult) / (o.top_k + o.n_shared)))
+        hidden = expert_width(d_model, mult, o)
         self.hidden = hidden
         if o.bigmac_dim:
             self.descend = nn.Linear(d_model, inner, bias=False)
@@ -113,6 +121,8 @@ class MoE(nn.Module):
         self.w_out = nn.Parameter(torch.empty(o.n_experts, hidden, inner))
         nn.init.uniform_(self.w_in, -inner ** -0.5, inner ** -0.5)
         nn.init.uniform_(self.w_out, -hidden ** -0.5, hidden ** -0.5)
+        if o.expert_lr_scale != 1.0:  # read by the trainer's parameter groups
+            self.w_in.lr_scale = self.w_out.lr_scale = o.expert_lr_scale
         if o.n_shared:  # n shared experts of width h, summed with gate 1, are one GLU of width n*h
             self.shared_in = nn.Linear(d_model, 2 * o.n_shared * hidden, bias=False)
             self.shared_out = nn.Linear(o.n_shared * hidden, d_model, bias=False)

@@ -57,7 +57,8 @@ def _norm_types() -> tuple[type, ...]:
 def param_groups(model: nn.Module, weight_decay: float, exclude: bool) -> list[dict[str, Any]]:
     """AdamW groups: with ``exclude``, norms, biases, embeddings and 1-D parameters get no decay."""
     if not exclude:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+        return _split_lr_scale([{"params": [p for p in model.parameters() if p.requires_grad],
+                                 "weight_decay": weight_decay}])
     norms = _norm_types()
     no_decay: set[int] = set()
     for module in model.modules():
@@ -65,8 +66,19 @@ def param_groups(model: nn.Module, weight_decay: float, exclude: bool) -> list[d
             if isinstance(module, norms + (nn.Embedding,)) or name.endswith("bias") or p.dim() < 2:
                 no_decay.add(id(p))
     params = [p for p in model.parameters() if p.requires_grad]  # shared (tied) parameters appear once
-    return [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+    return _split_lr_scale(groups)
+
+
+def _split_lr_scale(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Groups split further by a parameter's ``lr_scale`` attribute (e.g. MoE experts), kept as a group key."""
+    out = []
+    for g in groups:
+        scales = sorted({getattr(p, "lr_scale", 1.0) for p in g["params"]})
+        out += [{**g, "params": [p for p in g["params"] if getattr(p, "lr_scale", 1.0) == s],
+                 **({"lr_scale": s} if s != 1.0 else {})} for s in scales or [1.0]]
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -234,7 +246,7 @@ class Trainer:
             )
         lr = lr_at(self.cfg, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
