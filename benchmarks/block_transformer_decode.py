@@ -34,7 +34,8 @@ def main() -> None:
                             max_len=args.prompt + args.new_tokens, mixer="softmax", positional="rope"))
     prompt = torch.randint(0, 256, (args.batch, args.prompt))
     models = [("plain", CausalLM(cfg).eval())]
-    models += [(f"block L={L}", BlockTransformerLM(cfg, block_len=L, token_layers=args.token_layers).eval())
+    models += [(f"block L={L}", BlockTransformerLM(build_config(cfg, block_len=L,
+                                                                block_token_layers=args.token_layers)).eval())
                for L in args.block_len]
     print(f"batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, {args.layers} layers "
           f"(token decoder {args.token_layers}), d={args.d_model}")

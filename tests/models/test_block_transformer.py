@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import efformer
 from efformer.errors import ConfigError
 from efformer.models.block_transformer import BlockTransformerLM
 from efformer.models.config import build_config
@@ -17,8 +18,8 @@ N = 23
 def bt(block_len=4, token_layers=1, mixer="softmax", **kw):
     torch.manual_seed(0)
     cfg = build_config(dict(task="lm", vocab_size=40, d_model=32, n_layers=3, n_heads=4, max_len=64, mixer=mixer,
-                            **kw))
-    return BlockTransformerLM(cfg, block_len=block_len, token_layers=token_layers).double().eval()
+                            block_len=block_len, block_token_layers=token_layers, **kw))
+    return BlockTransformerLM(cfg).double().eval()
 
 
 MODELS = {
@@ -77,8 +78,23 @@ def test_block_length_one_without_token_layers_is_a_plain_causal_lm_on_bos_then_
     torch.testing.assert_close(model(ids), ref, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("kw,field", [({"block_len": 0}, "block_len"), ({"token_layers": 3}, "token_layers"),
-                                      ({"token_layers": -1}, "token_layers")])
+@pytest.mark.parametrize("kw,field", [({"block_len": 0}, "block_len"), ({"token_layers": 3}, "block_token_layers"),
+                                      ({"token_layers": -1}, "block_token_layers"),
+                                      ({"exit_layers": [0]}, "block_len")])
 def test_bad_settings_name_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):
         bt(**kw)
+
+
+def test_create_model_builds_it_and_save_load_keeps_logits_and_decoding(tmp_path):
+    model = efformer.create_model("lm-tiny", d_model=32, n_layers=3, n_heads=4, block_len=4,
+                                  block_token_layers=1).eval()
+    assert isinstance(model, BlockTransformerLM) and model.block_len == 4
+    efformer.save(model, tmp_path / "bt")
+    back = efformer.load(tmp_path / "bt").eval()
+    assert isinstance(back, BlockTransformerLM) and back.cfg == model.cfg
+    ids = torch.randint(0, 256, (2, 11))
+    assert torch.equal(back(ids), model(ids))
+    assert torch.equal(back.generate(ids, 6), model.generate(ids, 6))
+    with pytest.raises(ConfigError, match="block_len"):
+        BlockTransformerLM(build_config(dict(task="lm")))

@@ -32,32 +32,34 @@ from efformer.models.lm import sample_next
 
 
 class BlockTransformerLM(nn.Module):
-    """Block Transformer LM over ``cfg`` (width, heads, mixers, ...): its first ``cfg.n_layers - token_layers``
-    layers are the block decoder, the last ``token_layers`` the token decoder; ids (b, n) -> logits (b, n, vocab)."""
+    """Block Transformer LM over ``cfg`` (``cfg.block_len`` tokens per block): its first ``cfg.n_layers -
+    cfg.block_token_layers`` layers are the block decoder, the rest the token decoder; ids (b, n) -> logits
+    (b, n, vocab). ``create_model(..., block_len=L)`` builds one; ``save``/``load`` keep it."""
 
-    def __init__(self, cfg: ModelConfig, *, block_len: int = 4, token_layers: int = 1):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        for name, value, low in (("block_len", block_len, 1), ("token_layers", token_layers, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(name, value, f"an integer >= {low}")
-        if token_layers >= cfg.n_layers:
-            raise ConfigError("token_layers", token_layers, f"fewer than n_layers={cfg.n_layers}, so the block "
-                              "decoder keeps at least one layer")
-        if cfg.task != "lm" or not cfg.causal or cfg.exit_layers or cfg.mod_capacity is not None:
-            raise ConfigError("cfg", cfg.task, "a causal LM config without exit layers or Mixture-of-Depths")
+        if cfg.block_len is None:
+            raise ConfigError("block_len", None, "tokens per block, an integer >= 1 (the config of a plain LM "
+                              "builds a CausalLM)")
+        block_len, token_layers = cfg.block_len, cfg.block_token_layers
         self.cfg, self.block_len, self.token_layers = cfg, block_len, token_layers
         split = cfg.n_layers - token_layers
         self.blocks = Backbone(_layers(cfg, 0, split, cfg.max_len // block_len + 1))
         self.blocks.embed = None  # the block decoder is fed block embeddings, never token ids
         # the token decoder owns the token table (also the tied output head); no layers: its final norm only
         self.tokens = Backbone(_layers(cfg, split, cfg.n_layers, block_len)) if token_layers else None
-        self.embed = self.tokens.embed if token_layers else nn.Embedding(cfg.vocab_size, cfg.d_model)
-        if not token_layers:
-            nn.init.normal_(self.embed.weight, std=0.02)
+        if not token_layers:  # else the token table is self.tokens.embed, registered once (see ``embed``)
+            self.own_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            nn.init.normal_(self.own_embed.weight, std=0.02)
         d = cfg.d_model
         self.bos = nn.Parameter(torch.randn(d) * 0.02)  # block-decoder input before block 0
         self.embedder = nn.Linear(block_len * d, d)  # L token embeddings -> one block embedding
         self.prefix = nn.Linear(d, d)  # context embedding -> the token decoder's first input
+
+    @property
+    def embed(self) -> nn.Embedding:
+        """The token table (vocab, d): the token decoder's, or the model's own without token layers."""
+        return self.tokens.embed if self.tokens is not None else self.own_embed
 
     # ---- parts shared by the full forward and decoding ------------------------------------------
     def _block_embeddings(self, ids: Tensor) -> Tensor:
@@ -167,7 +169,7 @@ class BlockTransformerLM(nn.Module):
 def _layers(cfg: ModelConfig, lo: int, hi: int, max_len: int) -> ModelConfig:
     """The config of layers lo..hi-1 of ``cfg`` as a stack of its own, with ``max_len`` positions."""
     data = cfg.model_dump()
-    data.update(n_layers=hi - lo, max_len=max_len)
+    data.update(n_layers=hi - lo, max_len=max_len, block_len=None)  # each stack is a plain backbone
     if isinstance(cfg.mixer, list):
         data["mixer"] = cfg.mixer[lo:hi]
         if isinstance(cfg.mixer_options, list):

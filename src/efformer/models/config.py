@@ -77,6 +77,10 @@ class ModelConfig(StrictModel):
     ffn_bias: bool | None = None  # biases in the FFN (MLPs have them by default, GLUs not)
     head_dim: StrictInt | None = pydantic.Field(None, gt=0)  # per-head width of mixers and rotary (d_model // n_heads)
     embed_norm: bool = False  # normalise the embeddings before the first block (BERT; Peri-LN always does)
+    # Block Transformer (models/block_transformer.py): tokens per block, and how many of the top layers
+    # decode tokens locally inside a block (the rest attend over block embeddings). None: a plain LM.
+    block_len: StrictInt | None = pydantic.Field(None, gt=0)
+    block_token_layers: StrictInt = pydantic.Field(1, ge=0)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -113,6 +117,13 @@ class ModelConfig(StrictModel):
             raise CrossFieldError("exit_distill_weight", "self-distillation of exits needs exit_layers")
         if ex and self.task == "dual":
             raise CrossFieldError("exit_layers", "early exit is for task='lm' or 'classifier', not 'dual'")
+        if self.block_len is not None:
+            if self.task != "lm" or self.exit_layers or self.mod_capacity is not None:
+                raise CrossFieldError("block_len", "the Block Transformer is a causal LM (task='lm') without exit "
+                                      "layers or Mixture-of-Depths")
+            if self.block_token_layers >= self.n_layers:
+                raise CrossFieldError("block_token_layers", f"block_token_layers={self.block_token_layers} must be "
+                                      f"< n_layers={self.n_layers}, so the block decoder keeps at least one layer")
         if self.pad_id >= self.vocab_size:
             raise CrossFieldError("pad_id", f"pad_id={self.pad_id} must be < vocab_size={self.vocab_size}")
         return self

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from efformer.errors import ConfigError, UnknownNameError
+from efformer.models.block_transformer import BlockTransformerLM
 from efformer.models.classifier import DualEncoderClassifier, SequenceClassifier
 from efformer.models.config import ModelConfig, build_config
 from efformer.models.lm import CausalLM
@@ -23,6 +24,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 MODEL_CLASSES = {"lm": CausalLM, "classifier": SequenceClassifier, "dual": DualEncoderClassifier,
                  "image": ImageClassifier}
+
+
+def model_class(cfg: ModelConfig | VisionConfig) -> type[nn.Module]:
+    """The class that ``cfg`` builds: by task, and a Block Transformer for an LM with ``block_len``."""
+    if getattr(cfg, "block_len", None) is not None:
+        return BlockTransformerLM
+    return MODEL_CLASSES[cfg.task]
 
 
 def list_presets() -> list[str]:
@@ -47,4 +55,4 @@ def create_model(preset_or_config: str | dict | ModelConfig = "lm-tiny", **overr
     else:
         base = preset_or_config
     cfg = build_config(base, **overrides)
-    return MODEL_CLASSES[cfg.task](cfg)
+    return model_class(cfg)(cfg)

@@ -45,8 +45,9 @@ from torch import nn
 
 from efformer.durable import fsync_dir, fsync_file
 from efformer.errors import CheckpointError, ConfigError, EfformerError
+from efformer.models.block_transformer import BlockTransformerLM
 from efformer.models.config import ModelConfig, build_config
-from efformer.models.factory import MODEL_CLASSES
+from efformer.models.factory import MODEL_CLASSES, model_class
 from efformer.models.vision import VisionConfig, build_vision_config
 
 try:
@@ -109,14 +110,14 @@ def save_pretrained(self: nn.Module, directory: str | os.PathLike) -> Path:
 
 # Every model class gets the method here, beside ``save``: the class modules cannot import this one,
 # which imports them (through the factory).
-for _cls in MODEL_CLASSES.values():
+for _cls in (*MODEL_CLASSES.values(), BlockTransformerLM):
     _cls.save_pretrained = save_pretrained
 
 
 def _check_model(model: object) -> ModelConfig:
     """The config of an efformer model; refuses anything else before a byte is written."""
     cfg = getattr(model, "cfg", None)
-    cls = MODEL_CLASSES.get(cfg.task) if isinstance(cfg, ModelConfig | VisionConfig) else None
+    cls = model_class(cfg) if isinstance(cfg, ModelConfig | VisionConfig) else None
     if cls is None or not isinstance(model, cls):
         raise ConfigError("model", type(model).__name__,
                           "save takes an efformer model (from efformer.create_model or efformer.load); "
@@ -294,7 +295,7 @@ def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu")
     if files[MANIFEST_FILE] is not None:
         _verify(folder, files)
     cfg, sections = _parse_config(folder / CONFIG_FILE, files[CONFIG_FILE])
-    model = MODEL_CLASSES[cfg.task](cfg)
+    model = model_class(cfg)(cfg)
     for key, section in sections.items():
         CONFIG_SECTIONS[key](model, section, folder / CONFIG_FILE)
     _load_weights(model, folder / WEIGHTS_FILE, files[WEIGHTS_FILE], folder / CONFIG_FILE)
