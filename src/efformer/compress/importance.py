@@ -123,7 +123,9 @@ def wanda(model: nn.Module, kind: str, calibration: Tensor) -> list[Tensor]:
 def calibration_loss(model: nn.Module, x: Tensor, loss: str = "ce") -> Tensor:
     """Mean loss on windows ``x`` (b, n): ``ce`` (LM: next token; classifier: its own predicted class) or
     ``entropy`` (label-free: mean entropy of the predictive distributions)."""
-    logits = model(x).float()
+    logits = model(x)
+    if logits.dtype in (torch.float16, torch.bfloat16):  # float64 models keep their precision
+        logits = logits.float()
     if model.cfg.task == "lm":
         logits = logits[:, :-1]
     if loss == "entropy":

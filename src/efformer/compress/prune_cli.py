@@ -6,13 +6,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from efformer.compress.budget import TARGET_KINDS, measure_latency, parse_target, prune
 from efformer.compress.calibration import calibration_windows, read_text_ids
 from efformer.compress.evaluate import perplexity
 from efformer.compress.fuse import fuse
-from efformer.compress.importance import METHODS, NEEDS_CALIBRATION
+from efformer.compress.importance import METHODS, NEEDS_CALIBRATION, check_method
 from efformer.compress.prune import KINDS, count_params, flops_per_token
 from efformer.errors import CheckpointError, ConfigError, DataError
 from efformer.models import load, save
@@ -81,6 +82,7 @@ def _row(model: nn.Module, ids, args) -> dict[str, float | None]:
 def _cmd_prune(args) -> int:
     _check_args(args)
     model = load(args.model)
+    check_method(model, args.method, args.what, torch.zeros(1, 1, dtype=torch.long))  # before any output
     if args.seq_len > model.cfg.max_len:
         raise ConfigError("--seq-len", args.seq_len, f"must be <= the model's max_len {model.cfg.max_len}")
     calib = None
