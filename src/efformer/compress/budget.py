@@ -48,7 +48,8 @@ from efformer.errors import ConfigError
 
 TARGET_KINDS = ("params", "flops", "latency", "units")
 AMP_EPS = (1e-6, 1e2)  # range of AMP's KL tolerance (nats), searched on a log scale
-AMP_WINDOWS = 4  # calibration windows AMP's per-layer search evaluates the KL on
+AMP_WINDOWS = 2  # calibration windows AMP's per-layer search evaluates the KL on
+AMP_GRID = 32  # steps of the per-layer binary search (a layer drops a multiple of ~1/32 of its neurons)
 Progress = Callable[[str], None]
 
 
@@ -170,11 +171,14 @@ def _unit_costs(model: nn.Module, what: str) -> list[Tensor]:
 
 
 def _amp(model: nn.Module, scores: list[Tensor], calibration: Tensor, progress: Progress) -> Callable:
-    """AMP's family: t -> eps on a log scale -> per-layer binary search of the neurons to drop."""
+    """AMP's family: t -> eps on a log scale -> per-layer binary search of the neurons to drop, over a grid
+    of AMP_GRID steps per layer (KL evaluations are cached, so the outer search over eps reuses them)."""
     blocks = blocks_of(model)
     orders = [torch.argsort(s, stable=True) for s in scores]
     x = calibration[:AMP_WINDOWS]
     dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         ref = model(x).float().log_softmax(-1)
     cache: dict[tuple[int, int], float] = {}
@@ -194,15 +198,14 @@ def _amp(model: nn.Module, scores: list[Tensor], calibration: Tensor, progress: 
         eps = AMP_EPS[0] * (AMP_EPS[1] / AMP_EPS[0]) ** t
         out = []
         for i, o in enumerate(orders):
-            lo, hi = 0, len(o) - 1  # largest k with kl <= eps (kl(0) = 0)
+            grid = sorted({round(j * (len(o) - 1) / AMP_GRID) for j in range(AMP_GRID + 1)})
+            lo, hi = 0, len(grid) - 1  # largest grid point whose kl <= eps (kl(0) = 0)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if kl(i, mid) <= eps else (lo, mid - 1)
-            out.append(sorted(o[:lo].tolist()))
+                lo, hi = (mid, hi) if kl(i, grid[mid]) <= eps else (lo, mid - 1)
+            out.append(sorted(o[:grid[lo]].tolist()))
         progress(f"amp: eps={eps:.3g} drops {[len(r) for r in out]} neurons per layer")
         return out
-    was_training = model.training
-    model.eval()
     family.restore = lambda: model.train(was_training)  # type: ignore[attr-defined]
     return family
 
@@ -224,14 +227,15 @@ def _metric(model: nn.Module, target: Target, what: str, latency_fn: Callable[[n
 
 def prune(model: nn.Module, method: str, what: str, target: Target | str, calibration: Tensor | None = None, *,
           tolerance: float = 0.01, latency_fn: Callable[[nn.Module], float] | None = None, context: int = 256,
-          progress: Progress | None = None) -> PruneResult:
+          progress: Progress | None = None, scores: list[Tensor] | None = None) -> PruneResult:
     """Remove ``what`` (heads, neurons, blocks) of ``model`` ranked by ``method`` until ``target`` is met
-    within ``tolerance``; returns a new model (``model`` is untouched, also on error)."""
+    within ``tolerance``; returns a new model (``model`` is untouched, also on error). ``scores``: this
+    method's ``importance.scores`` of ``model`` computed before (several targets, one scoring)."""
     target = parse_target(target) if isinstance(target, str) else check_target(target)
     importance.check_method(model, method, what, calibration)
     progress = progress or (lambda _msg: None)
     t0 = time.perf_counter()
-    sc = importance.scores(model, method, what, calibration)
+    sc = scores if scores is not None else importance.scores(model, method, what, calibration)
     progress(f"scored {sum(len(s) for s in sc)} {what} with {method} in {time.perf_counter() - t0:.1f}s")
     if method == "amp":
         family = _amp(model, sc, calibration, progress)
