@@ -22,8 +22,12 @@ def tiny(**kw):
 CAL = torch.randint(1, 256, (4, 16), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "taylor", "amp", "optin"])
-@pytest.mark.parametrize("target", ["params=0.8", "flops=0.85"])
+FAST = {("magnitude", "params=0.8"), ("wanda", "flops=0.85"), ("optin", "params=0.8")}
+
+
+@pytest.mark.parametrize("method,target", [
+    pytest.param(m, t, marks=() if (m, t) in FAST else pytest.mark.slow)
+    for m in ("magnitude", "wanda", "taylor", "amp", "optin") for t in ("params=0.8", "flops=0.85")])
 def test_neuron_targets_met_within_one_percent(method, target):
     m = tiny()
     r = prune(m, method, "neurons", target, CAL)

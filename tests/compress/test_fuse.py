@@ -34,6 +34,7 @@ def test_zero_steps_is_plain_removal():
     assert all(torch.equal(a, b) for a, b in zip(f.state_dict().values(), plain.state_dict().values(), strict=True))
 
 
+@pytest.mark.slow
 def test_fusion_recovers_and_saves(tmp_path):
     m = tiny()
     before = {k: v.clone() for k, v in m.state_dict().items()}
