@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efformer.compress.calibration import observe
+from efformer.compress.calibration import check_windows, observe
 from efformer.compress.prune import blocks_of, check_kind, n_units, output_projection, owners
-from efformer.errors import CapabilityError, ConfigError, ShapeError
+from efformer.errors import CapabilityError, ConfigError
 
 METHODS = ("magnitude", "wanda", "taylor", "amp", "optin", "block-influence")
 NEEDS_CALIBRATION = ("wanda", "taylor", "amp", "optin", "block-influence")
@@ -55,14 +55,7 @@ def check_method(model: nn.Module, method: str, what: str, calibration: Tensor |
         raise ConfigError("what", what, f"{method} scores {' and '.join(SUPPORTS[method])}; for "
                           f"{what} use {', '.join(m for m, k in SUPPORTS.items() if what in k)}")
     if method in NEEDS_CALIBRATION:
-        if calibration is None:
-            raise ConfigError("calibration", None, f"method {method!r} needs calibration windows: a LongTensor "
-                              "(n, seq) of token ids (efformer.compress.calibration_windows; CLI: --calib FILES)")
-        if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long \
-                or calibration.numel() == 0:
-            raise ShapeError("calibration must be a non-empty LongTensor (n_windows, seq_len) of token ids, got "
-                             f"{getattr(calibration, 'dtype', type(calibration).__name__)} "
-                             f"{tuple(getattr(calibration, 'shape', ()))}")
+        check_windows(calibration, f"method {method!r}")
         if model.cfg.task == "dual":
             raise CapabilityError(f"method {method!r} runs the model on calibration text, which a dual encoder "
                                   "(two inputs) cannot take; use magnitude")
@@ -190,11 +183,20 @@ def gated(model: nn.Module, kind: str, gates: list[Tensor]) -> Iterator[None]:
             h.remove()
 
 
-def _block_outputs(model: nn.Module) -> tuple[list[Tensor], list]:
-    """A list the forward fills with each block's output hidden state (b, n, d), and the hook handles."""
+def _run_blocks(model: nn.Module, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Run ``model`` on ``x``; each block's input and output hidden states (b, n, d), in layer order."""
+    ins: list[Tensor] = []
     outs: list[Tensor] = []
-    handles = [b.register_forward_hook(lambda _m, _a, o: outs.append(o[0])) for b in blocks_of(model)]
-    return outs, handles
+    handles = []
+    for b in blocks_of(model):
+        handles.append(b.register_forward_pre_hook(lambda _m, args: ins.append(args[0])))
+        handles.append(b.register_forward_hook(lambda _m, _a, o: outs.append(o[0])))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return ins, outs
 
 
 def optin(model: nn.Module, kind: str, calibration: Tensor, projections: int = OPTIN_PROJECTIONS,
@@ -210,12 +212,7 @@ def optin(model: nn.Module, kind: str, calibration: Tensor, projections: int = O
     try:
         with gated(model, kind, gates):
             for i in range(0, calibration.shape[0], batch_size):
-                outs, handles = _block_outputs(model)
-                try:
-                    model(calibration[i:i + batch_size])
-                finally:
-                    for h in handles:
-                        h.remove()
+                _, outs = _run_blocks(model, calibration[i:i + batch_size])
                 feats = [(o / o.detach().norm().clamp(min=1e-12)).float() for o in outs]
                 for _ in range(projections):
                     proj = sum((f * torch.randn(f.shape, generator=gen).to(f.device)).sum() for f in feats)
@@ -233,25 +230,15 @@ def block_influence(model: nn.Module, calibration: Tensor, batch_size: int = 8) 
     blocks = blocks_of(model)
     sums = torch.zeros(len(blocks), dtype=torch.float64)
     count = 0
-    ins: list[Tensor] = []
-    handles = [b.register_forward_pre_hook(lambda _m, args: ins.append(args[0])) for b in blocks]
     was_training = model.training
     model.eval()
     try:
         for i in range(0, calibration.shape[0], batch_size):
-            ins.clear()
-            outs, out_handles = _block_outputs(model)
-            try:
-                model(calibration[i:i + batch_size])
-            finally:
-                for h in out_handles:
-                    h.remove()
+            ins, outs = _run_blocks(model, calibration[i:i + batch_size])
             for j, (a, b) in enumerate(zip(ins, outs, strict=True)):
                 sums[j] += F.cosine_similarity(a.double(), b.double(), dim=-1).sum().cpu()
             count += ins[0].shape[0] * ins[0].shape[1]
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     return [1 - s / count for s in sums]
 
