@@ -142,3 +142,17 @@ def test_config_refuses_bad_layer_fields():
         efformer.create_model("lm-tiny", layer_heads=[2, 4])
     with pytest.raises(ConfigError, match="one positive integer per layer"):
         efformer.create_model("lm-tiny", layer_ffn_hidden=[10])
+
+
+def test_hf_imported_model(tmp_path):
+    """An imported Qwen2 (GQA, q/k/v biases): zero-output KV group and neurons removed, outputs kept, saved."""
+    from tests.interop import hf_models as hm
+
+    m = efformer.from_hf(hm.save(hm.qwen2(), tmp_path / "hf")).double().eval()
+    x = torch.randint(1, hm.VOCAB, (2, 9))
+    _zero_units(m, [(1, [0, 1])], [(0, [3, 50])])
+    p = apply_plan(m, PrunePlan(heads={1: [0, 1]}, neurons={0: [3, 50]}))
+    assert p.backbone.blocks[1].mixer.kv_proj.bias.shape == (2 * 8,)
+    assert (p(x) - m(x)).abs().max() < 1e-12
+    efformer.save(p, tmp_path / "p")
+    assert torch.equal(efformer.load(tmp_path / "p").double()(x), p(x))
