@@ -203,13 +203,13 @@ class Mixer(nn.Module):
         for field_name, value in (("d_model", d_model), ("n_heads", n_heads), ("max_len", max_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(field_name, value, "a positive integer")
-        if d_model % n_heads:
-            raise ConfigError("n_heads", n_heads, f"must be positive and divide d_model={d_model}")
         if not isinstance(causal, bool):
             raise ConfigError("causal", causal, "True or False")
         if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
             raise ConfigError("dropout", dropout, "a probability in [0, 1)")
         self.opts = validate_options(self.Options, options, self.name)
+        if d_model % n_heads and getattr(self.opts, "head_dim", None) is None:  # a set head width needs no split
+            raise ConfigError("n_heads", n_heads, f"must be positive and divide d_model={d_model}")
         if self.opts.form != "auto" and self.opts.form not in caps.forms:
             raise ConfigError(f"{self.name}.form", self.opts.form, form_why_not(self.name, caps, self.opts.form)[0])
         reasons = caps.why_not(self.name, causal=causal)

@@ -30,18 +30,18 @@ def deepnorm_constants(n_layers: int) -> tuple[float, float]:
 class Block(nn.Module):
     """One layer: token mixer and feed-forward, each a residual branch with its norms."""
 
-    def __init__(self, cfg: ModelConfig, mixer_name: str, mixer_options: dict):
+    def __init__(self, cfg: ModelConfig, mixer_name: str, mixer_options: dict, layer: int | None = None):
         super().__init__()
         self.placement = cfg.norm_placement
         self.mixer: Mixer = MIXERS.get(mixer_name)(
             cfg.d_model,
-            cfg.n_heads,
+            cfg.layer_n_heads(layer),  # a pruned layer may have fewer heads
             causal=cfg.causal,
             options=mixer_options,
             dropout=cfg.attn_dropout,
             max_len=cfg.max_len,
         )
-        self.ffn = build_ffn(cfg)
+        self.ffn = build_ffn(cfg, layer)
         norm = norm_factory(cfg)
         self.norm1, self.norm2 = norm(cfg.d_model), norm(cfg.d_model)
         if self.placement in ("peri", "sandwich"):
@@ -78,10 +78,12 @@ class Block(nn.Module):
         return self.norm2(self.alpha * x + self.drop(ffn(x))), state
 
 
-def build_ffn(cfg: ModelConfig) -> nn.Module:
+def build_ffn(cfg: ModelConfig, layer: int | None = None) -> nn.Module:
     """The config's FFN; one with options (MoE) gets ``ffn_options`` and whether the model is causal."""
     cls = FFNS.get(cfg.ffn)
     extra = {} if cfg.ffn_bias is None else {"bias": cfg.ffn_bias}  # checked at config time: cls takes it
+    if layer is not None and cfg.layer_ffn_hidden is not None:  # a pruned layer's width (checked: cls takes it)
+        extra["hidden"] = cfg.layer_ffn_hidden[layer]
     if cls.Options.model_fields:
         return cls(cfg.d_model, cfg.ffn_mult, cfg.dropout, options=cfg.ffn_options, causal=cfg.causal, **extra)
     return cls(cfg.d_model, cfg.ffn_mult, cfg.dropout, **extra)

@@ -81,6 +81,10 @@ class ModelConfig(StrictModel):
     # decode tokens locally inside a block (the rest attend over block embeddings). None: a plain LM.
     block_len: StrictInt | None = pydantic.Field(None, gt=0)
     block_token_layers: StrictInt = pydantic.Field(1, ge=0)
+    # Structured pruning (compress/prune.py): query heads and FFN hidden width of each layer (None: n_heads,
+    # and the width ffn_mult gives, everywhere); per-layer heads need head_dim set (heads keep their width).
+    layer_heads: list[StrictInt] | None = None
+    layer_ffn_hidden: list[StrictInt] | None = None
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -118,12 +122,21 @@ class ModelConfig(StrictModel):
         if ex and self.task == "dual":
             raise CrossFieldError("exit_layers", "early exit is for task='lm' or 'classifier', not 'dual'")
         if self.block_len is not None:
-            if self.task != "lm" or self.exit_layers or self.mod_capacity is not None:
+            if self.task != "lm" or self.exit_layers or self.mod_capacity is not None or self.layer_heads \
+                    or self.layer_ffn_hidden:
                 raise CrossFieldError("block_len", "the Block Transformer is a causal LM (task='lm') without exit "
-                                      "layers or Mixture-of-Depths")
+                                      "layers, Mixture-of-Depths or per-layer (pruned) widths")
             if self.block_token_layers >= self.n_layers:
                 raise CrossFieldError("block_token_layers", f"block_token_layers={self.block_token_layers} must be "
                                       f"< n_layers={self.n_layers}, so the block decoder keeps at least one layer")
+        for name in ("layer_heads", "layer_ffn_hidden"):
+            per = getattr(self, name)
+            if per is not None and (len(per) != self.n_layers or min(per) < 1):
+                raise CrossFieldError(name, f"{name}={per} must hold one positive integer per layer "
+                                      f"(n_layers={self.n_layers})")
+        if self.layer_heads is not None and self.head_dim is None:
+            raise CrossFieldError("head_dim", "layer_heads needs head_dim set: a head keeps its width when "
+                                  "others are pruned, so d_model // heads no longer gives it")
         if self.pad_id >= self.vocab_size:
             raise CrossFieldError("pad_id", f"pad_id={self.pad_id} must be < vocab_size={self.vocab_size}")
         return self
@@ -142,6 +155,10 @@ class ModelConfig(StrictModel):
         if isinstance(opts, list):
             return [(m, {**o, **extra}) for m, o in zip(self.mixer, opts, strict=True)]
         return [(m, {**opts.get(m, {}), **extra}) for m in self.mixer]
+
+    def layer_n_heads(self, layer: int | None) -> int:
+        """Query heads of layer ``layer`` (``n_heads`` unless pruning set ``layer_heads``; None: n_heads)."""
+        return self.n_heads if layer is None or self.layer_heads is None else self.layer_heads[layer]
 
     def layer_mod_capacity(self, layer: int) -> float | None:
         """Mixture-of-Depths capacity of layer ``layer``, or None for a plain block."""
@@ -203,6 +220,9 @@ def check_parts(cfg: ModelConfig) -> None:
                                    ("ffn_bias", cfg.ffn_bias, FFNS.get(cfg.ffn), "bias")):
         if value is not None and kw not in inspect.signature(part).parameters:
             raise ConfigError(field, value, f"{part.__name__} takes no {kw!r}; leave {field} unset (None) for it")
+    if cfg.layer_ffn_hidden is not None and "hidden" not in inspect.signature(FFNS.get(cfg.ffn)).parameters:
+        raise ConfigError("layer_ffn_hidden", cfg.layer_ffn_hidden, f"ffn {cfg.ffn!r} takes no hidden width; "
+                          "leave layer_ffn_hidden unset (None)")
     if cfg.head_dim is not None:
         for name, _ in cfg.layer_mixers():
             if "head_dim" not in MIXERS.get(name).Options.model_fields:
@@ -220,18 +240,18 @@ def check_parts(cfg: ModelConfig) -> None:
         if reasons:
             layer = f"layer {i}: " if per_layer else ""
             raise CapabilityError(layer + "; ".join(reasons))
-        key = f"{name}:{validated.model_dump_json()}"
-        if key not in checked:  # layers with the same mixer and options need one trial build
+        key = f"{name}:{cfg.layer_n_heads(i)}:{validated.model_dump_json()}"
+        if key not in checked:  # layers with the same mixer, heads and options need one trial build
             checked.add(key)
-            _check_constructor(cls, cfg, validated)
+            _check_constructor(cls, cfg, validated, cfg.layer_n_heads(i))
 
 
-def _check_constructor(cls, cfg: ModelConfig, options) -> None:
+def _check_constructor(cls, cfg: ModelConfig, options, n_heads: int | None = None) -> None:
     """Run the mixer's own constructor checks (e.g. n_kv_heads dividing n_heads) on the meta device, so
     a config that cannot build is refused here, before any weight is allocated."""
     try:
         with torch.device("meta"):
-            cls(cfg.d_model, cfg.n_heads, causal=cfg.causal, options=options, dropout=cfg.attn_dropout,
+            cls(cfg.d_model, n_heads or cfg.n_heads, causal=cfg.causal, options=options, dropout=cfg.attn_dropout,
                 max_len=cfg.max_len)
     except EfformerError:
         raise

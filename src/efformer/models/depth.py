@@ -31,9 +31,10 @@ Routing = Literal["auto", "topk", "predictor"]
 class MoDBlock(nn.Module):
     """A block that only the routed tokens go through: (b, n, d) -> (b, n, d), threading the decode state."""
 
-    def __init__(self, cfg: ModelConfig, mixer_name: str, mixer_options: dict, capacity: float):
+    def __init__(self, cfg: ModelConfig, mixer_name: str, mixer_options: dict, capacity: float,
+                 layer: int | None = None):
         super().__init__()
-        self.block = Block(cfg, mixer_name, mixer_options)
+        self.block = Block(cfg, mixer_name, mixer_options, layer)
         self.capacity, self.gate, self.causal = capacity, cfg.mod_gate, cfg.causal
         self.router = nn.Linear(cfg.d_model, 1, bias=False)
         nn.init.zeros_(self.router.weight)  # an even start: sigmoid gates of 0.5, ties broken by position
@@ -115,8 +116,8 @@ class MoDBlock(nn.Module):
 def make_block(cfg: ModelConfig, layer: int, mixer_name: str, mixer_options: dict) -> nn.Module:
     """Layer ``layer``'s block: a MoDBlock where the config gives it a capacity, else a plain Block."""
     capacity = cfg.layer_mod_capacity(layer)
-    block = Block(cfg, mixer_name, mixer_options) if capacity is None else MoDBlock(cfg, mixer_name, mixer_options,
-                                                                                 capacity)
+    block = Block(cfg, mixer_name, mixer_options, layer) if capacity is None else MoDBlock(
+        cfg, mixer_name, mixer_options, capacity, layer)
     if hasattr(block.ffn, "configure_layer"):  # an extracted MatFormer keeps this layer's neurons only
         block.ffn.configure_layer(layer)
     return block

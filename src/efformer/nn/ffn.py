@@ -27,14 +27,16 @@ _ACTS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu
 
 
 class MLP(nn.Module):
-    """Two-layer MLP: (b, n, d) -> (b, n, d) with hidden width ``mult * d``; biased unless ``bias=False``."""
+    """Two-layer MLP: (b, n, d) -> (b, n, d) with hidden width ``mult * d`` (or ``hidden``, set by pruning);
+    biased unless ``bias=False``."""
 
     Options = FFNOptions
     activation = "gelu"
 
-    def __init__(self, d_model: int, mult: float = 4.0, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, d_model: int, mult: float = 4.0, dropout: float = 0.0, bias: bool = True,
+                 hidden: int | None = None):
         super().__init__()
-        hidden = max(1, round(mult * d_model))
+        hidden = hidden or max(1, round(mult * d_model))
         self.up = nn.Linear(d_model, hidden, bias=bias)
         self.down = nn.Linear(hidden, d_model, bias=bias)
         self.drop = nn.Dropout(dropout)
@@ -47,14 +49,15 @@ class MLP(nn.Module):
 
 class GLU(nn.Module):
     """Gated linear unit FFN: down(act(gate(x)) * up(x)); hidden = 2/3 * mult * d keeps MLP's params;
-    unbiased unless ``bias=True``."""
+    unbiased unless ``bias=True``; ``hidden`` (set by pruning) overrides the width."""
 
     Options = FFNOptions
     activation = "silu"
 
-    def __init__(self, d_model: int, mult: float = 4.0, dropout: float = 0.0, bias: bool = False):
+    def __init__(self, d_model: int, mult: float = 4.0, dropout: float = 0.0, bias: bool = False,
+                 hidden: int | None = None):
         super().__init__()
-        hidden = max(1, round(2 * mult * d_model / 3))
+        hidden = hidden or max(1, round(2 * mult * d_model / 3))
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=bias)
         self.down = nn.Linear(hidden, d_model, bias=bias)
         self.drop = nn.Dropout(dropout)
