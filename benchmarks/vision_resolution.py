@@ -15,6 +15,7 @@ matrix of attention dominates), measured by a TorchFunctionMode; wall time is th
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
@@ -59,8 +60,9 @@ def build(mixer: str, options, depth: int, size: int, channels: int = 3, n_class
 def speed(sizes: list[int], depth: int, batch: int, repeat: int) -> None:
     print(f"| model | {' | '.join(f'{s}px ({(s // 4) ** 2} tok) ms / MB' for s in sizes)} |")
     print(f"|---|{'---|' * len(sizes)}")
+    growth = {}
     for label, (mixer, opts) in MIXERS.items():
-        cells = []
+        cells, times = [], []
         for s in sizes:
             torch.manual_seed(0)
             model = build(mixer, opts, depth, s)
@@ -72,8 +74,15 @@ def speed(sizes: list[int], depth: int, batch: int, repeat: int) -> None:
 
             with _Largest() as big:
                 step()
-            cells.append(f"{time_ms(step, warmup=1, repeat=repeat):.0f} / {big.bytes / 2**20:.1f}")
+            times.append(time_ms(step, warmup=1, repeat=repeat))
+            cells.append(f"{times[-1]:.0f} / {big.bytes / 2**20:.1f}")
         print(f"| {label} | {' | '.join(cells)} |")
+        growth[label] = times
+    if len(sizes) >= 2:  # time ~ tokens^e between the two largest sizes: ~1 for windowed/linear, ~2 for ViT
+        n0, n1 = ((s // 4) ** 2 for s in sizes[-2:])
+        print(f"\ngrowth exponent e (time ~ tokens^e) from {n0} to {n1} tokens:")
+        for label, t in growth.items():
+            print(f"- {label}: e = {math.log(t[-1] / t[-2]) / math.log(n1 / n0):.2f}")
 
 
 def accuracy(seconds: float, steps_cap: int, depth: int, seed: int) -> None:

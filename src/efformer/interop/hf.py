@@ -23,9 +23,11 @@ from efformer.errors import CapabilityError, CheckpointError, ConfigError, Effor
 from efformer.interop.archs import ARCHS, Rule, to_efformer, to_hf_tensors
 from efformer.interop.folder import CONFIG, SINGLE, Weights, hf_folder, read_json
 from efformer.interop.heads import FirstTokenClassifier, MaskedLM
+from efformer.interop.vision_archs import VISION_ARCHS, VisionArch
 from efformer.models.config import ModelConfig, build_config
 from efformer.models.io import MANIFEST_FILE, _as_path, load, publish_folder
 from efformer.models.lm import CausalLM
+from efformer.models.vision import ImageClassifier, build_vision_config
 
 _HEADS = {"lm": CausalLM, "mlm": MaskedLM, "cls": FirstTokenClassifier}
 _HEAD_SUFFIX = (("ForCausalLM", "lm"), ("LMHeadModel", "lm"), ("ForMaskedLM", "mlm"),
@@ -40,12 +42,37 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> n
                                         "it); copy it from the model's source")
     model_type = hf_cfg.get("model_type")
     arch = ARCHS.get(model_type)
+    if model_type in VISION_ARCHS:
+        return _from_hf_vision(folder, hf_cfg, VISION_ARCHS[model_type], dtype)
     if arch is None:
         raise CheckpointError(f"{folder / CONFIG}: model_type {model_type!r} is not supported; efformer imports "
-                              f"{', '.join(sorted(ARCHS))}")
+                              f"{', '.join(sorted([*ARCHS, *VISION_ARCHS]))}")
     head = _head_kind(folder, hf_cfg, arch.heads)
+    cfg = _mapped_config(folder, hf_cfg, lambda: build_config(arch.config(hf_cfg)))
+    weights = Weights(folder)
+    model = _HEADS[head](cfg)
+    model.load_state_dict(_import_tensors(arch.body + arch.heads[head], arch.ignore, weights, model, folder))
+    return model.to(dtype).eval()
+
+
+def _from_hf_vision(folder: Path, hf_cfg: dict, arch: VisionArch, dtype: torch.dtype) -> nn.Module:
+    """An ImageClassifier from a HF vision classifier folder, by the architecture's rules."""
+    names = hf_cfg.get("architectures") or list(arch.classes)
+    if not set(names) & set(arch.classes):
+        raise CheckpointError(f"{folder / CONFIG}: architectures {names} name no head efformer imports for "
+                              f"{hf_cfg.get('model_type')} (known: {', '.join(arch.classes)}); save the model as one")
+    cfg = _mapped_config(folder, hf_cfg, lambda: build_vision_config(arch.config(hf_cfg)))
+    model = ImageClassifier(cfg)
+    rules = _mapped_config(folder, hf_cfg, lambda: arch.rules(hf_cfg))
+    model.load_state_dict(_import_tensors(rules, arch.ignore, Weights(folder), model, folder))
+    return model.to(dtype).eval()
+
+
+def _mapped_config(folder: Path, hf_cfg: dict, build):
+    """``build()`` with a missing config field or an efformer refusal reported against config.json."""
+    model_type = hf_cfg.get("model_type")
     try:
-        cfg = build_config(arch.config(hf_cfg))
+        return build()
     except KeyError as e:
         raise CheckpointError(f"{folder / CONFIG} lacks the field {e.args[0]!r} a {model_type} config has; restore "
                               "the file from the model's source") from None
@@ -53,10 +80,6 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> n
         if isinstance(e, CheckpointError):
             raise CheckpointError(f"{folder / CONFIG}: {e}") from None
         raise CheckpointError(f"{folder / CONFIG} maps to an invalid efformer config: {e}") from None
-    weights = Weights(folder)
-    model = _HEADS[head](cfg)
-    model.load_state_dict(_import_tensors(arch.body + arch.heads[head], arch.ignore, weights, model, folder))
-    return model.to(dtype).eval()
 
 
 def _head_kind(folder: Path, hf_cfg: dict, heads: dict) -> str:
@@ -87,7 +110,7 @@ def _expand(rules: list[Rule], n_layers: int) -> list[Rule]:
 def _import_tensors(rules, ignore, weights: Weights, model: nn.Module, folder: Path) -> dict[str, Tensor]:
     """The model's state dict filled from the checkpoint by ``rules``; every tensor accounted for."""
     state, out, used = model.state_dict(), {}, set()
-    for rule in _expand(rules, model.cfg.n_layers):
+    for rule in _expand(rules, getattr(model.cfg, "n_layers", 0)):  # vision rules come with indices filled
         if not all(e in state for e in rule.ef):
             continue  # e.g. a bias this model has none of
         names = [_pick(alts, weights, folder, rule.ef[0]) for alts in rule.hf]

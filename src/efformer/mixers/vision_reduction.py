@@ -32,12 +32,15 @@ class SraOptions(MixerOptions):
 
     ratio: int = pydantic.Field(2, ge=1, le=64, description="reduction ratio R: keys are the grid reduced R x R "
                                                             "(PVT-tiny: 8, 4, 2, 1 by stage); 1 = full attention")
+    norm_eps: float = pydantic.Field(1e-5, gt=0, description="epsilon of the LayerNorm of the reduced tokens "
+                                                             "(PVT's checkpoints: 1e-6)")
 
 
 class LinearSraOptions(MixerOptions):
     """Options of PVT v2's linear spatial-reduction attention."""
 
     pool: int = pydantic.Field(7, ge=1, le=64, description="keys are the grid average-pooled to pool x pool")
+    norm_eps: float = pydantic.Field(1e-5, gt=0, description="epsilon of the LayerNorm of the reduced tokens")
 
 
 class _Reduced(GridMixer):
@@ -47,7 +50,7 @@ class _Reduced(GridMixer):
         super().__init__(*args, **kw)
         d = self.d_model
         self.q_proj, self.kv_proj, self.out_proj = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
-        self.norm = nn.LayerNorm(d)
+        self.norm = nn.LayerNorm(d, eps=self.opts.norm_eps)
 
     def init_roles(self) -> dict[str, list[Tensor]]:
         """Value rows of the key/value projection, and the output projection."""
