@@ -25,9 +25,19 @@ _PVT = dict(image_size=32, num_channels=3, num_encoder_blocks=3, depths=[1, 2, 1
             hidden_sizes=[8, 16, 24], patch_sizes=[4, 2, 2], strides=[4, 2, 2], num_attention_heads=[1, 2, 3],
             mlp_ratios=[2, 3, 2], num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
             drop_path_rate=0.0)
+_PVT2 = dict(image_size=32, num_channels=3, num_encoder_blocks=3, depths=[1, 2, 1], sr_ratios=[4, 2, 1],
+             hidden_sizes=[8, 16, 24], patch_sizes=[7, 3, 3], strides=[4, 2, 2], num_attention_heads=[1, 2, 3],
+             mlp_ratios=[2, 3, 2], num_labels=5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+             drop_path_rate=0.0)
 _POOL = dict(num_channels=3, num_encoder_blocks=2, depths=[1, 2], hidden_sizes=[8, 16], patch_sizes=[7, 3],
              strides=[4, 2], padding=[2, 1], mlp_ratio=2.0, num_labels=5)
 
+# depth grows by stage: HF CvT indexes its per-stage drop-path list by the stage number
+_CVT = dict(num_channels=3, patch_sizes=[7, 3, 3], patch_stride=[4, 2, 2], patch_padding=[2, 1, 1],
+            embed_dim=[8, 16, 24], num_heads=[1, 2, 3], depth=[1, 2, 3], mlp_ratio=[2.0, 3.0, 2.0],
+            attention_drop_rate=[0.0] * 3, drop_rate=[0.0] * 3, drop_path_rate=[0.0] * 3, qkv_bias=[True] * 3, cls_token=[False, False, True],
+            qkv_projection_method=["dw_bn"] * 3, kernel_qkv=[3] * 3, padding_kv=[1] * 3, stride_kv=[2] * 3,
+            padding_q=[1] * 3, stride_q=[1] * 3, num_labels=5)
 CASES = {  # name -> (model class, config class, config, image side)
     "vit": (T.ViTForImageClassification, T.ViTConfig, _VIT, 12),
     "deit": (T.DeiTForImageClassificationWithTeacher, T.DeiTConfig, _VIT, 12),
@@ -37,6 +47,9 @@ CASES = {  # name -> (model class, config class, config, image side)
     "swinv2-padded": (T.Swinv2ForImageClassification, T.Swinv2Config, dict(_SWIN_PADDED, depths=[2, 2, 2],
                                                                            num_heads=[2, 2, 4]), 24),
     "pvt": (T.PvtForImageClassification, T.PvtConfig, _PVT, 32),
+    "pvt_v2": (T.PvtV2ForImageClassification, T.PvtV2Config, _PVT2, 32),
+    "pvt_v2-linear": (T.PvtV2ForImageClassification, T.PvtV2Config, dict(_PVT2, linear_attention=True), 32),
+    "cvt": (T.CvtForImageClassification, T.CvtConfig, _CVT, 32),
     "poolformer": (T.PoolFormerForImageClassification, T.PoolFormerConfig, _POOL, 16),
 }
 

@@ -3,7 +3,7 @@
 Same scheme as ``archs.py`` (a config function and weight ``Rule``s), but the rules depend on the
 checkpoint's stage layout (depths per stage), so each architecture gives a function of the HF config
 that returns them with every stage and block index filled in. Architectures: ViT, DeiT (with its
-distillation head), Swin, Swin V2, PVT and PoolFormer. A config setting that efformer's model does not
+distillation head), Swin, Swin V2, PVT, PVT v2, CvT and PoolFormer. A config setting that efformer's model does not
 reproduce is refused with the setting's name, never approximated.
 """
 
@@ -244,6 +244,103 @@ def _pvt_rules(c: dict) -> list[Rule]:
     return [*out, *wb("final_norm", "pvt.encoder.layer_norm"), *wb("head", "classifier")]
 
 
+# ---- PVT v2 -------------------------------------------------------------------------------------
+def _pvt_v2_config(c: dict) -> dict:
+    n, eps, linear = c["num_encoder_blocks"], c.get("layer_norm_eps", 1e-6), bool(c.get("linear_attention", False))
+    sizes, strides, ratios = c["patch_sizes"], c["strides"], c["sr_ratios"]
+    if any(s != 2 for s in strides[1:]) or len(set(sizes[1:])) > 1 or any(k % 2 == 0 for k in sizes[1:]):
+        raise CheckpointError(f"config.json: patch_sizes={sizes}, strides={strides}; efformer's merges are one odd "
+                              "kernel of stride 2 for every stage after the first")
+    _require(c, qkv_bias=True)
+    stages = []
+    for i in range(n):
+        if linear:
+            mixer, opts = "linear_sra", {"pool": 7, "norm_eps": eps}
+        else:
+            mixer, opts = ("sra", {"ratio": ratios[i], "norm_eps": eps}) if ratios[i] > 1 else ("softmax", {
+                "qkv_bias": True})
+        stages.append(dict(depth=c["depths"][i], d_model=c["hidden_sizes"][i], n_heads=c["num_attention_heads"][i],
+                           mixer=mixer, mixer_options=opts, ffn_mult=float(c["mlp_ratios"][i])))
+    if c.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"config.json: hidden_act={c['hidden_act']!r}; efformer's Mix-FFN uses gelu")
+    return dict(image_size=_side(c), in_channels=c.get("num_channels", 3), patch_size=strides[0],
+                patch_kernel=sizes[0], patch_padding=sizes[0] // 2, patch_norm=True, stages=stages, merge="conv",
+                merge_kernel=sizes[1] if n > 1 else 3, merge_pre_norm=True, positional="none", pooling="mean",
+                n_classes=_classes(c), norm="layernorm", norm_eps=eps, ffn="mixffn", ffn_options={"relu": linear})
+
+
+def _pvt_v2_rules(c: dict) -> list[Rule]:
+    n, lay, linear = c["num_encoder_blocks"], "pvt_v2.encoder.layers", bool(c.get("linear_attention", False))
+    out = [*wb("patch.proj", f"{lay}.0.patch_embedding.proj"), *wb("patch.norm", f"{lay}.0.patch_embedding.layer_norm")]
+    for s in range(n):
+        if s:
+            out += [*wb(f"merges.{s - 1}.pre_norm", f"{lay}.{s - 1}.layer_norm"),
+                    *wb(f"merges.{s - 1}.proj", f"{lay}.{s}.patch_embedding.proj"),
+                    *wb(f"merges.{s - 1}.norm", f"{lay}.{s}.patch_embedding.layer_norm")]
+        for j in range(c["depths"][s]):
+            e, h = f"stages.{s}.{j}", f"{lay}.{s}.blocks.{j}"
+            a = f"{h}.attention"
+            reduce = ([*wb(f"{e}.mixer.proj", f"{a}.spatial_reduction", _reshape)] if linear else
+                      [r(f"{e}.mixer.reduce.weight", f"{a}.spatial_reduction.weight", _conv_as_patch_linear),
+                       r(f"{e}.mixer.reduce.bias", f"{a}.spatial_reduction.bias")])
+            out += [*wb(f"{e}.norm1", f"{h}.layer_norm_1"), *wb(f"{e}.mixer.q_proj", f"{a}.query"),
+                    *wbs((f"{e}.mixer.kv_proj",), (f"{a}.key", f"{a}.value"), "cat"),
+                    *wb(f"{e}.mixer.out_proj", f"{a}.proj"), *reduce, *wb(f"{e}.mixer.norm", f"{a}.layer_norm"),
+                    *wb(f"{e}.norm2", f"{h}.layer_norm_2"), *wb(f"{e}.ffn.up", f"{h}.mlp.dense1"),
+                    *wb(f"{e}.ffn.dwconv", f"{h}.mlp.dwconv.dwconv"), *wb(f"{e}.ffn.down", f"{h}.mlp.dense2")]
+    return [*out, *wb("final_norm", f"{lay}.{n - 1}.layer_norm"), *wb("head", "classifier")]
+
+
+# ---- CvT ----------------------------------------------------------------------------------------
+def _cvt_config(c: dict) -> dict:
+    n, cls = len(c["depth"]), list(c["cls_token"])
+    if any(cls[:-1]) or not cls[-1]:  # (transformers' own CvtForImageClassification fails without the last one)
+        raise CheckpointError(f"config.json: cls_token={cls}; efformer maps CvT with a class token in the last stage "
+                              "only, as the released CvT models have")
+    for key, ok in (("qkv_projection_method", "dw_bn"), ("qkv_bias", True), ("stride_q", 1)):
+        if any(v != ok for v in c.get(key, [ok] * n)):
+            raise CheckpointError(f"config.json: {key}={c[key]} is not supported (efformer's cvt mixer: {ok!r})")
+    for key in ("padding_q", "padding_kv"):
+        if [int(p) for p in c[key]] != [k // 2 for k in c["kernel_qkv"]]:
+            raise CheckpointError(f"config.json: {key}={c[key]}; efformer's cvt mixer pads by kernel_qkv // 2")
+    strides, sizes, pads = c["patch_stride"], c["patch_sizes"], c["patch_padding"]
+    if any(s != 2 for s in strides[1:]) or len(set(sizes[1:])) > 1 or any(p != (k - 1) // 2 for k, p in
+                                                                         zip(sizes[1:], pads[1:], strict=True)):
+        raise CheckpointError(f"config.json: patch_sizes={sizes}, patch_stride={strides}, patch_padding={pads}; "
+                              "efformer's merges after the first stage are one kernel, stride 2, (kernel - 1) // 2")
+    stages = [dict(depth=c["depth"][i], d_model=c["embed_dim"][i], n_heads=c["num_heads"][i], mixer="cvt",
+                   mixer_options={"kernel": c["kernel_qkv"][i], "kv_stride": c["stride_kv"][i], "scale": "width",
+                                  "leading_tokens": int(cls[i])}, ffn_mult=float(c["mlp_ratio"][i])) for i in range(n)]
+    return dict(image_size=strides[0] * 56, in_channels=c.get("num_channels", 3), patch_size=strides[0],
+                patch_kernel=sizes[0], patch_padding=pads[0], patch_norm=True, stages=stages, merge="conv",
+                merge_kernel=sizes[1] if n > 1 else 3, positional="none", pooling="cls",
+                class_token_stage="last", n_classes=_classes(c), norm="layernorm", ffn="gelu")
+
+
+def _cvt_rules(c: dict) -> list[Rule]:
+    out = []
+    for s, depth in enumerate(c["depth"]):
+        st = f"cvt.encoder.stages.{s}"
+        emb, into = f"{st}.embedding.convolution_embeddings", ("patch" if s == 0 else f"merges.{s - 1}")
+        out += [*wb(f"{into}.proj", f"{emb}.projection"), *wb(f"{into}.norm", f"{emb}.normalization")]
+        if c["cls_token"][s]:
+            out.append(r("extra", f"{st}.cls_token", _tokens))
+        for j in range(depth):
+            e, h = f"stages.{s}.{j}", f"{st}.layers.{j}"
+            a = f"{h}.attention.attention"
+            for ours, theirs in (("q", "query"), ("k", "key"), ("v", "value")):
+                conv = f"{a}.convolution_projection_{theirs}.convolution_projection"
+                out += [r(f"{e}.mixer.{ours}_conv.conv.weight", f"{conv}.convolution.weight"),
+                        *[r(f"{e}.mixer.{ours}_conv.norm.{b}", f"{conv}.normalization.{b}")
+                          for b in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")],
+                        *wb(f"{e}.mixer.{ours}_conv.proj", f"{a}.projection_{theirs}")]
+            out += [*wb(f"{e}.norm1", f"{h}.layernorm_before"),
+                    *wb(f"{e}.mixer.out_proj", f"{h}.attention.output.dense"),
+                    *wb(f"{e}.norm2", f"{h}.layernorm_after"), *wb(f"{e}.ffn.up", f"{h}.intermediate.dense"),
+                    *wb(f"{e}.ffn.down", f"{h}.output.dense")]
+    return [*out, *wb("final_norm", "layernorm"), *wb("head", "classifier")]
+
+
 # ---- PoolFormer --------------------------------------------------------------------------------
 def _poolformer_config(c: dict) -> dict:
     sizes, strides, pads, n = c["patch_sizes"], c["strides"], c["padding"], c["num_encoder_blocks"]
@@ -283,5 +380,7 @@ VISION_ARCHS: dict[str, VisionArch] = {
     "swinv2": VisionArch(lambda c: _swin_config(c, v2=True), lambda c: _swin_rules(c, v2=True),
                          ("Swinv2ForImageClassification",)),
     "pvt": VisionArch(_pvt_config, _pvt_rules, ("PvtForImageClassification",)),
+    "pvt_v2": VisionArch(_pvt_v2_config, _pvt_v2_rules, ("PvtV2ForImageClassification",)),
+    "cvt": VisionArch(_cvt_config, _cvt_rules, ("CvtForImageClassification",)),
     "poolformer": VisionArch(_poolformer_config, _poolformer_rules, ("PoolFormerForImageClassification",)),
 }

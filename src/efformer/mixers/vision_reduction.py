@@ -9,8 +9,9 @@ Queries are all N tokens; keys and values come from a reduced grid. ``sra``: eac
 a stride-``ratio`` convolution), so attention costs N^2 / ratio^2; a grid that the ratio does not
 divide drops its last rows/columns from the keys, as the strided convolution does, and an axis
 shorter than the ratio is reduced whole. ``linear_sra``: the grid is average-pooled to a fixed
-``pool`` x ``pool`` (adaptive bins), projected by a 1x1 convolution and GELU, so the cost is linear in
-N. Both normalise the reduced tokens with a LayerNorm before the key/value projection.
+``pool`` x ``pool`` (adaptive bins), then a 1x1 convolution, LayerNorm and GELU (the released code's
+order), so the cost is linear in N. ``sra`` normalises its reduced tokens with a LayerNorm before the
+key/value projection.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ class _Reduced(GridMixer):
         """Value rows of the key/value projection, and the output projection."""
         return {"value": [self.kv_proj.weight[self.d_model :]], "output": [self.out_proj.weight]}
 
-    def _attend(self, x: Tensor, reduced: Tensor, exact_softmax: bool) -> Tensor:
+    def _attend(self, x: Tensor, reduced: Tensor, exact_softmax: bool, normed: bool = False) -> Tensor:
         """Queries of x (b, n, d) over keys/values of the reduced tokens (b, m, d) -> (b, n, d)."""
-        k, v = self.kv_proj(self.norm(reduced)).chunk(2, -1)
+        k, v = self.kv_proj(reduced if normed else self.norm(reduced)).chunk(2, -1)
         q, k, v = self.split_heads(self.q_proj(x)), self.split_heads(k), self.split_heads(v)
         p = self.dropout if self.training else 0.0
         if exact_softmax:
@@ -151,8 +152,8 @@ class LinearSpatialReductionAttention(_Reduced):
             for j in range(p):
                 c0, c1 = (j * w) // p, math.ceil((j + 1) * w / p)
                 cells.append(g[:, r0:r1, c0:c1].mean((1, 2)))
-        reduced = F.gelu(self.proj(torch.stack(cells, 1)))
-        return self._attend(x, reduced, True), None
+        reduced = F.gelu(self.norm(self.proj(torch.stack(cells, 1))))
+        return self._attend(x, reduced, True, normed=True), None
 
     def forward_fast(self, x, *, mask, state, pos):
         """Adaptive average pooling, the 1x1 projection and GELU, then fused attention."""
@@ -160,4 +161,4 @@ class LinearSpatialReductionAttention(_Reduced):
         h, w = self.grid_of(pos, n)
         g = x.transpose(1, 2).reshape(b, d, h, w)
         pooled = F.adaptive_avg_pool2d(g, self.opts.pool).flatten(2).transpose(1, 2)
-        return self._attend(x, F.gelu(self.proj(pooled)), False), None
+        return self._attend(x, F.gelu(self.norm(self.proj(pooled))), False, normed=True), None

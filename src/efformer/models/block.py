@@ -64,6 +64,8 @@ class Block(nn.Module):
             return self.mixer(h, mask=mask, state=state, positions=positions)
 
         def ffn(h):  # conditional-compute FFNs (MoE) take the keep-mask, so padding takes no capacity
+            if getattr(self.ffn, "takes_positions", False):  # PVT v2's Mix-FFN convolves the grid
+                return self.ffn(h, positions=positions)
             return self.ffn(h, mask=mask) if getattr(self.ffn, "takes_mask", False) else self.ffn(h)
 
         def scaled(h, i):

@@ -178,6 +178,9 @@ def check_parts(cfg: ModelConfig) -> None:
         raise ConfigError("norm", cfg.norm, "this norm takes statistics over all tokens, so a causal model would "
                           "see the future through it; use layernorm or rmsnorm")
     ffn_cls = FFNS.get(cfg.ffn)
+    if getattr(ffn_cls, "needs_grid", False):
+        raise ConfigError("ffn", cfg.ffn, "this FFN convolves a 2-D grid of image patches; use it in an image model "
+                          "(models/vision.py) or pick gelu, swiglu, ...")
     if cfg.ffn_options and not ffn_cls.Options.model_fields:
         raise ConfigError("ffn_options", cfg.ffn_options, f"ffn {cfg.ffn!r} takes no options; leave it empty")
     if ffn_cls.Options.model_fields:

@@ -79,6 +79,7 @@ class VisionConfig(StrictModel):
     norm_placement: Placement = "pre"
     ffn: str = "gelu"
     ffn_mult: float = pydantic.Field(4.0, gt=0)
+    ffn_options: dict[str, Any] = {}  # of an FFN that has options (mixffn: relu)
     dropout: float = pydantic.Field(0.0, ge=0, lt=1)
     attn_dropout: float = pydantic.Field(0.0, ge=0, lt=1)
 
@@ -131,7 +132,8 @@ class VisionConfig(StrictModel):
         return ModelConfig.model_validate(dict(
             task="classifier", d_model=s.d_model, n_heads=s.n_heads, n_layers=s.depth, mixer=mixer,
             mixer_options=s.mixer_options, positional="none", norm=self.norm, norm_placement=self.norm_placement,
-            ffn=self.ffn, ffn_mult=s.ffn_mult or self.ffn_mult, dropout=self.dropout, attn_dropout=self.attn_dropout,
+            ffn=self.ffn, ffn_mult=s.ffn_mult or self.ffn_mult, ffn_options=self.ffn_options, dropout=self.dropout,
+            attn_dropout=self.attn_dropout,
             max_len=max(self.grid() ** 2, 1) + 2, norm_eps=self.norm_eps, layer_scale=self.layer_scale))
 
 
@@ -151,7 +153,8 @@ def build_vision_config(data: dict[str, Any] | VisionConfig | None = None, **ove
             raise ConfigError(cause.field, merged.get(cause.field), str(cause)) from None
         raise config_error(e, "", VisionConfig) from None
     NORMS.get(cfg.norm)
-    FFNS.get(cfg.ffn)
+    if FFNS.get(cfg.ffn).Options.model_fields or cfg.ffn_options:
+        validate_options(FFNS.get(cfg.ffn).Options, cfg.ffn_options, "ffn_options")
     kind = "rotary" if cfg.positional == "rope2d" else "none"
     for i, s in enumerate(cfg.stages):
         try:
@@ -162,13 +165,18 @@ def build_vision_config(data: dict[str, Any] | VisionConfig | None = None, **ove
             raise ConfigError(f"stages[{i}]", s.model_dump(), msg) from None
         for j, (name, opts) in enumerate(mcfg.layer_mixers()):
             cls = MIXERS.get(name)
-            validate_options(cls.Options, opts, f"stages[{i}].mixer_options[{j}]")
+            validated = validate_options(cls.Options, opts, f"stages[{i}].mixer_options[{j}]")
             reasons = cls.capabilities.why_not(name, causal=False, positional=kind, grid=True)
             if reasons:
                 raise CapabilityError(f"stage {i} block {j}: " + "; ".join(reasons))
-            if cls.capabilities.grid and cfg.class_stage() == i:
+            n_extra = (1 + cfg.distillation) if cfg.class_stage() == i else 0
+            lead = getattr(validated, "leading_tokens", 0)
+            if cls.capabilities.grid and n_extra and lead != n_extra:
                 raise ConfigError("pooling", "cls", f"stage {i} uses the 2-D mixer {name!r}, which takes only patch "
                                   "tokens (no class token); use pooling='mean'")
+            if cls.capabilities.grid and lead != n_extra:
+                raise ConfigError(f"stages[{i}].mixer_options[{j}].leading_tokens", lead, f"stage {i} has {n_extra} "
+                                  "class/distillation tokens before its grid; set leading_tokens to that")
     return cfg
 
 
@@ -215,7 +223,7 @@ class ImageClassifier(nn.Module):
         rotation = (rope_2d(h, w, extra, head_dim, b, dtype, device)
                     if self.cfg.positional == "rope2d" else None)
         return PositionalContext(torch.arange(n, device=device).expand(b, n), rotation=rotation,
-                                 grid=None if extra else (h, w))
+                                 grid=(h, w))  # after ``extra`` class tokens (CvT's mixer takes them)
 
     def features(self, images: Tensor) -> Tensor:
         """Pooled features (b, d_last), or (b, 2, d_last) [class, distillation] with DeiT's token."""

@@ -5,7 +5,8 @@ patch embedding, learned positions); "Escaping the Big Data Paradigm with Compac
 (CCT) and "CvT: Introducing Convolutions to Vision Transformers" (convolutional stems); "Swin
 Transformer" (patch merging); "Masked Autoencoders Are Scalable Vision Learners" (fixed 2-D sin-cos);
 "Rotary Position Embedding for Vision Transformer" (2-D axial RoPE); "Conditional Positional
-Encodings for Vision Transformers" (CPE: a depthwise convolution generates positions, PEG).
+Encodings for Vision Transformers" (CPE: a depthwise convolution generates positions, PEG); "PVT v2:
+Improved Baselines with Pyramid Vision Transformer" (Mix-FFN: a depthwise convolution inside the FFN).
 
 Grids are (batch, height, width, channels) here; models flatten them row-major into tokens.
 """
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import math
 
+import pydantic
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efformer.errors import ConfigError, ShapeError
-from efformer.nn.positional import Rotation
+from efformer.nn.positional import PositionalContext, Rotation
+from efformer.options import StrictModel
+from efformer.registry import FFNS
 
 
 class PatchEmbed(nn.Module):
@@ -161,3 +165,38 @@ class ConditionalPosition(nn.Module):
     def forward(self, g: Tensor) -> Tensor:
         """(b, h, w, d) -> (b, h, w, d)."""
         return g + self.conv(g.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class MixFFNOptions(StrictModel):
+    """Options of PVT v2's Mix-FFN."""
+
+    relu: bool = pydantic.Field(False, description="a ReLU after the first linear map (PVT v2's linear variant)")
+
+
+@FFNS.register("mixffn")
+class MixFFN(nn.Module):
+    """PVT v2's Mix-FFN on an image model's grid: down(act(dwconv3x3(up(x)))), (b, h*w, d) -> (b, h*w, d)."""
+
+    Options = MixFFNOptions
+    takes_positions = True  # the block passes its PositionalContext: the convolution needs the grid
+    needs_grid = True  # so a text model refuses it
+
+    def __init__(self, d_model: int, mult: float = 4.0, dropout: float = 0.0, *, options=None, causal: bool = False):
+        super().__init__()
+        hidden = max(1, round(mult * d_model))
+        self.relu = MixFFNOptions.model_validate(options or {}).relu
+        self.up, self.down = nn.Linear(d_model, hidden), nn.Linear(hidden, d_model)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, positions: PositionalContext | None = None) -> Tensor:
+        """(b, h*w, d) -> (b, h*w, d); a ShapeError without the grid."""
+        grid = None if positions is None else positions.grid
+        b, n, _ = x.shape
+        if grid is None or grid[0] * grid[1] != n:
+            raise ShapeError(f"mixffn convolves the token grid, but got {n} tokens with grid {grid}; use it in an "
+                             "image model with patch tokens only (pooling='mean')")
+        h = self.up(x)
+        h = F.relu(h) if self.relu else h
+        h = self.dwconv(h.transpose(1, 2).reshape(b, -1, *grid)).flatten(2).transpose(1, 2)
+        return self.down(self.drop(F.gelu(h)))
