@@ -35,7 +35,8 @@ _POOL = dict(num_channels=3, num_encoder_blocks=2, depths=[1, 2], hidden_sizes=[
 # depth grows by stage: HF CvT indexes its per-stage drop-path list by the stage number
 _CVT = dict(num_channels=3, patch_sizes=[7, 3, 3], patch_stride=[4, 2, 2], patch_padding=[2, 1, 1],
             embed_dim=[8, 16, 24], num_heads=[1, 2, 3], depth=[1, 2, 3], mlp_ratio=[2.0, 3.0, 2.0],
-            attention_drop_rate=[0.0] * 3, drop_rate=[0.0] * 3, drop_path_rate=[0.0] * 3, qkv_bias=[True] * 3, cls_token=[False, False, True],
+            attention_drop_rate=[0.0] * 3, drop_rate=[0.0] * 3, drop_path_rate=[0.0] * 3, qkv_bias=[True] * 3,
+            cls_token=[False, False, True],
             qkv_projection_method=["dw_bn"] * 3, kernel_qkv=[3] * 3, padding_kv=[1] * 3, stride_kv=[2] * 3,
             padding_q=[1] * 3, stride_q=[1] * 3, num_labels=5)
 CASES = {  # name -> (model class, config class, config, image side)
