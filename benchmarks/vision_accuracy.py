@@ -5,12 +5,13 @@ With ``--patch 1`` both kinds are built exactly as ``efformer arena`` builds its
 1024 pixel tokens (``arena.runner.model_config``: text classifier, learned positions), a 2-D mixer as a
 32 x 32 grid of one-pixel patches (``arena.runner.image_model_config``). With ``--patch p`` > 1 (the
 default, 4: 64 tokens, so that a busy CPU takes enough steps in the budget) every model is that image
-model with p x p patches, the 1-D mixers reading the patch tokens row-major: only the mixer differs. Tasks: Pathfinder-32 (quick preset's "easy"
-level, generated offline, 1500 images, 80/10/10 split) and scikit-learn's digits resized to 32 x 32
-(1437 train / 360 test). Every model trains for ``--seconds`` of wall time (batch 32, AdamW 2e-3, one seed),
-then is scored on the test split. The 1-D mixers are the LRA paper's best on Pathfinder (Linformer,
-BigBird; Transformer as the reference) plus S4D, the state-space family that is strongest there; the
-2-D ones are Swin windows, PVT spatial reduction, neighbourhood attention and PoolFormer pooling.
+model with p x p patches, the 1-D mixers reading the patch tokens row-major: only the mixer differs.
+Tasks: Pathfinder-32 (quick preset's "easy" level, generated offline, 1500 images, 80/10/10 split) and
+scikit-learn's digits resized to 32 x 32 (1438 train / 359 test). Every model trains for ``--seconds``
+of wall time (batch 32, AdamW 2e-3, one seed), then is scored on the test split. The 1-D mixers are
+the LRA paper's best on Pathfinder (Linformer, BigBird; Transformer as the reference) plus S4D, the
+state-space family that is strongest there; the 2-D ones are Swin windows, PVT spatial reduction,
+neighbourhood attention and PoolFormer pooling.
 On a shared machine the step counts vary: compare steps as well as accuracy.
 
     PYTHONPATH=src python benchmarks/vision_accuracy.py --seconds 20            # patch 4
