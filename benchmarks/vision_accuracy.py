@@ -21,11 +21,14 @@ On a shared machine the step counts vary: compare steps as well as accuracy.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
-import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vision_resolution import train_for  # noqa: E402  (the same training loop as the digits figure)
 
 from efformer.arena.runner import image_model_config, model_config
 from efformer.arena.tasks import build_datasets, get_task
@@ -73,17 +76,7 @@ def run(task: str, seconds: float, seed: int, patch: int) -> None:
     for mixer in (*TWO_D, *ONE_D):
         torch.manual_seed(seed)
         model, as_grid = _model(mixer, n_classes, patch)
-        opt = torch.optim.AdamW(model.parameters(), 2e-3)
-        gen = torch.Generator().manual_seed(seed)
-        steps, start = 0, time.perf_counter()
-        model.train()
-        while time.perf_counter() - start < seconds:
-            idx = torch.randint(0, len(y_tr), (32,), generator=gen)
-            loss = F.cross_entropy(model(_inputs(x_tr[idx], as_grid)), y_tr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
+        steps = train_for(model, x_tr, y_tr, 2e-3, seed, seconds, inputs=lambda t, g=as_grid: _inputs(t, g))
         model.eval()
         with torch.no_grad():
             pred = torch.cat([model(_inputs(x_te[i:i + 64], as_grid)).argmax(-1) for i in range(0, len(y_te), 64)])

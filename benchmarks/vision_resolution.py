@@ -85,6 +85,22 @@ def speed(sizes: list[int], depth: int, batch: int, repeat: int) -> None:
             print(f"- {label}: e = {math.log(t[-1] / t[-2]) / math.log(n1 / n0):.2f}")
 
 
+def train_for(model, x, y, lr: float, seed: int, seconds: float, steps_cap: int = 0, inputs=lambda t: t) -> int:
+    """AdamW on random batches of 32 of (x, y) for ``steps_cap`` steps or else ``seconds``; the steps taken."""
+    opt = torch.optim.AdamW(model.parameters(), lr)
+    gen = torch.Generator().manual_seed(seed)
+    steps, start = 0, time.perf_counter()
+    model.train()
+    while (steps < steps_cap) if steps_cap else (time.perf_counter() - start < seconds):
+        idx = torch.randint(0, len(y), (32,), generator=gen)
+        loss = F.cross_entropy(model(inputs(x[idx])), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    return steps
+
+
 def accuracy(seconds: float, steps_cap: int, depth: int, seed: int) -> None:
     train, test = digits(32).split(0.8, seed=seed)
     budget = f"{steps_cap} steps" if steps_cap else f"{seconds:.0f} s of CPU training"
@@ -93,16 +109,8 @@ def accuracy(seconds: float, steps_cap: int, depth: int, seed: int) -> None:
     for label, (mixer, opts) in MIXERS.items():
         torch.manual_seed(seed)
         model = build(mixer, opts, depth, 32, channels=1)
-        opt = torch.optim.AdamW(model.parameters(), 3e-3)
-        gen = torch.Generator().manual_seed(seed)
-        steps, start = 0, time.perf_counter()
-        while (steps < steps_cap) if steps_cap else (time.perf_counter() - start < seconds):
-            idx = torch.randint(0, len(train), (32,), generator=gen)
-            loss = F.cross_entropy(model(train.images[idx]), train.labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
+        start = time.perf_counter()
+        steps = train_for(model, train.images, train.labels, 3e-3, seed, seconds, steps_cap)
         model.eval()
         with torch.no_grad():
             acc = (model(test.images).argmax(-1) == test.labels).float().mean().item()
