@@ -107,3 +107,18 @@ def test_bad_vision_folders_name_the_file(tmp_path):
     (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "depths"}))
     with pytest.raises(CheckpointError, match="lacks the field 'depths'"):
         from_hf(folder)
+
+
+@pytest.mark.parametrize("name", ["vit", "deit", "swin"])
+def test_the_loaded_models_own_key_names_import_too(name, tmp_path):
+    """transformers 5 saves the earlier key layout (``...attention.attention.query``) but names the loaded
+    modules anew (``...attention.q_proj``); a folder written from ``state_dict()`` directly has the new names."""
+    from safetensors.torch import save_file
+
+    hf, folder, side = _saved(name, tmp_path)
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(folder / "model.safetensors"))
+    assert any("q_proj" in k for k in hf.state_dict())
+    images = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = hf(pixel_values=images).logits, from_hf(folder)(images)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
