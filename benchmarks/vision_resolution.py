@@ -15,6 +15,7 @@ matrix of attention dominates), measured by a TorchFunctionMode; wall time is th
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
@@ -59,8 +60,9 @@ def build(mixer: str, options, depth: int, size: int, channels: int = 3, n_class
 def speed(sizes: list[int], depth: int, batch: int, repeat: int) -> None:
     print(f"| model | {' | '.join(f'{s}px ({(s // 4) ** 2} tok) ms / MB' for s in sizes)} |")
     print(f"|---|{'---|' * len(sizes)}")
+    growth = {}
     for label, (mixer, opts) in MIXERS.items():
-        cells = []
+        cells, times = [], []
         for s in sizes:
             torch.manual_seed(0)
             model = build(mixer, opts, depth, s)
@@ -72,8 +74,31 @@ def speed(sizes: list[int], depth: int, batch: int, repeat: int) -> None:
 
             with _Largest() as big:
                 step()
-            cells.append(f"{time_ms(step, warmup=1, repeat=repeat):.0f} / {big.bytes / 2**20:.1f}")
+            times.append(time_ms(step, warmup=1, repeat=repeat))
+            cells.append(f"{times[-1]:.0f} / {big.bytes / 2**20:.1f}")
         print(f"| {label} | {' | '.join(cells)} |")
+        growth[label] = times
+    if len(sizes) >= 2:  # time ~ tokens^e between the two largest sizes: ~1 for windowed/linear, ~2 for ViT
+        n0, n1 = ((s // 4) ** 2 for s in sizes[-2:])
+        print(f"\ngrowth exponent e (time ~ tokens^e) from {n0} to {n1} tokens:")
+        for label, t in growth.items():
+            print(f"- {label}: e = {math.log(t[-1] / t[-2]) / math.log(n1 / n0):.2f}")
+
+
+def train_for(model, x, y, lr: float, seed: int, seconds: float, steps_cap: int = 0, inputs=lambda t: t) -> int:
+    """AdamW on random batches of 32 of (x, y) for ``steps_cap`` steps or else ``seconds``; the steps taken."""
+    opt = torch.optim.AdamW(model.parameters(), lr)
+    gen = torch.Generator().manual_seed(seed)
+    steps, start = 0, time.perf_counter()
+    model.train()
+    while (steps < steps_cap) if steps_cap else (time.perf_counter() - start < seconds):
+        idx = torch.randint(0, len(y), (32,), generator=gen)
+        loss = F.cross_entropy(model(inputs(x[idx])), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    return steps
 
 
 def accuracy(seconds: float, steps_cap: int, depth: int, seed: int) -> None:
@@ -84,16 +109,8 @@ def accuracy(seconds: float, steps_cap: int, depth: int, seed: int) -> None:
     for label, (mixer, opts) in MIXERS.items():
         torch.manual_seed(seed)
         model = build(mixer, opts, depth, 32, channels=1)
-        opt = torch.optim.AdamW(model.parameters(), 3e-3)
-        gen = torch.Generator().manual_seed(seed)
-        steps, start = 0, time.perf_counter()
-        while (steps < steps_cap) if steps_cap else (time.perf_counter() - start < seconds):
-            idx = torch.randint(0, len(train), (32,), generator=gen)
-            loss = F.cross_entropy(model(train.images[idx]), train.labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
+        start = time.perf_counter()
+        steps = train_for(model, train.images, train.labels, 3e-3, seed, seconds, steps_cap)
         model.eval()
         with torch.no_grad():
             acc = (model(test.images).argmax(-1) == test.labels).float().mean().item()

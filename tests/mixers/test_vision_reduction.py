@@ -11,8 +11,8 @@ from tests.helpers import LargestTensor, make_mixer, rel_err, with_form
 from tests.helpers import grid_context as _ctx
 
 
-def _full(m, x, keys_from):
-    k, v = m.kv_proj(m.norm(keys_from)).chunk(2, -1)
+def _full(m, x, keys_from, normed=False):
+    k, v = m.kv_proj(keys_from if normed else m.norm(keys_from)).chunk(2, -1)
     y = dense_attention(m.split_heads(m.q_proj(x)), m.split_heads(k), m.split_heads(v), None)
     return m.out_proj(m.merge_heads(y))
 
@@ -31,7 +31,8 @@ def test_a_pool_as_large_as_the_grid_is_full_attention_over_projected_tokens(for
     m = make_mixer("linear_sra", False, pool=6).mixer
     x = torch.randn(2, 36, m.d_model)
     y, _ = with_form(m, form)(x, positions=_ctx(6, 6))
-    assert rel_err(_full(m, x, torch.nn.functional.gelu(m.proj(x))), y) < 1e-5
+    # PVT v2's order: 1x1 projection, LayerNorm, GELU
+    assert rel_err(_full(m, x, torch.nn.functional.gelu(m.norm(m.proj(x))), normed=True), y) < 1e-5
 
 
 @pytest.mark.parametrize(("h", "w", "ratio"), [(8, 8, 4), (7, 9, 2), (5, 5, 3), (2, 9, 4)])

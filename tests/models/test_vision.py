@@ -133,3 +133,38 @@ def test_a_2d_mixer_in_a_text_model_is_refused_at_config_time():
         efformer.create_model("classifier-tiny", mixer="swin")
     with pytest.raises(CapabilityError, match="mixes a 2-D grid"):
         efformer.create_model("classifier-tiny", mixer=["softmax", "neighborhood"], n_layers=2)
+
+
+def test_pvt_layout_positions_per_stage_and_a_class_token_at_the_last_stage():
+    cfg = dict(patch_size=2, patch_norm=True, merge="conv", positional="learned_stages", pooling="cls",
+               class_token_stage="last", stages=[dict(depth=1, d_model=8, n_heads=1, mixer="sra",
+                                                      mixer_options={"ratio": 2}),
+                                                 dict(depth=1, d_model=16, n_heads=2)])
+    model = create_image_model(cfg)
+    assert [tuple(p.shape) for p in model.stage_pos] == [(256, 8), (64, 16)] and model.extra.shape == (1, 16)
+    x = torch.rand(2, 3, 32, 32)
+    y = model(x)
+    with torch.no_grad():  # the class token reads the last stage only: its position shifts the logits
+        model.pos_extra.add_(1.0)
+    assert not torch.allclose(model(x), y)
+    with pytest.raises(ConfigError, match="takes only patch tokens"):  # sra has no place for the class token
+        create_image_model({**cfg, "stages": [cfg["stages"][0], {**cfg["stages"][0], "d_model": 16}]})
+
+
+def test_cvt_mixer_takes_the_class_token_only_when_told():
+    stage = dict(depth=1, d_model=16, n_heads=2, mixer="cvt")
+    model = create_image_model(dict(patch_size=4, positional="none", pooling="cls",
+                                    stages=[{**stage, "mixer_options": {"leading_tokens": 1}}]))
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ConfigError, match="leading_tokens"):
+        create_image_model(dict(patch_size=4, positional="none", pooling="mean",
+                                stages=[{**stage, "mixer_options": {"leading_tokens": 1}}]))
+
+
+def test_overlap_and_token_mixing_norms_are_checked():
+    with pytest.raises(ConfigError, match="patch_kernel"):
+        create_image_model("vit-tiny", patch_kernel=11, patch_padding=1)
+    with pytest.raises(ConfigError, match="statistics over all tokens"):
+        efformer.create_model("lm-tiny", norm="groupnorm")
+    with pytest.raises(ConfigError, match="convolves a 2-D grid"):
+        efformer.create_model("classifier-tiny", ffn="mixffn")

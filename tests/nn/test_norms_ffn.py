@@ -21,6 +21,8 @@ def test_norm_formula(name):
     elif name == "repbn":  # training-mode BatchNorm over every token, plus alpha (1 at init) times x
         flat = x.reshape(-1, 16)
         expected = ((flat - flat.mean(0)) / torch.sqrt(flat.var(0, unbiased=False) + 1e-5) + flat).reshape(x.shape)
+    elif name == "groupnorm":  # torch's GroupNorm(1) on the sample as (d, n) channels x positions
+        expected = F.group_norm(x.transpose(1, 2), 1, eps=1e-5).transpose(1, 2)
     else:
         expected = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6)
     assert torch.allclose(y, expected, atol=1e-5)
@@ -35,7 +37,10 @@ _ACT = {"gelu": F.gelu, "gelu_tanh": _gelu_new, "relu": F.relu, "relu2": lambda 
         "reglu": F.relu}
 
 
-@pytest.mark.parametrize("name", [n for n in FFNS.names() if n not in ("moe", "matformer", "acm")])  # own tests
+OWN_TESTS = ("moe", "matformer", "acm", "mixffn")  # FFNs with test files of their own
+
+
+@pytest.mark.parametrize("name", [n for n in FFNS.names() if n not in OWN_TESTS])
 def test_ffn_formula_and_width(name):
     ffn = FFNS.get(name)(24, 4.0, 0.0)
     x = torch.randn(2, 3, 24)

@@ -92,3 +92,39 @@ def test_cpe_adds_a_depthwise_conv_of_the_grid():
         cpe.conv.weight[:, :, 1, 2] = 1.0  # picks the right neighbour, zero past the border
     out = cpe(g)
     assert torch.allclose(out[0, 2, 1], g[0, 2, 1] + g[0, 2, 2]) and torch.allclose(out[0, 2, 4], g[0, 2, 4])
+
+
+def test_mix_ffn_is_a_depthwise_3x3_conv_between_its_linear_maps():
+    from efformer.nn.patch import MixFFN
+    from efformer.nn.positional import PositionalContext
+
+    torch.manual_seed(0)
+    ffn = MixFFN(8, 2.0, options={"relu": True})
+    x, (h, w) = torch.randn(2, 15, 8), (3, 5)
+    got = ffn(x, positions=PositionalContext(torch.arange(15).expand(2, -1), grid=(h, w)))
+    up = torch.relu(ffn.up(x)).reshape(2, h, w, -1)
+    padded = torch.nn.functional.pad(up, (0, 0, 1, 1, 1, 1))
+    conv = sum(padded[:, dy:dy + h, dx:dx + w] * ffn.dwconv.weight[:, 0, dy, dx] for dy in range(3) for dx in range(3))
+    want = ffn.down(torch.nn.functional.gelu(conv + ffn.dwconv.bias).reshape(2, 15, -1))
+    assert torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(ShapeError, match="mixffn convolves the token grid"):
+        ffn(x)
+
+
+def test_v2_and_overlapping_conv_merges():
+    g = torch.randn(2, 5, 7, 6)
+    v1, v2 = PatchMerge(6, 10, "patch_merge"), PatchMerge(6, 10, "patch_merge_v2")
+    v2.proj.weight.data.copy_(v1.proj.weight.data)
+    padded = torch.nn.functional.pad(g, (0, 0, 0, 1, 0, 1))
+    cat = torch.cat([padded[:, 0::2, 0::2], padded[:, 1::2, 0::2], padded[:, 0::2, 1::2], padded[:, 1::2, 1::2]], -1)
+    assert torch.allclose(v2(g), v2.norm(cat @ v1.proj.weight.T), atol=1e-6)  # V2: linear map, then LayerNorm
+    m = PatchMerge(6, 10, "conv", kernel=3, norm=False, pre_norm=True)
+    want = m.proj(m.pre_norm(g).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # 3x3, stride 2, padding 1: ceil(h / 2)
+    assert m(g).shape == (2, 3, 4, 10) and torch.allclose(m(g), want, atol=1e-6)
+
+
+def test_overlapping_patch_stem_keeps_the_grid_and_normalises():
+    e = PatchEmbed(3, 8, 4, kernel=7, padding=3, norm=True)
+    x = torch.randn(1, 3, 16, 20)
+    assert e(x).shape == (1, 4, 5, 8)
+    assert torch.allclose(e(x), e.norm(e.proj(x).permute(0, 2, 3, 1)), atol=1e-6)

@@ -31,10 +31,10 @@ class Rule:
 
     ef: tuple[str, ...]
     hf: tuple[str, ...]
-    how: str = "same"
+    how: str | Callable = "same"  # a callable (hf tensors, efformer shapes) -> efformer tensors: import only
 
 
-def r(ef: str | tuple[str, ...], hf: str | tuple[str, ...], how: str = "same") -> Rule:
+def r(ef: str | tuple[str, ...], hf: str | tuple[str, ...], how: str | Callable = "same") -> Rule:
     """A rule; single names may be given bare."""
     return Rule((ef,) if isinstance(ef, str) else ef, (hf,) if isinstance(hf, str) else hf, how)
 
@@ -55,6 +55,8 @@ def wbs(ef: tuple[str, ...], hf: tuple[str, ...], how: str) -> list[Rule]:
 # ---- transforms: HF tensors -> efformer tensors (shapes of the efformer targets), and back -----------
 def to_efformer(how: str, hf: list[Tensor], shapes: list[tuple[int, ...]]) -> list[Tensor]:
     """The efformer tensors of one rule from its HF tensors, given the efformer shapes."""
+    if callable(how):
+        return how(hf, shapes)
     if how == "same":
         return [hf[0]]
     if how == "t":

@@ -23,9 +23,11 @@ from efformer.errors import CapabilityError, CheckpointError, ConfigError, Effor
 from efformer.interop.archs import ARCHS, Rule, to_efformer, to_hf_tensors
 from efformer.interop.folder import CONFIG, SINGLE, Weights, hf_folder, read_json
 from efformer.interop.heads import FirstTokenClassifier, MaskedLM
+from efformer.interop.vision_archs import VISION_ARCHS, VisionArch
 from efformer.models.config import ModelConfig, build_config
 from efformer.models.io import MANIFEST_FILE, _as_path, load, publish_folder
 from efformer.models.lm import CausalLM
+from efformer.models.vision import ImageClassifier, VisionConfig, build_vision_config
 from efformer.nn.moe import MoEOptions, expert_width
 
 _HEADS = {"lm": CausalLM, "mlm": MaskedLM, "cls": FirstTokenClassifier}
@@ -41,12 +43,37 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> n
                                         "it); copy it from the model's source")
     model_type = hf_cfg.get("model_type")
     arch = ARCHS.get(model_type)
+    if model_type in VISION_ARCHS:
+        return _from_hf_vision(folder, hf_cfg, VISION_ARCHS[model_type], dtype)
     if arch is None:
         raise CheckpointError(f"{folder / CONFIG}: model_type {model_type!r} is not supported; efformer imports "
-                              f"{', '.join(sorted(ARCHS))}")
+                              f"{', '.join(sorted([*ARCHS, *VISION_ARCHS]))}")
     head = _head_kind(folder, hf_cfg, arch.heads)
+    cfg = _mapped_config(folder, hf_cfg, lambda: build_config(arch.config(hf_cfg)))
+    weights = Weights(folder)
+    model = _HEADS[head](cfg)
+    model.load_state_dict(_import_tensors(arch.body + arch.heads[head], arch.ignore, weights, model, folder))
+    return model.to(dtype).eval()
+
+
+def _from_hf_vision(folder: Path, hf_cfg: dict, arch: VisionArch, dtype: torch.dtype) -> nn.Module:
+    """An ImageClassifier from a HF vision classifier folder, by the architecture's rules."""
+    names = hf_cfg.get("architectures") or list(arch.classes)
+    if not set(names) & set(arch.classes):
+        raise CheckpointError(f"{folder / CONFIG}: architectures {names} name no head efformer imports for "
+                              f"{hf_cfg.get('model_type')} (known: {', '.join(arch.classes)}); save the model as one")
+    cfg = _mapped_config(folder, hf_cfg, lambda: build_vision_config(arch.config(hf_cfg)))
+    model = ImageClassifier(cfg)
+    rules = _mapped_config(folder, hf_cfg, lambda: arch.rules(hf_cfg))
+    model.load_state_dict(_import_tensors(rules, arch.ignore, Weights(folder), model, folder))
+    return model.to(dtype).eval()
+
+
+def _mapped_config(folder: Path, hf_cfg: dict, build):
+    """``build()`` with a missing config field or an efformer refusal reported against config.json."""
+    model_type = hf_cfg.get("model_type")
     try:
-        cfg = build_config(arch.config(hf_cfg))
+        return build()
     except KeyError as e:
         raise CheckpointError(f"{folder / CONFIG} lacks the field {e.args[0]!r} a {model_type} config has; restore "
                               "the file from the model's source") from None
@@ -54,10 +81,6 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> n
         if isinstance(e, CheckpointError):
             raise CheckpointError(f"{folder / CONFIG}: {e}") from None
         raise CheckpointError(f"{folder / CONFIG} maps to an invalid efformer config: {e}") from None
-    weights = Weights(folder)
-    model = _HEADS[head](cfg)
-    model.load_state_dict(_import_tensors(arch.body + arch.heads[head], arch.ignore, weights, model, folder))
-    return model.to(dtype).eval()
 
 
 def _head_kind(folder: Path, hf_cfg: dict, heads: dict) -> str:
@@ -73,13 +96,14 @@ def _head_kind(folder: Path, hf_cfg: dict, heads: dict) -> str:
     return next(iter(heads))
 
 
-def _expand(rules: list[Rule], cfg: ModelConfig) -> list[Rule]:
-    """Rules with ``{i}`` filled per layer, and each HF name holding ``{e}`` repeated once per expert."""
-    n_experts = int(cfg.ffn_options.get("n_experts", 0))
+def _expand(rules: list[Rule], cfg: ModelConfig | VisionConfig) -> list[Rule]:
+    """Rules with ``{i}`` filled per layer, and each HF name holding ``{e}`` repeated once per expert
+    (vision rules come with their indices filled: a VisionConfig has stages, not one layer count)."""
+    n_experts = int(getattr(cfg, "ffn_options", {}).get("n_experts", 0))
     out = []
     for rule in rules:
         per_layer = any("{i}" in n for n in rule.ef)
-        for i in range(cfg.n_layers) if per_layer else [None]:
+        for i in range(getattr(cfg, "n_layers", 0)) if per_layer else [None]:
             def fill(names, i=i):
                 return tuple(n.replace("{i}", str(i)) for n in names)
 

@@ -9,8 +9,9 @@ Queries are all N tokens; keys and values come from a reduced grid. ``sra``: eac
 a stride-``ratio`` convolution), so attention costs N^2 / ratio^2; a grid that the ratio does not
 divide drops its last rows/columns from the keys, as the strided convolution does, and an axis
 shorter than the ratio is reduced whole. ``linear_sra``: the grid is average-pooled to a fixed
-``pool`` x ``pool`` (adaptive bins), projected by a 1x1 convolution and GELU, so the cost is linear in
-N. Both normalise the reduced tokens with a LayerNorm before the key/value projection.
+``pool`` x ``pool`` (adaptive bins), then a 1x1 convolution, LayerNorm and GELU (the released code's
+order), so the cost is linear in N. ``sra`` normalises its reduced tokens with a LayerNorm before the
+key/value projection.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ class SraOptions(MixerOptions):
 
     ratio: int = pydantic.Field(2, ge=1, le=64, description="reduction ratio R: keys are the grid reduced R x R "
                                                             "(PVT-tiny: 8, 4, 2, 1 by stage); 1 = full attention")
+    norm_eps: float = pydantic.Field(1e-5, gt=0, description="epsilon of the LayerNorm of the reduced tokens "
+                                                             "(PVT's checkpoints: 1e-6)")
 
 
 class LinearSraOptions(MixerOptions):
     """Options of PVT v2's linear spatial-reduction attention."""
 
     pool: int = pydantic.Field(7, ge=1, le=64, description="keys are the grid average-pooled to pool x pool")
+    norm_eps: float = pydantic.Field(1e-5, gt=0, description="epsilon of the LayerNorm of the reduced tokens")
 
 
 class _Reduced(GridMixer):
@@ -47,15 +51,15 @@ class _Reduced(GridMixer):
         super().__init__(*args, **kw)
         d = self.d_model
         self.q_proj, self.kv_proj, self.out_proj = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
-        self.norm = nn.LayerNorm(d)
+        self.norm = nn.LayerNorm(d, eps=self.opts.norm_eps)
 
     def init_roles(self) -> dict[str, list[Tensor]]:
         """Value rows of the key/value projection, and the output projection."""
         return {"value": [self.kv_proj.weight[self.d_model :]], "output": [self.out_proj.weight]}
 
-    def _attend(self, x: Tensor, reduced: Tensor, exact_softmax: bool) -> Tensor:
+    def _attend(self, x: Tensor, reduced: Tensor, exact_softmax: bool, normed: bool = False) -> Tensor:
         """Queries of x (b, n, d) over keys/values of the reduced tokens (b, m, d) -> (b, n, d)."""
-        k, v = self.kv_proj(self.norm(reduced)).chunk(2, -1)
+        k, v = self.kv_proj(reduced if normed else self.norm(reduced)).chunk(2, -1)
         q, k, v = self.split_heads(self.q_proj(x)), self.split_heads(k), self.split_heads(v)
         p = self.dropout if self.training else 0.0
         if exact_softmax:
@@ -148,8 +152,8 @@ class LinearSpatialReductionAttention(_Reduced):
             for j in range(p):
                 c0, c1 = (j * w) // p, math.ceil((j + 1) * w / p)
                 cells.append(g[:, r0:r1, c0:c1].mean((1, 2)))
-        reduced = F.gelu(self.proj(torch.stack(cells, 1)))
-        return self._attend(x, reduced, True), None
+        reduced = F.gelu(self.norm(self.proj(torch.stack(cells, 1))))
+        return self._attend(x, reduced, True, normed=True), None
 
     def forward_fast(self, x, *, mask, state, pos):
         """Adaptive average pooling, the 1x1 projection and GELU, then fused attention."""
@@ -157,4 +161,4 @@ class LinearSpatialReductionAttention(_Reduced):
         h, w = self.grid_of(pos, n)
         g = x.transpose(1, 2).reshape(b, d, h, w)
         pooled = F.adaptive_avg_pool2d(g, self.opts.pool).flatten(2).transpose(1, 2)
-        return self._attend(x, F.gelu(self.proj(pooled)), False), None
+        return self._attend(x, F.gelu(self.norm(self.proj(pooled))), False, normed=True), None

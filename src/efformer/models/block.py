@@ -47,6 +47,9 @@ class Block(nn.Module):
         if self.placement in ("peri", "sandwich"):
             self.out_norm1, self.out_norm2 = norm(cfg.d_model), norm(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
+        if cfg.layer_scale is not None:  # CaiT / PoolFormer: per-channel scales of the two branches
+            self.scale1 = nn.Parameter(torch.full((cfg.d_model,), cfg.layer_scale))
+            self.scale2 = nn.Parameter(torch.full((cfg.d_model,), cfg.layer_scale))
         self.alpha = 1.0
         if self.placement == "deepnorm":
             self.alpha, beta = deepnorm_constants(cfg.n_layers)
@@ -61,13 +64,22 @@ class Block(nn.Module):
             return self.mixer(h, mask=mask, state=state, positions=positions)
 
         def ffn(h):  # conditional-compute FFNs (MoE) take the keep-mask, so padding takes no capacity
+            if getattr(self.ffn, "takes_positions", False):  # PVT v2's Mix-FFN convolves the grid
+                return self.ffn(h, positions=positions)
             return self.ffn(h, mask=mask) if getattr(self.ffn, "takes_mask", False) else self.ffn(h)
+
+        def scaled(h, i):
+            return h * getattr(self, f"scale{i}").to(h.dtype) if hasattr(self, "scale1") else h
 
         p = self.placement
         if p == "pre":
             y, state = mix(self.norm1(x))
-            x = x + self.drop(y)
-            return x + self.drop(ffn(self.norm2(x))), state
+            x = x + self.drop(scaled(y, 1))
+            return x + self.drop(scaled(ffn(self.norm2(x)), 2)), state
+        if p == "res_post":  # Swin V2: the branch output is normalised before the residual sum
+            y, state = mix(x)
+            x = x + self.drop(scaled(self.norm1(y), 1))
+            return x + self.drop(scaled(self.norm2(ffn(x)), 2)), state
         if p in ("peri", "sandwich"):
             y, state = mix(self.norm1(x))
             x = x + self.drop(self.out_norm1(y))

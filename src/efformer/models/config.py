@@ -15,7 +15,8 @@ from efformer.options import StrictModel, config_error, validate_options
 from efformer.registry import FFNS, MIXERS, NORMS, POSITIONALS
 
 Task = Literal["lm", "classifier", "dual"]
-Placement = Literal["pre", "post", "peri", "sandwich", "deepnorm"]
+# res_post: x + norm(f(x)), Swin V2's res-post-norm
+Placement = Literal["pre", "post", "peri", "sandwich", "deepnorm", "res_post"]
 # Integers stay integers: True is not 1 layer, 3.0 is not 3 heads (JSON and YAML give real ints).
 StrictInt = Annotated[int, pydantic.Strict()]
 
@@ -85,9 +86,14 @@ class ModelConfig(StrictModel):
     # and the width ffn_mult gives, everywhere); per-layer heads need head_dim set (heads keep their width).
     layer_heads: list[StrictInt] | None = None
     layer_ffn_hidden: list[StrictInt] | None = None
+    # CaiT / PoolFormer layer scale: each residual branch times a learned per-channel vector starting here
+    layer_scale: float | None = pydantic.Field(None, gt=0)
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        if self.layer_scale is not None and self.norm_placement not in ("pre", "res_post"):
+            raise CrossFieldError("layer_scale", f"layer_scale needs norm_placement 'pre' or 'res_post' (the branch "
+                                  f"is scaled before the residual sum), not {self.norm_placement!r}")
         if self.d_model % self.n_heads:
             raise CrossFieldError("n_heads", f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
         if isinstance(self.mixer, list) and len(self.mixer) != self.n_layers:
@@ -202,8 +208,13 @@ def check_parts(cfg: ModelConfig) -> None:
     """Refuse unknown part names, bad part options and impossible combinations, with the reason."""
     pos_cls = POSITIONALS.get(cfg.positional)
     validate_options(pos_cls.Options, cfg.positional_options, f"positional_options[{cfg.positional}]")
-    NORMS.get(cfg.norm)
+    if getattr(NORMS.get(cfg.norm), "mixes_tokens", False) and cfg.causal:
+        raise ConfigError("norm", cfg.norm, "this norm takes statistics over all tokens, so a causal model would "
+                          "see the future through it; use layernorm or rmsnorm")
     ffn_cls = FFNS.get(cfg.ffn)
+    if getattr(ffn_cls, "needs_grid", False):
+        raise ConfigError("ffn", cfg.ffn, "this FFN convolves a 2-D grid of image patches; use it in an image model "
+                          "(models/vision.py) or pick gelu, swiglu, ...")
     if cfg.ffn_options and not ffn_cls.Options.model_fields:
         raise ConfigError("ffn_options", cfg.ffn_options, f"ffn {cfg.ffn!r} takes no options; leave it empty")
     if ffn_cls.Options.model_fields:

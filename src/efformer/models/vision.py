@@ -46,6 +46,7 @@ class StageConfig(StrictModel):
     # One mixer for every block of the stage, or one per block (e.g. Swin's plain and shifted windows).
     mixer: str | list[str] = "softmax"
     mixer_options: dict[str, Any] | list[dict[str, Any]] = {}
+    ffn_mult: float | None = pydantic.Field(None, gt=0)  # None: the model's (PVT sets one per stage)
 
 
 class VisionConfig(StrictModel):
@@ -56,16 +57,29 @@ class VisionConfig(StrictModel):
     in_channels: StrictInt = pydantic.Field(3, gt=0)
     patch_size: StrictInt = pydantic.Field(4, gt=0)
     stem: Literal["linear", "conv"] = "linear"
+    # linear stem: kernel > patch_size with padding overlaps patches (PVT v2: 7 / 3; PoolFormer: 7 / 2)
+    patch_kernel: StrictInt | None = pydantic.Field(None, gt=0)
+    patch_padding: StrictInt = pydantic.Field(0, ge=0)
+    patch_norm: bool = False  # a LayerNorm of the patch tokens (Swin, PVT)
     stages: list[StageConfig] = pydantic.Field(default_factory=lambda: [StageConfig()], min_length=1)
-    merge: Literal["patch_merge", "conv"] = "patch_merge"  # between stages: Swin's, or PVT's strided conv
-    positional: Literal["none", "learned", "sincos2d", "rope2d", "cpe"] = "learned"
+    # between stages: Swin's patch merging (V1 or V2 order), or PVT's / MetaFormer's strided conv
+    merge: Literal["patch_merge", "patch_merge_v2", "conv"] = "patch_merge"
+    merge_kernel: StrictInt = pydantic.Field(2, ge=2, le=7)  # conv merge: kernel, padded by (kernel - 1) // 2
+    merge_norm: bool = True  # conv merge: LayerNorm after it (PoolFormer has none)
+    merge_pre_norm: bool = False  # a LayerNorm closing each stage before the merge (PVT v2)
+    # learned_stages: one learned table per stage, added after each merge (PVT)
+    positional: Literal["none", "learned", "learned_stages", "sincos2d", "rope2d", "cpe"] = "learned"
     pooling: Literal["cls", "mean"] = "cls"
+    class_token_stage: Literal["first", "last"] = "first"  # last: the class token joins at the last stage (PVT)
+    norm_eps: float | None = pydantic.Field(None, gt=0)  # epsilon of every norm (None: each norm's default)
+    layer_scale: float | None = pydantic.Field(None, gt=0)  # per-channel branch scales from this value (PoolFormer)
     distillation: bool = False  # DeiT: a second (distillation) token with its own head
     n_classes: StrictInt = pydantic.Field(10, gt=1)
     norm: str = "layernorm"
     norm_placement: Placement = "pre"
     ffn: str = "gelu"
     ffn_mult: float = pydantic.Field(4.0, gt=0)
+    ffn_options: dict[str, Any] = {}  # of an FFN that has options (mixffn: relu)
     dropout: float = pydantic.Field(0.0, ge=0, lt=1)
     attn_dropout: float = pydantic.Field(0.0, ge=0, lt=1)
 
@@ -77,9 +91,14 @@ class VisionConfig(StrictModel):
         if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
             raise CrossFieldError("patch_size", f"patch_size={self.patch_size} must be a power of 2 for stem='conv' "
                                   "(one stride-2 convolution per halving); use stem='linear' for other sizes")
-        if self.pooling == "cls" and len(self.stages) > 1:
+        if self.pooling == "cls" and len(self.stages) > 1 and self.class_token_stage == "first":
             raise CrossFieldError("pooling", "pooling='cls' needs one stage (patch merging has no place for a "
-                                  "class token); use pooling='mean' for a staged model")
+                                  "class token); use pooling='mean' for a staged model, or "
+                                  "class_token_stage='last' (PVT)")
+        if self.patch_kernel is not None and not 1 <= self.patch_kernel - 2 * self.patch_padding <= self.patch_size:
+            raise CrossFieldError("patch_kernel", f"patch_kernel={self.patch_kernel} with patch_padding="
+                                  f"{self.patch_padding} must satisfy 1 <= kernel - 2 padding <= patch_size="
+                                  f"{self.patch_size}, so the grid stays image_size / patch_size")
         if self.distillation and self.pooling != "cls":
             raise CrossFieldError("distillation", "the distillation token needs pooling='cls'")
         return self
@@ -92,6 +111,19 @@ class VisionConfig(StrictModel):
         """Side of the first stage's token grid at ``image_size``."""
         return self.image_size // self.patch_size
 
+    def stage_grids(self) -> list[int]:
+        """Side of each stage's grid at ``image_size`` (merges halve it, rounding up)."""
+        sides = [self.grid()]
+        for _ in self.stages[1:]:
+            sides.append(-(-sides[-1] // 2))
+        return sides
+
+    def class_stage(self) -> int | None:
+        """The stage whose tokens include the class (and distillation) token, or None."""
+        if self.pooling != "cls":
+            return None
+        return 0 if self.class_token_stage == "first" else len(self.stages) - 1
+
     def stage_config(self, i: int) -> ModelConfig:
         """Stage ``i`` as a ModelConfig for its blocks (their mixers, norms and FFN)."""
         s = self.stages[i]
@@ -100,8 +132,9 @@ class VisionConfig(StrictModel):
         return ModelConfig.model_validate(dict(
             task="classifier", d_model=s.d_model, n_heads=s.n_heads, n_layers=s.depth, mixer=mixer,
             mixer_options=s.mixer_options, positional="none", norm=self.norm, norm_placement=self.norm_placement,
-            ffn=self.ffn, ffn_mult=self.ffn_mult, dropout=self.dropout, attn_dropout=self.attn_dropout,
-            max_len=max(self.grid() ** 2, 1) + 2))
+            ffn=self.ffn, ffn_mult=s.ffn_mult or self.ffn_mult, ffn_options=self.ffn_options, dropout=self.dropout,
+            attn_dropout=self.attn_dropout,
+            max_len=max(self.grid() ** 2, 1) + 2, norm_eps=self.norm_eps, layer_scale=self.layer_scale))
 
 
 def build_vision_config(data: dict[str, Any] | VisionConfig | None = None, **overrides: Any) -> VisionConfig:
@@ -120,7 +153,8 @@ def build_vision_config(data: dict[str, Any] | VisionConfig | None = None, **ove
             raise ConfigError(cause.field, merged.get(cause.field), str(cause)) from None
         raise config_error(e, "", VisionConfig) from None
     NORMS.get(cfg.norm)
-    FFNS.get(cfg.ffn)
+    if FFNS.get(cfg.ffn).Options.model_fields or cfg.ffn_options:
+        validate_options(FFNS.get(cfg.ffn).Options, cfg.ffn_options, "ffn_options")
     kind = "rotary" if cfg.positional == "rope2d" else "none"
     for i, s in enumerate(cfg.stages):
         try:
@@ -131,13 +165,18 @@ def build_vision_config(data: dict[str, Any] | VisionConfig | None = None, **ove
             raise ConfigError(f"stages[{i}]", s.model_dump(), msg) from None
         for j, (name, opts) in enumerate(mcfg.layer_mixers()):
             cls = MIXERS.get(name)
-            validate_options(cls.Options, opts, f"stages[{i}].mixer_options[{j}]")
+            validated = validate_options(cls.Options, opts, f"stages[{i}].mixer_options[{j}]")
             reasons = cls.capabilities.why_not(name, causal=False, positional=kind, grid=True)
             if reasons:
                 raise CapabilityError(f"stage {i} block {j}: " + "; ".join(reasons))
-            if cls.capabilities.grid and cfg.pooling == "cls":
+            n_extra = (1 + cfg.distillation) if cfg.class_stage() == i else 0
+            lead = getattr(validated, "leading_tokens", 0)
+            if cls.capabilities.grid and n_extra and lead != n_extra:
                 raise ConfigError("pooling", "cls", f"stage {i} uses the 2-D mixer {name!r}, which takes only patch "
                                   "tokens (no class token); use pooling='mean'")
+            if cls.capabilities.grid and lead != n_extra:
+                raise ConfigError(f"stages[{i}].mixer_options[{j}].leading_tokens", lead, f"stage {i} has {n_extra} "
+                                  "class/distillation tokens before its grid; set leading_tokens to that")
     return cfg
 
 
@@ -148,14 +187,21 @@ class ImageClassifier(nn.Module):
         super().__init__()
         self.cfg = cfg
         s0 = cfg.stages[0]
-        self.patch = PatchEmbed(cfg.in_channels, s0.d_model, cfg.patch_size, cfg.stem)
+        eps = {} if cfg.norm_eps is None else {"eps": cfg.norm_eps}
+        self.patch = PatchEmbed(cfg.in_channels, s0.d_model, cfg.patch_size, cfg.stem, kernel=cfg.patch_kernel,
+                                padding=cfg.patch_padding, norm=cfg.patch_norm, **eps)
         self.n_extra = (1 + cfg.distillation) if cfg.pooling == "cls" else 0
+        self.cls_stage = cfg.class_stage()
+        d_cls = cfg.stages[self.cls_stage or 0].d_model
         if self.n_extra:
-            self.extra = nn.Parameter(torch.randn(self.n_extra, s0.d_model) * 0.02)
+            self.extra = nn.Parameter(torch.randn(self.n_extra, d_cls) * 0.02)
         if cfg.positional == "learned":
             self.pos_table = nn.Parameter(torch.randn(cfg.grid() ** 2, s0.d_model) * 0.02)
-            if self.n_extra:
-                self.pos_extra = nn.Parameter(torch.randn(self.n_extra, s0.d_model) * 0.02)
+        if cfg.positional == "learned_stages":
+            self.stage_pos = nn.ParameterList(nn.Parameter(torch.randn(g * g, s.d_model) * 0.02)
+                                              for g, s in zip(cfg.stage_grids(), cfg.stages, strict=True))
+        if cfg.positional in ("learned", "learned_stages") and self.n_extra:
+            self.pos_extra = nn.Parameter(torch.randn(self.n_extra, d_cls) * 0.02)
         self.stages = nn.ModuleList()
         self.cpe = nn.ModuleList()
         self.merges = nn.ModuleList()
@@ -164,19 +210,20 @@ class ImageClassifier(nn.Module):
             self.stages.append(nn.ModuleList(Block(mcfg, name, opts) for name, opts in mcfg.layer_mixers()))
             self.cpe.append(ConditionalPosition(s.d_model) if cfg.positional == "cpe" else nn.Identity())
             if i:
-                self.merges.append(PatchMerge(cfg.stages[i - 1].d_model, s.d_model, cfg.merge))
+                self.merges.append(PatchMerge(cfg.stages[i - 1].d_model, s.d_model, cfg.merge, kernel=cfg.merge_kernel,
+                                              norm=cfg.merge_norm, pre_norm=cfg.merge_pre_norm, **eps))
         d = cfg.stages[-1].d_model
-        self.final_norm = NORMS.get(cfg.norm)(d)
+        self.final_norm = NORMS.get(cfg.norm)(d, **eps)
         self.head = nn.Linear(d, cfg.n_classes)
         if cfg.distillation:
             self.head_dist = nn.Linear(d, cfg.n_classes)
 
-    def _context(self, b: int, h: int, w: int, head_dim: int, dtype, device) -> PositionalContext:
-        n = h * w + self.n_extra
-        rotation = (rope_2d(h, w, self.n_extra, head_dim, b, dtype, device)
+    def _context(self, b: int, h: int, w: int, extra: int, head_dim: int, dtype, device) -> PositionalContext:
+        n = h * w + extra
+        rotation = (rope_2d(h, w, extra, head_dim, b, dtype, device)
                     if self.cfg.positional == "rope2d" else None)
         return PositionalContext(torch.arange(n, device=device).expand(b, n), rotation=rotation,
-                                 grid=None if self.n_extra else (h, w))
+                                 grid=(h, w))  # after ``extra`` class tokens (CvT's mixer takes them)
 
     def features(self, images: Tensor) -> Tensor:
         """Pooled features (b, d_last), or (b, 2, d_last) [class, distillation] with DeiT's token."""
@@ -188,21 +235,25 @@ class ImageClassifier(nn.Module):
             tok = tok + sincos_2d(h, w, d, images.device).to(tok.dtype)
         elif self.cfg.positional == "learned":
             tok = tok + resize_table(self.pos_table, self.cfg.grid(), self.cfg.grid(), h, w).to(tok.dtype)
+        sides = self.cfg.stage_grids()
         for i, blocks in enumerate(self.stages):
             if i:
                 g = self.merges[i - 1](tok.reshape(b, h, w, -1))
                 h, w = g.shape[1:3]
                 tok = g.reshape(b, h * w, -1)
-            if i == 0 and self.n_extra:
-                extra = self.extra + (self.pos_extra if self.cfg.positional == "learned" else 0)
-                tok = torch.cat([extra.to(tok.dtype).expand(b, -1, -1), tok], 1)
-            ctx = self._context(b, h, w, self.cfg.stages[i].d_model // self.cfg.stages[i].n_heads, tok.dtype,
+            if self.cfg.positional == "learned_stages":
+                tok = tok + resize_table(self.stage_pos[i], sides[i], sides[i], h, w).to(tok.dtype)
+            extra = self.n_extra if i == self.cls_stage else 0
+            if extra:
+                lead = self.extra + (self.pos_extra if hasattr(self, "pos_extra") else 0)
+                tok = torch.cat([lead.to(tok.dtype).expand(b, -1, -1), tok], 1)
+            ctx = self._context(b, h, w, extra, self.cfg.stages[i].d_model // self.cfg.stages[i].n_heads, tok.dtype,
                                 images.device)
             for j, block in enumerate(blocks):
                 tok, _ = block(tok, mask=None, state=None, positions=ctx)
                 if j == 0 and self.cfg.positional == "cpe":  # PEG after the first block of each stage
-                    grid = self.cpe[i](tok[:, self.n_extra :].reshape(b, h, w, -1))
-                    tok = torch.cat([tok[:, : self.n_extra], grid.reshape(b, h * w, -1)], 1)
+                    grid = self.cpe[i](tok[:, extra:].reshape(b, h, w, -1))
+                    tok = torch.cat([tok[:, :extra], grid.reshape(b, h * w, -1)], 1)
         tok = self.final_norm(tok)
         if self.cfg.distillation:
             return tok[:, :2]

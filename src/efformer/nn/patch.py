@@ -5,7 +5,8 @@ patch embedding, learned positions); "Escaping the Big Data Paradigm with Compac
 (CCT) and "CvT: Introducing Convolutions to Vision Transformers" (convolutional stems); "Swin
 Transformer" (patch merging); "Masked Autoencoders Are Scalable Vision Learners" (fixed 2-D sin-cos);
 "Rotary Position Embedding for Vision Transformer" (2-D axial RoPE); "Conditional Positional
-Encodings for Vision Transformers" (CPE: a depthwise convolution generates positions, PEG).
+Encodings for Vision Transformers" (CPE: a depthwise convolution generates positions, PEG); "PVT v2:
+Improved Baselines with Pyramid Vision Transformer" (Mix-FFN: a depthwise convolution inside the FFN).
 
 Grids are (batch, height, width, channels) here; models flatten them row-major into tokens.
 """
@@ -14,26 +15,33 @@ from __future__ import annotations
 
 import math
 
+import pydantic
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efformer.errors import ConfigError, ShapeError
-from efformer.nn.positional import Rotation
+from efformer.nn.positional import PositionalContext, Rotation
+from efformer.options import StrictModel
+from efformer.registry import FFNS
 
 
 class PatchEmbed(nn.Module):
     """Images (b, c, H, W) -> patch tokens (b, H/p, W/p, d) by a linear map of each p x p patch, or a conv stem.
 
-    ``stem="linear"`` is ViT's (a stride-p convolution: one linear map per patch); ``stem="conv"``
+    ``stem="linear"`` is ViT's (a stride-p convolution: one linear map per patch; with ``kernel`` > p
+    and ``padding``, PVT v2's and PoolFormer's overlapping patches); ``stem="conv"``
     is a CCT/CvT-style stack of log2(p) stride-2 3x3 convolutions with GELU between them.
     """
 
-    def __init__(self, in_channels: int, d_model: int, patch_size: int, stem: str = "linear"):
+    def __init__(self, in_channels: int, d_model: int, patch_size: int, stem: str = "linear", *,
+                 kernel: int | None = None, padding: int = 0, norm: bool = False, eps: float = 1e-5):
         super().__init__()
         self.in_channels, self.patch_size = in_channels, patch_size
+        # Swin / PVT normalise the patch tokens; PVT v2 / PoolFormer overlap patches (kernel > stride, padded)
+        self.norm = nn.LayerNorm(d_model, eps=eps) if norm else None
         if stem == "linear":
-            self.proj = nn.Conv2d(in_channels, d_model, patch_size, stride=patch_size)
+            self.proj = nn.Conv2d(in_channels, d_model, kernel or patch_size, stride=patch_size, padding=padding)
         elif stem == "conv":
             steps = int(math.log2(patch_size))
             if 2**steps != patch_size:
@@ -53,7 +61,8 @@ class PatchEmbed(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """(b, c, H, W) float images -> (b, H/p, W/p, d); a ShapeError names a wrong channel count or size."""
         check_images(images, self.in_channels, self.patch_size)
-        return self.proj(images).permute(0, 2, 3, 1)
+        g = self.proj(images).permute(0, 2, 3, 1)
+        return g if self.norm is None else self.norm(g)
 
 
 def check_images(images, channels: int, multiple: int) -> None:
@@ -76,28 +85,38 @@ class PatchMerge(nn.Module):
     """Between stages: (b, h, w, d) -> (b, ceil(h/2), ceil(w/2), d_out); odd sides are zero-padded first.
 
     ``kind="patch_merge"`` is Swin's (concatenate each 2x2 block, LayerNorm, linear 4d -> d_out);
-    ``kind="conv"`` is PVT's and MetaFormer's (a stride-2 2x2 convolution, then LayerNorm).
+    ``"patch_merge_v2"`` is Swin V2's (the linear map, then LayerNorm of d_out); ``kind="conv"`` is
+    PVT's and MetaFormer's (a stride-2 ``kernel`` x ``kernel`` convolution padded by (kernel - 1) // 2:
+    2 for PVT, 3 for PVT v2 and PoolFormer; then LayerNorm unless ``norm=False``, as PoolFormer).
+    ``pre_norm``: a LayerNorm of the stage's output first (PVT v2 ends each stage with one).
     """
 
-    def __init__(self, d_in: int, d_out: int, kind: str = "patch_merge"):
+    def __init__(self, d_in: int, d_out: int, kind: str = "patch_merge", *, kernel: int = 2, norm: bool = True,
+                 pre_norm: bool = False, eps: float = 1e-5):
         super().__init__()
-        self.kind = kind
-        if kind == "patch_merge":
-            self.norm, self.proj = nn.LayerNorm(4 * d_in), nn.Linear(4 * d_in, d_out, bias=False)
+        self.kind, self.kernel = kind, kernel
+        self.pre_norm = nn.LayerNorm(d_in, eps=eps) if pre_norm else None
+        if kind in ("patch_merge", "patch_merge_v2"):
+            self.norm = nn.LayerNorm(4 * d_in if kind == "patch_merge" else d_out, eps=eps)
+            self.proj = nn.Linear(4 * d_in, d_out, bias=False)
         elif kind == "conv":
-            self.proj, self.norm = nn.Conv2d(d_in, d_out, 2, stride=2), nn.LayerNorm(d_out)
+            self.proj = nn.Conv2d(d_in, d_out, kernel, stride=2, padding=(kernel - 1) // 2)
+            self.norm = nn.LayerNorm(d_out, eps=eps) if norm else nn.Identity()
         else:
-            raise ConfigError("merge", kind, "'patch_merge' or 'conv'")
+            raise ConfigError("merge", kind, "'patch_merge', 'patch_merge_v2' or 'conv'")
 
     def forward(self, g: Tensor) -> Tensor:
         """(b, h, w, d) -> (b, ceil(h/2), ceil(w/2), d_out)."""
+        if self.pre_norm is not None:
+            g = self.pre_norm(g)
         h, w = g.shape[1:3]
-        g = F.pad(g, (0, 0, 0, w % 2, 0, h % 2))
+        if self.kind != "conv" or self.kernel % 2 == 0:  # an odd padded kernel already gives ceil(h / 2)
+            g = F.pad(g, (0, 0, 0, w % 2, 0, h % 2))
         if self.kind == "conv":
             return self.norm(self.proj(g.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
         # Swin's order of the four: (0, 0), (1, 0), (0, 1), (1, 1)
         g = torch.cat([g[:, 0::2, 0::2], g[:, 1::2, 0::2], g[:, 0::2, 1::2], g[:, 1::2, 1::2]], -1)
-        return self.proj(self.norm(g))
+        return self.proj(self.norm(g)) if self.kind == "patch_merge" else self.norm(self.proj(g))
 
 
 def sincos_2d(h: int, w: int, d: int, device=None) -> Tensor:
@@ -146,3 +165,38 @@ class ConditionalPosition(nn.Module):
     def forward(self, g: Tensor) -> Tensor:
         """(b, h, w, d) -> (b, h, w, d)."""
         return g + self.conv(g.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class MixFFNOptions(StrictModel):
+    """Options of PVT v2's Mix-FFN."""
+
+    relu: bool = pydantic.Field(False, description="a ReLU after the first linear map (PVT v2's linear variant)")
+
+
+@FFNS.register("mixffn")
+class MixFFN(nn.Module):
+    """PVT v2's Mix-FFN on an image model's grid: down(act(dwconv3x3(up(x)))), (b, h*w, d) -> (b, h*w, d)."""
+
+    Options = MixFFNOptions
+    takes_positions = True  # the block passes its PositionalContext: the convolution needs the grid
+    needs_grid = True  # so a text model refuses it
+
+    def __init__(self, d_model: int, mult: float = 4.0, dropout: float = 0.0, *, options=None, causal: bool = False):
+        super().__init__()
+        hidden = max(1, round(mult * d_model))
+        self.relu = MixFFNOptions.model_validate(options or {}).relu
+        self.up, self.down = nn.Linear(d_model, hidden), nn.Linear(hidden, d_model)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, positions: PositionalContext | None = None) -> Tensor:
+        """(b, h*w, d) -> (b, h*w, d); a ShapeError without the grid."""
+        grid = None if positions is None else positions.grid
+        b, n, _ = x.shape
+        if grid is None or grid[0] * grid[1] != n:
+            raise ShapeError(f"mixffn convolves the token grid, but got {n} tokens with grid {grid}; use it in an "
+                             "image model with patch tokens only (pooling='mean')")
+        h = self.up(x)
+        h = F.relu(h) if self.relu else h
+        h = self.dwconv(h.transpose(1, 2).reshape(b, -1, *grid)).flatten(2).transpose(1, 2)
+        return self.down(self.drop(F.gelu(h)))
