@@ -131,6 +131,13 @@ def test_bad_input_is_refused_before_writing(teacher, text, tmp_path, kwargs, er
     assert not (tmp_path / "run").exists()
 
 
+def test_a_classifier_is_not_a_teacher(text, tmp_path):
+    model = efformer.create_model("classifier-tiny")
+    with pytest.raises(ConfigError, match="causal LM"):
+        distill(model, [text], "simple_gla", steps=1, out_dir=tmp_path / "run", **QUIET)
+    assert not (tmp_path / "run").exists()
+
+
 def test_existing_run_needs_resume_and_a_file_is_not_a_folder(teacher, text, tmp_path):
     distill(teacher, [text], "simple_gla", steps=1, out_dir=tmp_path / "run", seq_len=32, train=FAST, **QUIET)
     with pytest.raises(ConfigError, match="--resume"):

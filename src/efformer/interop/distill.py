@@ -157,7 +157,9 @@ def heldout_ppl(model: nn.Module, data: Sequence, batch_size: int = 8, max_batch
 @dataclass
 class Distilled:
     """What ``distill`` returns: the trained student, the conversion report, and the held-out figures
-    (``kl_before``/``kl_after``: mean KL to the teacher; ``teacher_ppl``/``student_ppl``; the trainer's)."""
+    (``kl_before``/``kl_after``: mean KL to the teacher; ``teacher_ppl``/``student_ppl``), and the trainer's
+    final metrics (``train_loss`` is the distillation loss, ``train_accuracy`` the top-1 agreement; ``eval_*``
+    are next-token cross-entropy figures on the held-out tail)."""
 
     student: nn.Module
     conversion: Conversion
@@ -191,6 +193,9 @@ def distill(teacher: nn.Module, texts: Sequence[str | os.PathLike], mixer: str, 
     and the student folder ``out_dir/model`` (with the tokenizer); every input is checked before anything
     is written. ``resume``: continue from the run's latest checkpoint.
     """
+    if getattr(getattr(teacher, "cfg", None), "task", None) != "lm":
+        raise ConfigError("teacher", type(teacher).__name__, "an efformer causal LM (create_model, load, from_hf of a "
+                          "decoder); distillation matches next-token distributions")
     opts = validate_options(DistillOptions, {"mixer": mixer, **settings}, "distill")
     base = train.model_dump() if isinstance(train, TrainConfig) else dict(train or {})
     cfg = validate_options(TrainConfig, {**TRAIN_DEFAULTS, **base, **({} if steps is None else {"steps": steps})},
