@@ -103,7 +103,6 @@ def test_hidden_term_adds_the_mixer_output_mse(teacher):
     torch.testing.assert_close(both - kl, 2.0 * mse, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow  # three short runs; the trainer's own resume tests are in tests/train
 def test_resume_repeats_the_uninterrupted_run(teacher, text, tmp_path):
     kw = {"seq_len": 16, "layers": [1], "train": {"lr": 3e-3, "schedule": "constant", "eval_batches": 1}, **QUIET}
     whole = distill(teacher, [text], "retnet", steps=2, out_dir=tmp_path / "a", **kw).student
