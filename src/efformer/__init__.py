@@ -13,7 +13,7 @@ from efformer.errors import (
     ShapeError,
     UnknownNameError,
 )
-from efformer.interop import convert, from_hf, from_pretrained, stream_convert, to_hf
+from efformer.interop import convert, distill, from_hf, from_pretrained, stream_convert, to_hf
 from efformer.models import (
     CausalLM,
     DualEncoderClassifier,
@@ -34,7 +34,7 @@ __version__ = VERSION
 __all__ = [
     "FFNS", "MIXERS", "NORMS", "POSITIONALS", "CapabilityError", "CausalLM", "CheckpointError",
     "ConfigError", "DataError", "DualEncoderClassifier", "EfformerError", "ModelConfig",
-    "SequenceClassifier", "ShapeError", "UnknownNameError", "build_config", "convert", "create_model",
+    "SequenceClassifier", "ShapeError", "UnknownNameError", "build_config", "convert", "create_model", "distill",
     "describe_mixer", "extract", "from_hf", "from_pretrained", "list_mixers", "list_presets", "load",
     "register_mixer", "save", "stream_convert", "to_hf",
 ]

@@ -131,7 +131,7 @@ PLUGINS = (
     bench_cli,  # bench, advise
     compress_cli,  # quantize, perplexity
     serve_cli,  # serve
-    interop_cli,  # tokenizer train
+    interop_cli,  # tokenizer train, distill
 )
 
 

@@ -1,4 +1,4 @@
-"""Tokenizers: bytes when a folder has none, its tokenizer.json when it has one, BPE training."""
+"""BPE training (`efformer tokenizer train`); reading tokenizers is tested in tests/data/test_text.py."""
 
 from __future__ import annotations
 
@@ -6,18 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from efformer.errors import CheckpointError, ConfigError, DataError
-from efformer.interop.text import ByteTokenizer, FileTokenizer, load_tokenizer, train_bpe
+from efformer.errors import ConfigError, DataError
+from efformer.interop.text import FileTokenizer, load_tokenizer, train_bpe
 
 pytest.importorskip("tokenizers")
 CORPUS = Path(__file__).parents[2] / "src" / "efformer" / "assets" / "tiny_corpus.txt"
 TEXT = "Once upon a time, héllo wörld!"
-
-
-def test_bytes_without_a_tokenizer_file(tmp_path):
-    tok = load_tokenizer(tmp_path)
-    assert isinstance(tok, ByteTokenizer)
-    assert tok.encode(TEXT) == list(TEXT.encode("utf-8")) and tok.decode(tok.encode(TEXT)) == TEXT
 
 
 def test_trained_bpe_round_trips_and_compresses(tmp_path):
@@ -47,9 +41,3 @@ def test_binary_training_file_is_refused(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(DataError, match="UTF-8"):
         train_bpe([tmp_path / "x.bin"], 300, tmp_path / "m")
-
-
-def test_corrupt_tokenizer_file(tmp_path):
-    (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="tokenizer.json"):
-        load_tokenizer(tmp_path)

@@ -611,3 +611,16 @@ def test_a_save_killed_before_each_file_system_step_leaves_one_whole_model(tmp_p
     if not first:  # the kill between the two renames happened, and it loaded the old model
         assert ("target missing (between the renames)", "A") in results, results
         assert ("deleting the old folder", "B") in results, results
+
+
+def test_extra_files_travel_inside_the_folder_swap(tmp_path):
+    out = tmp_path / "m"
+    efformer.save(_model(0), out, extra={"tokenizer.json": b'{"v": 1}'})
+    assert (out / "tokenizer.json").read_bytes() == b'{"v": 1}'
+    efformer.save(_model(1), out, extra={"tokenizer.json": b'{"v": 2}'})  # a folder with a tokenizer re-saves
+    assert (out / "tokenizer.json").read_bytes() == b'{"v": 2}' and _bits(efformer.load(out)) == _bits(_model(1))
+    efformer.save(_model(1), out)  # the folder is replaced whole: no extra, no tokenizer
+    assert not (out / "tokenizer.json").exists()
+    with pytest.raises(ConfigError, match="extra"):
+        efformer.save(_model(0), tmp_path / "n", extra={"notes.txt": b"x"})
+    assert not (tmp_path / "n").exists()

@@ -8,59 +8,11 @@ import os
 import secrets
 from pathlib import Path
 
+from efformer.data.text import TOKENIZER_FILE, ByteTokenizer, FileTokenizer, import_tokenizers, load_tokenizer
 from efformer.durable import fsync_dir, fsync_file
-from efformer.errors import CheckpointError, ConfigError, DataError
+from efformer.errors import ConfigError, DataError
 
-TOKENIZER_FILE = "tokenizer.json"
-
-
-def _tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise ConfigError("tokenizer", TOKENIZER_FILE, "the `tokenizers` package reads it: pip install "
-                          "'efformer[text]' (or remove tokenizer.json to use raw bytes)") from None
-    return tokenizers
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255: text -> list of ids, ids -> text (ids taken mod 256)."""
-
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        """The UTF-8 bytes of ``text``."""
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        """Text of the bytes ``ids`` (invalid UTF-8 replaced)."""
-        return bytes(t % 256 for t in ids).decode("utf-8", errors="replace")
-
-
-class FileTokenizer:
-    """A ``tokenizer.json`` (any model ``tokenizers`` reads): text -> list of ids, ids -> text."""
-
-    def __init__(self, path: Path):
-        try:
-            self.inner = _tokenizers().Tokenizer.from_file(str(path))
-        except Exception as e:  # the library's parse errors are one Exception type
-            raise CheckpointError(f"{path} is not a tokenizer file tokenizers can read ({e}); restore it or delete "
-                                  "it to use raw bytes") from None
-        self.vocab_size = self.inner.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens added)."""
-        return self.inner.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        """Text of token ids ``ids``."""
-        return self.inner.decode(ids, skip_special_tokens=False)
-
-
-def load_tokenizer(folder: str | os.PathLike) -> ByteTokenizer | FileTokenizer:
-    """The tokenizer of a model folder: its ``tokenizer.json`` when there is one, else bytes."""
-    path = Path(folder) / TOKENIZER_FILE
-    return FileTokenizer(path) if path.is_file() else ByteTokenizer()
+__all__ = ["TOKENIZER_FILE", "ByteTokenizer", "FileTokenizer", "load_tokenizer", "train_bpe"]
 
 
 def train_bpe(files: list[str | os.PathLike], vocab_size: int, out: str | os.PathLike) -> Path:
@@ -81,7 +33,7 @@ def train_bpe(files: list[str | os.PathLike], vocab_size: int, out: str | os.Pat
     target = Path(out)
     if target.exists() and not target.is_dir():
         raise ConfigError("--out", str(out), "is a file; give a folder (it is created if missing)")
-    tk = _tokenizers()
+    tk = import_tokenizers()
     tok = tk.Tokenizer(tk.models.BPE())
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tk.decoders.ByteLevel()

@@ -58,6 +58,8 @@ except ImportError:  # Windows: no flock; concurrent saves to one folder are the
 CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE = "config.json", "model.safetensors", "manifest.json"
 FORMAT, VERSION = "efformer-model", 1
 PAYLOAD = (CONFIG_FILE, WEIGHTS_FILE)
+# Files a folder may carry beside the model, written by ``save(..., extra=...)``: the text tokenizer.
+EXTRA_FILES = ("tokenizer.json",)
 _TMP, _OLD = ".tmp-", ".old-"
 _RESAVE = "re-save the model with efformer.save"
 # Extra sections of config.json, written from the model attribute of the same name and applied on load
@@ -66,13 +68,24 @@ CONFIG_SECTIONS: dict[str, Callable[[nn.Module, dict, Path], None]] = {}
 
 
 # ---- save ------------------------------------------------------------------------------------
-def save(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``model`` as the folder ``directory``; a kill at any moment leaves the old or the new model."""
+def save(model: nn.Module, directory: str | os.PathLike, extra: dict[str, bytes] | None = None) -> Path:
+    """Write ``model`` as the folder ``directory`` (with the ``extra`` files, named from EXTRA_FILES); a kill
+    at any moment leaves the old or the new model."""
     cfg = _check_model(model)
     out = _check_save_target(directory)
+    extra = dict(extra or {})
+    unknown = sorted(n for n in extra if n not in EXTRA_FILES)
+    if unknown:
+        raise ConfigError("extra", unknown, f"file names among {', '.join(EXTRA_FILES)}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     sections = {k: getattr(model, k) for k in CONFIG_SECTIONS if getattr(model, k, None)}
-    return publish_folder(out, lambda tmp: _write_folder(tmp, cfg, tensors, sections), "save")
+
+    def write(tmp: Path) -> None:
+        for name, data in extra.items():
+            _write_bytes(tmp / name, data)
+        _write_folder(tmp, cfg, tensors, sections)  # fsyncs the folder last
+
+    return publish_folder(out, write, "save")
 
 
 def publish_folder(out: Path, write: Callable[[Path], None], verb: str) -> Path:
@@ -137,7 +150,7 @@ def _as_path(directory: object) -> Path:
 
 def _is_model_entry(name: str) -> bool:
     """Files a model folder may hold; ``.X.*.tmp`` are leftovers of efformer's older per-file writes."""
-    if name in (*PAYLOAD, MANIFEST_FILE):
+    if name in (*PAYLOAD, MANIFEST_FILE, *EXTRA_FILES):
         return True
     return any(name.startswith(f".{f}.") and name.endswith(".tmp") for f in PAYLOAD)
 

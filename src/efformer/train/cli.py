@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from efformer.data.text import TOKENIZER_FILE, tokenizer_file
 from efformer.errors import CheckpointError, ConfigError
 from efformer.models import create_model, load
 from efformer.results import DEFAULT_PATH, ResultsStore
@@ -34,8 +35,10 @@ def run_training(cfg: RunConfig, resume: bool | str = False, progress_stream=Non
     model = create_model(cfg.build_model_config())
     train_data, eval_data = build_datasets(cfg.data, model.cfg)
     store = ResultsStore(cfg.results) if info.is_main else None
+    tokenizer = cfg.data.options.get("tokenizer") if cfg.data.name == "text" else None
+    files = {TOKENIZER_FILE: tokenizer_file(tokenizer, "data.options.tokenizer").read_bytes()} if tokenizer else None
     trainer = Trainer(model, cfg.train, train_data, eval_data, store=store, out_dir=out,
-                      run_config=cfg.model_dump(), progress_stream=progress_stream)
+                      run_config=cfg.model_dump(), progress_stream=progress_stream, model_files=files)
     try:
         if resume:
             path = None if resume is True else resume

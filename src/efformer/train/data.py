@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from efformer.assets import bundled_text
 from efformer.data.recall import IGNORE
+from efformer.data.text import ByteTokenizer, FileTokenizer, tokenizer_file
 from efformer.errors import ConfigError, DataError, UnknownNameError
 from efformer.models.config import ModelConfig
 from efformer.models.packing import pack_sequences, packed_pairs
@@ -225,17 +226,49 @@ class TensorExamples(Sequence):
 
 
 class TextOptions(StrictModel):
-    """Byte-level LM on a text file (default: the small corpus bundled with efformer)."""
+    """LM on a text file (default: the small corpus bundled with efformer), as bytes or through a tokenizer."""
 
     path: str | None = None  # UTF-8 / byte file; None uses the bundled corpus
     seq_len: int = pydantic.Field(64, gt=1)
     stride: int | None = pydantic.Field(None, gt=0)  # window step; default seq_len // 4
     eval_fraction: float = pydantic.Field(0.1, gt=0, lt=1)  # tail of the file held out
+    # a tokenizer.json (or a folder holding one: a Hugging Face model folder, `efformer tokenizer train --out`);
+    # None: raw bytes. The trained model's folder gets a copy, so generate decodes with it.
+    tokenizer: str | None = None
+
+
+def token_windows(ids: Tensor, seq_len: int, stride: int, eval_fraction: float, source: str,
+                  ) -> tuple[TensorExamples, TensorExamples]:
+    """Windows of ``seq_len`` ids every ``stride`` over the head (train) and the ``eval_fraction`` tail (eval)
+    of the 1-D ``ids``; ``source`` names the text in errors."""
+    split = int(len(ids) * (1 - eval_fraction))
+
+    def windows(t: Tensor) -> Tensor:
+        if len(t) < seq_len:
+            raise DataError(f"{source}: a split has {len(t)} tokens, fewer than seq_len={seq_len}; use a longer "
+                            "text or a smaller seq_len")
+        return t.unfold(0, seq_len, stride)
+
+    return TensorExamples(windows(ids[:split])), TensorExamples(windows(ids[split:]))
+
+
+def encode_text(raw: bytes, tokenizer: ByteTokenizer | FileTokenizer, vocab_size: int, source: str) -> Tensor:
+    """Token ids (n,) of the bytes ``raw`` (UTF-8 text unless byte-level) for a model of ``vocab_size`` ids."""
+    if vocab_size < tokenizer.vocab_size:
+        raise ConfigError("model.vocab_size", vocab_size, f">= {tokenizer.vocab_size}, the size of the text's "
+                          "vocabulary (bytes, or the tokenizer's)")
+    if isinstance(tokenizer, ByteTokenizer):
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long() if raw else torch.zeros(0, dtype=torch.long)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source} is not UTF-8 text (bad byte at offset {e.start}); a tokenizer reads text") from None
+    return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 
 
 @register_dataset("text", TextOptions)
 def text_dataset(opts: TextOptions, model_cfg: ModelConfig):
-    """Overlapping byte windows of the head (train) and tail (eval) of a text file."""
+    """Overlapping windows of the head (train) and tail (eval) of a text file, as bytes or tokenizer ids."""
     if opts.path is None:
         raw = bundled_text()
     else:
@@ -244,19 +277,11 @@ def text_dataset(opts: TextOptions, model_cfg: ModelConfig):
             raise ConfigError("data.options.path", opts.path, "file not found; give an existing text file or "
                               "leave it unset to use the bundled corpus")
         raw = p.read_bytes()
-    if model_cfg.vocab_size < 256:
-        raise ConfigError("model.vocab_size", model_cfg.vocab_size, "byte-level text needs vocab_size >= 256")
-    data = torch.tensor(list(raw), dtype=torch.long)
-    split = int(len(data) * (1 - opts.eval_fraction))
-    stride = opts.stride or max(1, opts.seq_len // 4)
-
-    def windows(t: Tensor) -> Tensor:
-        if len(t) < opts.seq_len:
-            raise DataError(f"{opts.path or 'bundled corpus'}: a split has {len(t)} bytes, fewer than "
-                            f"seq_len={opts.seq_len}; use a longer file or a smaller data.options.seq_len")
-        return t.unfold(0, opts.seq_len, stride)
-
-    return TensorExamples(windows(data[:split])), TensorExamples(windows(data[split:]))
+    tok = ByteTokenizer() if opts.tokenizer is None else \
+        FileTokenizer(tokenizer_file(opts.tokenizer, "data.options.tokenizer"))
+    source = opts.path or "bundled corpus"
+    ids = encode_text(raw, tok, model_cfg.vocab_size, source)
+    return token_windows(ids, opts.seq_len, opts.stride or max(1, opts.seq_len // 4), opts.eval_fraction, source)
 
 
 class CopyOptions(StrictModel):

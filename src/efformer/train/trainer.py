@@ -93,7 +93,8 @@ class Trainer:
     def __init__(self, model: nn.Module, train_config: TrainConfig | dict, train_data: Sequence,
                  eval_data: Sequence | None = None, store: ResultsStore | None = None, run_id: str | None = None,
                  out_dir: str | Path = "runs/run", run_config: dict | None = None, progress_stream=None,
-                 kind: str = "train", on_step: Callable[[int, int, float], None] | None = None):
+                 kind: str = "train", on_step: Callable[[int, int, float], None] | None = None,
+                 loss_fn: Callable[[nn.Module, dict], tuple] = loss_terms, model_files: dict[str, bytes] | None = None):
 
         self.cfg = validate_options(TrainConfig, train_config, "train")
         self.info = D.setup(self.cfg.device)
@@ -107,6 +108,9 @@ class Trainer:
         self.progress_stream = progress_stream
         self.on_step = on_step  # called as on_step(step, total_steps, loss) after every step, on rank 0
         self.kind = kind  # the run's kind in the results store ("train", "arena", ...)
+        # the training loss, as loss_terms: (summed loss, loss terms, {"correct"}) (distillation: KL to a teacher)
+        self.loss_fn = loss_fn
+        self.model_files = model_files  # extra files for the saved model folder (its tokenizer.json)
         per_rank, rem = divmod(self.cfg.batch_size, self.info.world_size * self.cfg.grad_accum)
         if rem or per_rank == 0:
             raise ConfigError("train.batch_size", self.cfg.batch_size,
@@ -161,7 +165,7 @@ class Trainer:
                 model = create_model(self.raw.cfg)
                 model.load_state_dict(weights)
         if self.info.is_main:
-            save(model, directory)
+            save(model, directory, self.model_files)
         D.barrier()
 
     def resume(self, path: str | Path | None = None) -> bool:
@@ -217,7 +221,7 @@ class Trainer:
             with (contextlib.nullcontext() if sync else self.model.no_sync(), self._autocast(),
                   use_widths(self.raw, widths)):
                 on_device = self._to_device(batch)
-                total, _, sums = loss_terms(self.model, on_device)
+                total, _, sums = self.loss_fn(self.model, on_device)
                 exit_total = exit_loss_terms(self.raw, on_device)  # early-exit heads: sums like the task loss
             # auxiliary losses (MoE balance, ...) are means over a micro-batch: weight each by its loss terms
             aux = collect_aux_losses(self.raw)
