@@ -243,7 +243,10 @@ class SoftmaxAttention(Mixer):
         k, v = self.split_heads(self.kv_proj(x), 2 * self.n_kv_heads).chunk(2, dim=1)
         if self.opts.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return pos.rotate_queries(q), pos.rotate_keys(k), v
+        q, k = pos.rotate_queries(q), pos.rotate_keys(k)
+        if self.record_qk:  # efformer.reduce reads this layer's queries and keys between blocks
+            self.last_qk = (q, k)
+        return q, k, v
 
     def qkv_heads(self, x: Tensor, pos: PositionalContext) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (b, h, n, d) of the new tokens, key/value heads repeated for the query heads they serve (GQA)."""
