@@ -63,8 +63,7 @@ def _check_blocks(stacks: list, method: Method, prop_attn: bool) -> None:
                 raise CapabilityError(f"{where} cannot take an additive score bias, so proportional attention "
                                       "(log-size on the keys) cannot reach it; pick a mixer with "
                                       "capabilities.attention_bias (softmax, ...) or pass prop_attn=False")
-            if method.needs_attention and not hasattr(mixer, "record_qk") or (
-                    method.needs_attention and not hasattr(mixer, "qkv_heads")):
+            if method.needs_attention and not hasattr(mixer, "qkv_heads"):
                 raise CapabilityError(f"{where} forms no q and k, and method {method.name!r} needs the attention "
                                       "map; use 'tome' or 'pitome', which fall back to the tokens as metric")
 

@@ -169,15 +169,41 @@ def combine(tok: Tokens, a: Assignment) -> tuple[Tokens, Tensor]:
     if tok.mask is not None:  # padding adds nothing: a real token merged with padding is unchanged
         w = w * tok.mask.to(w.dtype)
     if a.matrix is None:
-        den = w.new_zeros(b, t_out).scatter_add_(1, slot, w)
-        num = x.new_zeros(b, t_out, x.shape[2]).scatter_add_(1, slot[..., None].expand_as(x),
-                                                             x * w[..., None].to(x.dtype))
-        count = torch.zeros(b, t_out, device=x.device).scatter_add_(1, slot, (w > 0).float())
-        new_x = _exact_where_single(x, keep, count, num, den)
+        new_x, den = _merge_sources(x, w, keep, ar[~is_rep].view(b, t - t_out), slot)
     else:
         new_x, den, _ = transform_tokens(x, w, a.matrix)
     mask = None if tok.mask is None else den > 0
     return Tokens(new_x, den, mask, slot.gather(1, tok.source), tok.positions.gather(1, keep)), keep
+
+
+def take(x: Tensor, idx: Tensor) -> Tensor:
+    """Rows x[b, idx[b, i]] (b, k, d) for x (b, t, d) and idx (b, k): one index_select over the flattened
+    batch, far cheaper on CPU than gather with an index expanded over d."""
+    b, t, d = x.shape
+    flat = (idx + torch.arange(b, device=idx.device)[:, None] * t).reshape(-1)
+    return x.reshape(b * t, d).index_select(0, flat).view(b, idx.shape[1], d)
+
+
+def _merge_sources(x: Tensor, w: Tensor, keep: Tensor, src: Tensor, slot: Tensor) -> tuple[Tensor, Tensor]:
+    """Size-weighted means where the r tokens ``src`` (b, r) go into their slots among the kept ones
+    (b, t'); only the rows that receive a token are recomputed, the others stay exactly as they were."""
+    b, t_out = keep.shape
+    d = x.shape[2]
+    q = slot.gather(1, src)  # (b, r): the kept token each source goes into
+    ws = w.gather(1, src)
+    w_keep = w.gather(1, keep)
+    added = torch.zeros_like(w_keep).scatter_add_(1, q, ws)
+    kept_x = take(x, keep)
+    flat_q = (q + torch.arange(b, device=q.device)[:, None] * t_out).reshape(-1)
+    acc = torch.zeros(b * t_out, d, dtype=x.dtype, device=x.device).index_add_(
+        0, flat_q, (take(x, src) * ws[..., None].to(x.dtype)).reshape(-1, d))
+    rows = kept_x.reshape(b * t_out, d).index_select(0, flat_q)
+    wq = w_keep.reshape(-1)[flat_q, None].to(x.dtype)
+    total = (w_keep + added).reshape(-1)[flat_q, None].to(x.dtype)
+    merged = (rows * wq + acc.index_select(0, flat_q)) / total.clamp(min=1e-30)
+    merged = torch.where(added.reshape(-1)[flat_q, None] > 0, merged, rows)  # pruned (weight 0): unchanged
+    out = kept_x.reshape(b * t_out, d).index_copy(0, flat_q, merged)
+    return out.view(b, t_out, d), w_keep + added
 
 
 def _exact_where_single(x: Tensor, rep: Tensor, count: Tensor, num: Tensor, den: Tensor) -> Tensor:
@@ -208,7 +234,7 @@ def unmerge(x: Tensor, source: Tensor) -> Tensor:
     if source.shape[0] != x.shape[0] or (source.numel() and int(source.max()) >= x.shape[1]):
         raise ShapeError(f"unmerge: source {tuple(source.shape)} does not index tokens {tuple(x.shape)}; pass the "
                          "source tracked with these tokens (reducer.last.source)")
-    return x.gather(1, source[..., None].expand(*source.shape, x.shape[2]))
+    return take(x, source)
 
 
 class LogSizeBias(nn.Module):

@@ -40,12 +40,19 @@ def identity_dst(b: int, t: int, device) -> Tensor:
     return torch.arange(t, device=device).expand(b, t).clone()
 
 
+def halves(m: Tensor, a_idx: Tensor, b_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of m (b, t, c) at A and at B; ToMe's even/odd split is a strided view (no copy)."""
+    t = m.shape[1]
+    if a_idx.shape[1] == (t + 1) // 2 and b_idx.shape[1] == t // 2 and bool((a_idx[0, 1:2] == 2).all()):
+        return m[:, 0::2], m[:, 1::2]
+    return (m.gather(1, i[..., None].expand(-1, -1, m.shape[2])) for i in (a_idx, b_idx))
+
+
 def match(m: Tensor, a_idx: Tensor, b_idx: Tensor, view: TokenView, scores: Tensor | None = None):
     """Best partner in B of every A token: (max score (b, ta), partner index in B (b, ta)); protected
     and padding rules applied. a_idx, b_idx (b, ta) / (b, tb) index the current tokens."""
     if scores is None:
-        ma = m.gather(1, a_idx[..., None].expand(-1, -1, m.shape[2]))
-        mb = m.gather(1, b_idx[..., None].expand(-1, -1, m.shape[2]))
+        ma, mb = halves(m, a_idx, b_idx)
         scores = ma @ mb.transpose(1, 2)
     mask = view.tok.mask
     if mask is not None:  # padding merges first (it adds nothing); a real token never picks a padding slot
@@ -53,7 +60,8 @@ def match(m: Tensor, a_idx: Tensor, b_idx: Tensor, view: TokenView, scores: Tens
         scores = scores.masked_fill(~pad_a[..., None] & pad_b[:, None, :], NEG)
         scores = torch.where(pad_a[..., None], torch.full_like(scores, 3.0), scores)
     p = view.protected
-    scores = scores.masked_fill((a_idx < p)[..., None] | (b_idx < p)[:, None, :], NEG)
+    if p:
+        scores = scores.masked_fill((a_idx < p)[..., None] | (b_idx < p)[:, None, :], NEG)
     return scores.max(-1)
 
 
@@ -237,7 +245,7 @@ class MCTF(Method):
         a_idx, b_idx = alternate(t, b, m.device)
         info = self.informativeness(view) * t  # mean 1, so the exponents weigh comparable numbers
         size = view.tok.size
-        ma, mb = (m.gather(1, i[..., None].expand(-1, -1, m.shape[2])) for i in (a_idx, b_idx))
+        ma, mb = halves(m, a_idx, b_idx)
         sim = (ma @ mb.transpose(1, 2)).clamp(min=1e-6)  # negative similarity: never attractive
 
         def pair(v: Tensor) -> Tensor:
