@@ -4,7 +4,8 @@ Trains (once, cached under ``--cache``) a ``vit-tiny`` on scikit-learn's digits 
 64 patches + class token, 4 blocks) and a text ``SequenceClassifier`` on a longer ListOps than the
 arena's quick preset (``--listops-len`` tokens at most, 4 blocks), then for every method and r in
 ``--rs`` attaches :func:`efformer.reduce.apply`, and measures images (sequences) per second on
-``--batch`` inputs (median of ``--repeat``), forward FLOPs per input (``torch.utils.flop_counter``: the
+``--batch`` inputs (median of ``--repeat``; the speed-up is the median ratio of plain and reduced runs
+timed back to back), forward FLOPs per input (``torch.utils.flop_counter``: the
 blocks plus the methods' own matmuls) and test accuracy. One run on a CPU that others share: compare
 ratios within one table, not across runs.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 from pathlib import Path
 
@@ -88,7 +90,7 @@ def text_task(args):
 
     def batches():
         idx = torch.randint(0, len(train_set), (32,), generator=gen).tolist()
-        ids, kw, y = batch_of([train_set[i] for i in idx])
+        (ids,), kw, y = batch_of([train_set[i] for i in idx])
         return (ids, kw), y
     make = lambda: efformer.create_model(spec.model_config())  # noqa: E731
     model, how = cached(Path(args.cache) / f"listops{n}", make, lambda m: train(m, batches, args.text_steps, 3e-3))
@@ -99,16 +101,30 @@ def text_task(args):
 
 
 @torch.no_grad()
-def measure(model, evals, speed_in, batch: int, repeat: int) -> tuple[float, float, float]:
-    """(inputs per second, forward GFLOPs per input, test accuracy)."""
+def measure(model, evals, speed_in, batch: int, repeat: int, paired=None) -> tuple[float, float, float, float]:
+    """(inputs per second, speed-up over the plain model, forward GFLOPs per input, test accuracy).
+
+    The speed-up is the median of ``repeat`` ratios, each of a plain run and a reduced run timed back
+    to back (``paired``: (apply, remove) the reduction), so load that changes between configurations of
+    a shared machine cancels out of it."""
     correct = total = 0
     for args, kw, y in evals:
         correct += int((model(*args, **kw).argmax(-1) == y).sum())
         total += len(y)
-    ms = time_ms(lambda: model(*speed_in[0], **speed_in[1]), warmup=1, repeat=repeat)
+
+    def run():
+        return model(*speed_in[0], **speed_in[1])
+    ms = time_ms(run, warmup=1, repeat=repeat)
+    ratios = []
+    if paired is not None:
+        for _ in range(repeat):
+            paired[1]()
+            plain = time_ms(run, warmup=0, repeat=1)
+            paired[0]()
+            ratios.append(plain / time_ms(run, warmup=0, repeat=1))
     with FlopCounterMode(display=False) as fc:
-        model(*speed_in[0], **speed_in[1])
-    return batch / ms * 1e3, fc.get_total_flops() / batch / 1e9, correct / total
+        run()
+    return batch / ms * 1e3, statistics.median(ratios or [1.0]), fc.get_total_flops() / batch / 1e9, correct / total
 
 
 def table(name, model, how, evals, speed_in, args) -> None:
@@ -116,7 +132,7 @@ def table(name, model, how, evals, speed_in, args) -> None:
     print("| method | r | tokens per block | inputs/s | speed-up | GFLOPs | FLOPs saved | accuracy | change (pts) |")
     print("|---|---|---|---|---|---|---|---|---|")
     reduce.remove(model)
-    base_ips, base_fl, base_acc = measure(model, evals, speed_in, args.batch, args.repeat)
+    base_ips, _, base_fl, base_acc = measure(model, evals, speed_in, args.batch, args.repeat)
     print(f"| none | 0 | - | {base_ips:.0f} | 1.00x | {base_fl:.4f} | 0% | {base_acc:.3f} | 0.0 |")
     rows = {}
     for method in args.methods:
@@ -124,9 +140,10 @@ def table(name, model, how, evals, speed_in, args) -> None:
             if r == 0:
                 continue
             red = reduce.apply(model, method, r)
-            ips, fl, acc = measure(model, evals, speed_in, args.batch, args.repeat)
-            rows[method, r] = (ips / base_ips, 1 - fl / base_fl, (acc - base_acc) * 100)
-            print(f"| {method} | {r} | {'>'.join(map(str, red.last.counts))} | {ips:.0f} | {ips / base_ips:.2f}x | "
+            paired = (lambda m=method, r=r: reduce.apply(model, m, r), lambda: reduce.remove(model))
+            ips, speedup, fl, acc = measure(model, evals, speed_in, args.batch, args.repeat, paired)
+            rows[method, r] = (speedup, 1 - fl / base_fl, (acc - base_acc) * 100)
+            print(f"| {method} | {r} | {'>'.join(map(str, red.last.counts))} | {ips:.0f} | {speedup:.2f}x | "
                   f"{fl:.4f} | {100 * (1 - fl / base_fl):.0f}% | {acc:.3f} | {(acc - base_acc) * 100:+.1f} |")
     reduce.remove(model)
     tome = [(r, s, d) for (m, r), (s, _, d) in rows.items() if m == "tome"]
