@@ -90,3 +90,14 @@ def test_cpe_early_exit_and_non_encoders_are_refused():
         apply(create_model("classifier-tiny", exit_layers=[0]), "tome", 2)
     with pytest.raises(CapabilityError, match="needs an efformer encoder"):
         apply(torch.nn.Linear(2, 2), "tome", 2)
+
+
+def test_only_blocks_before_a_reduction_point_record_their_keys_and_the_hook_clears_them():
+    m = create_model("vit-tiny").eval()
+    apply(m, "tome", 4)
+    m(torch.rand(1, 3, 32, 32))
+    mixers = [blk.mixer for blk in m.stages[0]]
+    assert [x.record_qk for x in mixers] == [True, True, True, False]
+    assert all(getattr(x, "last_qk", None) is None for x in mixers)
+    remove(m)
+    assert not any(x.record_qk for x in mixers)

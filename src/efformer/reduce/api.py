@@ -82,7 +82,7 @@ def apply(model: nn.Module, method: str | Method = "tome", schedule: Any = 8, *,
     reducer = Reducer(m, sched, protected, [len(s) for s in stacks], prop_attn)
     remove(model)
     for blocks in stacks:
-        for blk in blocks:
+        for blk in blocks[:-1]:  # a stack's last block has no reduction point after it
             if hasattr(blk.mixer, "qkv_heads"):
                 blk.mixer.record_qk = True  # the metric (keys) and attention map of this block
     target.reducer = reducer
