@@ -97,7 +97,7 @@ def text_task(args):
     evals = [batch_of([test_set[i] for i in range(s, min(s + 100, len(test_set)))])
              for s in range(0, len(test_set), 100)]
     speed_ids, speed_kw, _ = batch_of([test_set[i % len(test_set)] for i in range(args.batch)])
-    return model, how, evals, ((speed_ids,), speed_kw)
+    return model, how, evals, (speed_ids, speed_kw)
 
 
 @torch.no_grad()
