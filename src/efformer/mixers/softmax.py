@@ -243,10 +243,7 @@ class SoftmaxAttention(Mixer):
         k, v = self.split_heads(self.kv_proj(x), 2 * self.n_kv_heads).chunk(2, dim=1)
         if self.opts.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = pos.rotate_queries(q), pos.rotate_keys(k)
-        if self.record_qk:  # efformer.reduce reads this layer's queries and keys between blocks
-            self.last_qk = (q, k)
-        return q, k, v
+        return pos.rotate_queries(q), pos.rotate_keys(k), v
 
     def qkv_heads(self, x: Tensor, pos: PositionalContext) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (b, h, n, d) of the new tokens, key/value heads repeated for the query heads they serve (GQA)."""
@@ -266,6 +263,8 @@ class SoftmaxAttention(Mixer):
         b, n, _ = x.shape
         positions = pos.positions
         q, k, v = self._qkv(x, pos)
+        if self.record_qk:  # efformer.reduce reads this layer's queries and keys between blocks
+            self.last_qk = (q, k)
         if state is not None:
             # q too: SDPA saves the cached keys for q's gradient, so in-place writes need q free of grad
             state.append(k, v, positions, mask, graph=needs_graph(q, k, v))

@@ -105,10 +105,10 @@ class Backbone(nn.Module):
         for i, block in enumerate(self.blocks):
             state = cache.states[i] if cache is not None else None
             h, state = block(h, mask=layer_mask, state=state, positions=context)
-            if red is not None and i + 1 < len(self.blocks):
-                h, layer_mask, context = red.between(self.blocks, i, h, layer_mask, context)
             if i in exits:
                 self.exit_hidden[i] = h
+            if red is not None and i + 1 < len(self.blocks):  # (exit layers are refused with a reducer)
+                h, layer_mask, context = red.between(self.blocks, i, h, layer_mask, context)
         if red is not None:
             h = red.end(h)  # the full length again (each token gets the merged token it went into)
         if cache is not None:
