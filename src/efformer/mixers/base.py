@@ -187,6 +187,9 @@ class Mixer(nn.Module):
     # On CPU, "auto" runs the reference form for sequences of at most this many tokens (cached ones
     # included), where it was measured faster than the fast form's gather/scan overhead; 0 = never.
     reference_below: ClassVar[int] = 0
+    # Set by efformer.reduce on mixers that form q and k (softmax): keep the last forward's
+    # (q (b, h, n, d), k (b, kv, n, d)) in ``last_qk``, its token-similarity metric and attention map.
+    record_qk: bool = False
 
     def __init__(
         self,

@@ -273,6 +273,8 @@ class SoftmaxAttention(Mixer):
             return self._project_streaming(x, mask, state, pos)
         positions = pos.positions
         q, k, v = self._qkv(x, pos)
+        if self.record_qk:  # efformer.reduce reads this layer's queries and keys between blocks
+            self.last_qk = (q, k)
         if state is not None:
             # q too: SDPA saves the cached keys for q's gradient, so in-place writes need q free of grad
             state.append(k, v, positions, mask, graph=needs_graph(q, k, v))

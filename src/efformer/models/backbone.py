@@ -17,6 +17,8 @@ from efformer.nn.positional import build_positional, segment_positions
 class Backbone(nn.Module):
     """Embeddings -> N blocks -> final norm; any mixer, positional scheme, norm and FFN by name."""
 
+    reducer = None  # efformer.reduce's hook between blocks (token merging/pruning); None = off
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -97,11 +99,18 @@ class Backbone(nn.Module):
         context.segments = segments
         exits = set(self.cfg.exit_layers or ())
         self.exit_hidden = {}  # early exit: hidden states (b, n, d) after the exit layers, for their heads
+        red = self.reducer if cache is None else None
+        if red is not None:
+            h, layer_mask, context = red.begin(h, layer_mask, context)
         for i, block in enumerate(self.blocks):
             state = cache.states[i] if cache is not None else None
             h, state = block(h, mask=layer_mask, state=state, positions=context)
             if i in exits or (exits and i == len(self.blocks) - 1):  # the last: the teacher of distillation
                 self.exit_hidden[i] = h
+            if red is not None and i + 1 < len(self.blocks):  # (exit layers are refused with a reducer)
+                h, layer_mask, context = red.between(self.blocks, i, h, layer_mask, context)
+        if red is not None:
+            h = red.end(h)  # the full length again (each token gets the merged token it went into)
         if cache is not None:
             step = mask.sum(1) if mask is not None else torch.full((b,), n, device=h.device)
             cache.next_position = cache.next_position + step

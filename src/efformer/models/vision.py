@@ -183,6 +183,8 @@ def build_vision_config(data: dict[str, Any] | VisionConfig | None = None, **ove
 class ImageClassifier(nn.Module):
     """Images (b, c, H, W) -> class logits (b, n_classes): patch tokens, staged blocks, pooling, head."""
 
+    reducer = None  # efformer.reduce's hook between blocks (token merging/pruning); None = off
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
@@ -249,11 +251,18 @@ class ImageClassifier(nn.Module):
                 tok = torch.cat([lead.to(tok.dtype).expand(b, -1, -1), tok], 1)
             ctx = self._context(b, h, w, extra, self.cfg.stages[i].d_model // self.cfg.stages[i].n_heads, tok.dtype,
                                 images.device)
+            red = self.reducer
+            if red is not None:
+                tok, _, ctx = red.begin(tok, None, ctx, first=i == 0)
             for j, block in enumerate(blocks):
                 tok, _ = block(tok, mask=None, state=None, positions=ctx)
+                if red is not None and j + 1 < len(blocks):
+                    tok, _, ctx = red.between(blocks, j, tok, None, ctx)
                 if j == 0 and self.cfg.positional == "cpe":  # PEG after the first block of each stage
                     grid = self.cpe[i](tok[:, extra:].reshape(b, h, w, -1))
                     tok = torch.cat([tok[:, :extra], grid.reshape(b, h * w, -1)], 1)
+            if red is not None:
+                tok = red.end(tok)  # the full grid again, for patch merging and pooling
         tok = self.final_norm(tok)
         if self.cfg.distillation:
             return tok[:, :2]

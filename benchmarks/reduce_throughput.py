@@ -1,0 +1,180 @@
+"""Token reduction with no fine-tuning: throughput, FLOPs and accuracy against r, per method.
+
+Trains (once, cached under ``--cache``) a ``vit-tiny`` on scikit-learn's digits (32 x 32, one channel:
+64 patches + class token, 4 blocks) and a text ``SequenceClassifier`` on a longer ListOps than the
+arena's quick preset (``--listops-len`` tokens at most, 4 blocks), then for every method and r in
+``--rs`` attaches :func:`efformer.reduce.apply`, and measures images (sequences) per second on
+``--batch`` inputs (median of ``--repeat``; the speed-up is the median ratio of plain and reduced runs
+timed back to back), forward FLOPs per input (``torch.utils.flop_counter``: the
+blocks plus the methods' own matmuls) and test accuracy. One run on a CPU that others share: compare
+ratios within one table, not across runs.
+
+    PYTHONPATH=src python benchmarks/reduce_throughput.py --cache runs/reduce_bench --rs 0 4 8 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import efformer
+from efformer import reduce
+from efformer.arena.tasks import build_datasets, get_task
+from efformer.bench.perf import time_ms
+from efformer.data.images import digits
+from efformer.train.data import collate
+
+METHODS = ["tome", "pitome", "zero_tprune", "mctf", "token_transforming"]
+
+
+def train(model, batches, steps: int, lr: float) -> float:
+    """AdamW with a cosine schedule for ``steps`` batches from ``batches()``; returns seconds."""
+    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 2), pct_start=0.1)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        inputs, labels = batches()
+        loss = F.cross_entropy(model(inputs[0], **inputs[1]), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return time.perf_counter() - start
+
+
+def cached(path: Path, make, fit):
+    """The model saved at ``path``, or a new one from ``make()`` trained by ``fit`` and saved there."""
+    if (path / "config.json").exists():
+        return efformer.load(path).eval(), "cached"
+    torch.manual_seed(0)
+    model = make()
+    seconds = fit(model)
+    efformer.save(model, path)
+    return model.eval(), f"trained in {seconds:.0f} s"
+
+
+def image_task(args):
+    train_set, test_set = digits(32).split(0.8, seed=0)
+    gen = torch.Generator().manual_seed(0)
+
+    def batches():
+        idx = torch.randint(0, len(train_set), (32,), generator=gen)
+        return (train_set.images[idx], {}), train_set.labels[idx]
+    model, how = cached(Path(args.cache) / "vit-tiny-digits", lambda: efformer.create_model("vit-tiny", in_channels=1),
+                        lambda m: train(m, batches, args.image_steps, 3e-3))
+    x_speed = test_set.images[torch.arange(args.batch) % len(test_set)]
+    return model, how, [((test_set.images,), {}, test_set.labels)], ((x_speed,), {})
+
+
+def text_task(args):
+    base = get_task("listops", "quick")
+    n = args.listops_len
+    data = dict(base.data, min_len=n // 2, max_len=n, max_depth=6, n_train=3000, n_val=200, n_test=500)
+    spec = dataclasses.replace(base, seq_len=n, data=data,
+                               model=dict(base.model, n_layers=4))
+    train_set, _, test_set = build_datasets(spec, data_dir=Path(args.cache) / "data")
+    gen = torch.Generator().manual_seed(0)
+
+    def batch_of(examples):
+        b = collate(examples)
+        return (b["input_ids"],), {"mask": b["mask"]}, b["label"]
+
+    def batches():
+        idx = torch.randint(0, len(train_set), (32,), generator=gen).tolist()
+        (ids,), kw, y = batch_of([train_set[i] for i in idx])
+        return (ids, kw), y
+    make = lambda: efformer.create_model(spec.model_config())  # noqa: E731
+    model, how = cached(Path(args.cache) / f"listops{n}", make, lambda m: train(m, batches, args.text_steps, 3e-3))
+    evals = [batch_of([test_set[i] for i in range(s, min(s + 100, len(test_set)))])
+             for s in range(0, len(test_set), 100)]
+    speed_ids, speed_kw, _ = batch_of([test_set[i % len(test_set)] for i in range(args.batch)])
+    return model, how, evals, (speed_ids, speed_kw)
+
+
+@torch.no_grad()
+def measure(model, evals, speed_in, batch: int, repeat: int, paired=None) -> tuple[float, float, float, float]:
+    """(inputs per second, speed-up over the plain model, forward GFLOPs per input, test accuracy).
+
+    The speed-up is the median of ``repeat`` ratios, each of a plain run and a reduced run timed back
+    to back (``paired``: (apply, remove) the reduction), so load that changes between configurations of
+    a shared machine cancels out of it."""
+    correct = total = 0
+    for args, kw, y in evals:
+        correct += int((model(*args, **kw).argmax(-1) == y).sum())
+        total += len(y)
+
+    def run():
+        return model(*speed_in[0], **speed_in[1])
+    ms = time_ms(run, warmup=1, repeat=repeat)
+    ratios = []
+    if paired is not None:
+        for _ in range(repeat):
+            paired[1]()
+            plain = time_ms(run, warmup=0, repeat=1)
+            paired[0]()
+            ratios.append(plain / time_ms(run, warmup=0, repeat=1))
+    with FlopCounterMode(display=False) as fc:
+        run()
+    return batch / ms * 1e3, statistics.median(ratios or [1.0]), fc.get_total_flops() / batch / 1e9, correct / total
+
+
+def table(name, model, how, evals, speed_in, args) -> None:
+    print(f"\n### {name} ({how}); batch {args.batch}, median of {args.repeat}")
+    print("| method | r | tokens per block | inputs/s | speed-up | GFLOPs | FLOPs saved | accuracy | change (pts) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    reduce.remove(model)
+    base_ips, _, base_fl, base_acc = measure(model, evals, speed_in, args.batch, args.repeat)
+    print(f"| none | 0 | - | {base_ips:.0f} | 1.00x | {base_fl:.4f} | 0% | {base_acc:.3f} | 0.0 |")
+    rows = {}
+    for method in args.methods:
+        for r in args.rs:
+            if r == 0:
+                continue
+            red = reduce.apply(model, method, r)
+            paired = (lambda m=method, r=r: reduce.apply(model, m, r), lambda: reduce.remove(model))
+            ips, speedup, fl, acc = measure(model, evals, speed_in, args.batch, args.repeat, paired)
+            rows[method, r] = (speedup, 1 - fl / base_fl, (acc - base_acc) * 100)
+            print(f"| {method} | {r} | {'>'.join(map(str, red.last.counts))} | {ips:.0f} | {speedup:.2f}x | "
+                  f"{fl:.4f} | {100 * (1 - fl / base_fl):.0f}% | {acc:.3f} | {(acc - base_acc) * 100:+.1f} |")
+    reduce.remove(model)
+    tome = [(r, s, d) for (m, r), (s, _, d) in rows.items() if m == "tome"]
+    hit = [r for r, s, d in tome if s >= 1.5 and d >= -1.0]
+    print(f"\nToMe >= 1.5x throughput at <= 1 point loss: {bool(hit)} (r = {hit})")
+    pit = [(r, rows["pitome", r][2] >= rows["tome", r][2]) for r in args.rs if ("pitome", r) in rows]
+    print(f"PiToMe loses no more than ToMe at equal r (equal FLOPs up to its energy term): "
+          f"{sum(ok for _, ok in pit)}/{len(pit)} values of r {pit}")
+    zt = [(r, f"{100 * s:.0f}%", f"{d:+.1f}") for (m, r), (_, s, d) in rows.items() if m == "zero_tprune"]
+    ok = any(float(s[:-1]) >= 35 and float(d) >= -0.5 for _, s, d in zt)
+    print(f"Zero-TPrune >= 35% fewer FLOPs at <= 0.5 point loss: {ok} (r, FLOPs saved, change: {zt})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default="runs/reduce_bench", help="folder for the trained models and ListOps data")
+    ap.add_argument("--rs", type=int, nargs="+", default=[0, 2, 4, 8, 12, 16, 24])
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--image-steps", type=int, default=400)
+    ap.add_argument("--text-steps", type=int, default=300)
+    ap.add_argument("--listops-len", type=int, default=256)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["image", "text"])
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    if "image" not in args.skip:
+        table("vit-tiny on digits", *image_task(args), args)
+    if "text" not in args.skip:
+        table(f"SequenceClassifier on ListOps (up to {args.listops_len} tokens)", *text_task(args), args)
+
+
+if __name__ == "__main__":
+    main()
