@@ -39,10 +39,10 @@ def _run(m, form, x, mask, init):
     return [o.detach() for o in outs], grads
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("chunk", [3, 4])
-def test_forms_agree_on_outputs_states_and_gradients(name, chunk):
-    m = make_mixer(name, True, chunk_size=chunk)
+@pytest.mark.parametrize("name,opts", [(n, {"chunk_size": c}) for n in NAMES for c in (3, 4)]
+                         + [("mamba", {"checkpoint_every": 5})])  # the segmented fast scan (nn/selective_scan.py)
+def test_forms_agree_on_outputs_states_and_gradients(name, opts):
+    m = make_mixer(name, True, **opts)
     gen = torch.Generator().manual_seed(0)
     for n in LENGTHS:
         x = torch.randn(2, n, m.d_model, generator=gen)

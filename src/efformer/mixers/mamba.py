@@ -39,6 +39,7 @@ from efformer.mixers.base import (
     segment_starts,
 )
 from efformer.nn.recurrent import ShortConv, inverse_softplus_dt, linear_scan, log_decay_rates
+from efformer.nn.selective_scan import selective_scan
 from efformer.registry import register_mixer
 
 
@@ -241,6 +242,9 @@ class Mamba(_Selective):
         """Options of Mamba (S6)."""
 
         dt_rank: int | None = Field(None, ge=1, description="rank of the dt projection; None = ceil(d_model / 16)")
+        checkpoint_every: int | None = Field(
+            None, ge=1, description="fast form: keep the state only every this many steps and rebuild the rest "
+            "in backward (nn/selective_scan.py: O(N/K d n) memory, not O(N d n)); None keeps every state")
 
     test_options = {"d_state": 4, "chunk_size": 4, "dt_rank": 2}
 
@@ -286,6 +290,8 @@ class Mamba(_Selective):
         return self._forward(x, mask, state, self._scan_fast, segments=pos.segments)
 
     def _scan_fast(self, u, delta, B, C, h, reset=None):
+        if self.opts.checkpoint_every is not None:
+            return selective_scan(u, delta, -torch.exp(self.A_log), B, C, h, reset, self.opts.checkpoint_every)
         return s6_scan_fast(u, delta, -torch.exp(self.A_log), B, C, h, reset)
 
     def _scan_chunked(self, u, delta, B, C, h, reset=None):

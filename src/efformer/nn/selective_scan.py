@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SEGMENT = 64  # steps per segment: a (64, b, 512, 16) fp32 block is 2 MiB per sequence (measured, chunked_cpu)
+SEGMENT = 64  # steps per segment: a (64, b, 512, 16) fp32 block is 2 MiB per sequence, within a CPU's L2/L3
 
 
 def _blocks(u, delta, A, B, keep):
