@@ -187,22 +187,23 @@ class _AbsSample:
 class ActivationSparsity:
     """Forward pre-hooks zeroing inputs with |x| < threshold on each chosen linear; counts the zeros made."""
 
-    def __init__(self, modules: dict[str, nn.Module], thresholds: dict[str, float]):
-        self.thresholds = dict(thresholds)
-        self.zeros = dict.fromkeys(thresholds, 0)
-        self.total = dict.fromkeys(thresholds, 0)
-        self._handles = [mod.register_forward_pre_hook(self._hook(name)) for name, mod in modules.items()]
+    def __init__(self):
+        self.thresholds: dict[str, float] = {}
+        self.zeros: dict[str, int] = {}
+        self.total: dict[str, int] = {}
+        self._handles = []
 
-    def _hook(self, name: str):
-        t = self.thresholds[name]
+    def add(self, name: str, module: nn.Module, threshold: float) -> None:
+        """Threshold ``module``'s input at ``threshold`` from now on."""
+        self.thresholds[name], self.zeros[name], self.total[name] = threshold, 0, 0
 
         def hook(_module, args):
             x = args[0]
-            keep = x.abs() >= t
+            keep = x.abs() >= threshold
             self.zeros[name] += int((~keep).sum())
             self.total[name] += keep.numel()
             return (x * keep,) + tuple(args[1:])
-        return hook
+        self._handles.append(module.register_forward_pre_hook(hook))
 
     def achieved(self) -> dict[str, float]:
         """Fraction of inputs zeroed per linear since the hooks went on (or the last reset)."""
@@ -223,13 +224,20 @@ class ActivationSparsity:
 def calibrate_activation_sparsity(model: nn.Module, calibration: Tensor, target: float,
                                   filter: Callable[[str, nn.Module], bool] | None = None) -> ActivationSparsity:
     """Per selected linear (default: FFN inputs), the |x| threshold that zeroes ``target`` of its calibration
-    inputs; installs the hooks and returns them."""
+    inputs, layer by layer with the earlier thresholds already on; installs the hooks and returns them."""
     if isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target < 1:
         raise ConfigError("target", target, "an activation sparsity in (0, 1)")
     _check_calibration(calibration, "activation sparsity")
     targets = _targets(model, filter or ffn_input_filter)
     if not targets:
         raise ConfigError("filter", "no linear selected", "the model has no FFN linears; pass a filter")
-    obs = observe(model, calibration, targets, _AbsSample)
-    return ActivationSparsity(targets, {n: obs[n].quantile(float(target)) for n in targets})
-
+    act = ActivationSparsity()
+    try:
+        for name, mod in targets.items():  # later inputs depend on earlier thresholds, so calibrate in order
+            obs = observe(model, calibration, {name: mod}, _AbsSample, stop_after=mod)
+            act.add(name, mod, obs[name].quantile(float(target)))
+    except BaseException:
+        act.remove()
+        raise
+    act.reset()
+    return act
