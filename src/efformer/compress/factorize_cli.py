@@ -64,10 +64,15 @@ def _config(args) -> FactorizeConfig:
         opts[given[0]] = getattr(args, given[0])
     try:
         return FactorizeConfig(**opts)
-    except ConfigError as e:  # name the flag, not the config field
-        field = e.field.rpartition(".")[2]
-        flag = "--target" if field == "params" else f"--{field.replace('_', '-')}" if field in opts else "--rank"
-        raise ConfigError(flag, e.value, e.allowed) from None
+    except ConfigError as e:
+        raise _as_flag(e) from None
+
+
+def _as_flag(e: ConfigError) -> ConfigError:
+    """The same error naming the command-line flag instead of the config field."""
+    field = e.field.rpartition(".")[2]
+    flags = {"params": "--target", "rank": "--rank", "energy": "--energy", "damp": "--damp", "method": "--method"}
+    return ConfigError(flags.get(field, "--rank/--energy/--target"), e.value, e.allowed)
 
 
 def _stats(model: nn.Module, window: int, ids: torch.Tensor | None, max_windows: int) -> dict[str, float]:
@@ -133,7 +138,10 @@ def _cmd_factorize(args) -> int:
     def progress(name, i, total, seconds):
         print(f"[{i + 1:>3}/{total}] {name:<48} {seconds:7.2f}s", file=sys.stderr, flush=True)
 
-    factorize(model, config, calib if config.method == "asvd" else None, progress=progress)
+    try:
+        factorize(model, config, calib if config.method == "asvd" else None, progress=progress)
+    except ConfigError as e:
+        raise _as_flag(e) if e.field in ("rank", "energy", "params") else e from None
     after = _stats(model, args.window, held_out, args.max_windows)
     save(model, out)
     sec = model.factorization

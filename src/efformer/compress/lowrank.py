@@ -299,7 +299,7 @@ def _check(model: nn.Module, cfg: object, targets: dict, calibration: Tensor | N
     for name, lin in targets.items():
         if cfg.method == "dsformer" and cfg.rank is not None and cfg.rank % cfg.m:
             raise ConfigError("rank", cfg.rank, f"dsformer's inner width must be a multiple of m={cfg.m}")
-        if cfg.rank is not None:
+        if cfg.energy is None:  # rank and params budgets do not depend on the spectrum: check them all up front
             choose_rank(cfg, name, lin.out_features, lin.in_features)
     if cfg.method == "asvd":
         if calibration is None:
