@@ -1,0 +1,74 @@
+"""Do sparsity masks speed anything up on CPU? Dense vs masked (50%, 2:4) matmul time, and torch's semi-structured
+(2:4) sparse tensors where they run; the low-rank factors for contrast (they really remove FLOPs).
+
+Usage: ``python benchmarks/sparsity_speed.py`` (``--quick`` for a smoke run). Times ``x @ W^T`` for x
+(tokens, in) and W (out, in) at the shapes of the Shakespeare LM's FFN (1024 x 256, 256 x 512) and a
+wider one, median of ``--repeats``. A masked W is the same dense tensor with zeros: the same time is
+expected. ``torch.sparse.to_sparse_semi_structured`` needs CUDA kernels (cuSPARSELt/CUTLASS); on CPU
+we report what it says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from efformer.compress.lowrank import svd_factors
+from efformer.compress.sparsity import nm_mask, unstructured_mask
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of ``fn()``."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def semi_structured(w: torch.Tensor, x: torch.Tensor, repeats: int) -> str:
+    """The time of a 2:4 semi-structured sparse matmul, or why it cannot run here."""
+    try:
+        from torch.sparse import to_sparse_semi_structured
+        sparse = to_sparse_semi_structured(w * nm_mask(w.abs()))
+        return f"{1e3 * timed(lambda: torch.nn.functional.linear(x, sparse), repeats):.2f} ms"
+    except Exception as e:  # noqa: BLE001 - we report whatever the backend says
+        return f"not on CPU ({type(e).__name__}: {str(e).splitlines()[0][:60]})"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    shapes = [(1024, 256), (256, 512), (2048, 2048)]
+    if args.quick:
+        shapes, args.repeats, args.tokens = shapes[:1], 3, 256
+    print(f"x: ({args.tokens}, in) float32, {torch.get_num_threads()} threads; median of {args.repeats}")
+    print("\n| W (out x in) | dense ms | 50% masked / dense | 2:4 masked / dense | rank in/4 factors / dense | "
+          "semi-structured 2:4 |")
+    print("|---|---|---|---|---|---|")
+    for out_f, in_f in shapes:
+        torch.manual_seed(0)
+        w = torch.randn(out_f, in_f)
+        x = torch.randn(args.tokens, in_f)
+        dense = timed(lambda: x @ w.T, args.repeats)
+        half = w * unstructured_mask(w.abs(), 0.5)
+        two4 = w * nm_mask(w.abs())
+        b, a = svd_factors(w, in_f // 4)
+        t_half = timed(lambda: x @ half.T, args.repeats)  # noqa: B023 - run at once
+        t_24 = timed(lambda: x @ two4.T, args.repeats)  # noqa: B023
+        t_low = timed(lambda: (x @ a.T) @ b.T, args.repeats)  # noqa: B023
+        print(f"| {out_f} x {in_f} | {1e3 * dense:.2f} | {t_half / dense:.2f} | {t_24 / dense:.2f} | "
+              f"{t_low / dense:.2f} | {semi_structured(w, x, args.repeats)} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
