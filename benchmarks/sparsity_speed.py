@@ -41,6 +41,22 @@ def semi_structured(w: torch.Tensor, x: torch.Tensor, repeats: int) -> str:
         return f"not on CPU ({type(e).__name__}: {str(e).splitlines()[0][:60]})"
 
 
+def row(out_f: int, in_f: int, args) -> str:
+    """One table row: dense time, then masked / factorized / semi-structured against it."""
+    torch.manual_seed(0)
+    w = torch.randn(out_f, in_f)
+    x = torch.randn(args.tokens, in_f)
+    dense = timed(lambda: x @ w.T, args.repeats)
+    half = w * unstructured_mask(w.abs(), 0.5)
+    two4 = w * nm_mask(w.abs())
+    b, a = svd_factors(w, in_f // 4)
+    t_half = timed(lambda: x @ half.T, args.repeats)
+    t_24 = timed(lambda: x @ two4.T, args.repeats)
+    t_low = timed(lambda: (x @ a.T) @ b.T, args.repeats)
+    return (f"| {out_f} x {in_f} | {1e3 * dense:.2f} | {t_half / dense:.2f} | {t_24 / dense:.2f} | "
+            f"{t_low / dense:.2f} | {semi_structured(w, x, args.repeats)} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=2048)
@@ -55,18 +71,7 @@ def main() -> int:
           "semi-structured 2:4 |")
     print("|---|---|---|---|---|---|")
     for out_f, in_f in shapes:
-        torch.manual_seed(0)
-        w = torch.randn(out_f, in_f)
-        x = torch.randn(args.tokens, in_f)
-        dense = timed(lambda: x @ w.T, args.repeats)
-        half = w * unstructured_mask(w.abs(), 0.5)
-        two4 = w * nm_mask(w.abs())
-        b, a = svd_factors(w, in_f // 4)
-        t_half = timed(lambda: x @ half.T, args.repeats)  # noqa: B023 - run at once
-        t_24 = timed(lambda: x @ two4.T, args.repeats)  # noqa: B023
-        t_low = timed(lambda: (x @ a.T) @ b.T, args.repeats)  # noqa: B023
-        print(f"| {out_f} x {in_f} | {1e3 * dense:.2f} | {t_half / dense:.2f} | {t_24 / dense:.2f} | "
-              f"{t_low / dense:.2f} | {semi_structured(w, x, args.repeats)} |", flush=True)
+        print(row(out_f, in_f, args), flush=True)
     return 0
 
 

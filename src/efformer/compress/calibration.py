@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from efformer.errors import DataError
+from efformer.errors import ConfigError, DataError, ShapeError
 
 
 def read_text_ids(files: Iterable[str | os.PathLike]) -> Tensor:
@@ -42,6 +42,18 @@ def calibration_windows(ids: Tensor, seq_len: int, n_samples: int, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=g)
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def check_windows(calibration: object, method: str) -> None:
+    """Refuse missing or malformed calibration windows for ``method`` (a LongTensor (n, seq) of token ids)."""
+    if calibration is None:
+        raise ConfigError("calibration", None, f"{method} needs calibration windows: a LongTensor (n, seq) of token "
+                          "ids (see efformer.compress.calibration_windows)")
+    if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long \
+            or calibration.numel() == 0:
+        raise ShapeError("calibration must be a non-empty LongTensor (n_windows, seq_len) of token ids, got "
+                         f"{getattr(calibration, 'dtype', type(calibration).__name__)} "
+                         f"{tuple(getattr(calibration, 'shape', ()))}")
 
 
 class HessianObserver:

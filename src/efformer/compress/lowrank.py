@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from efformer.compress.api import _block_groups, _set, _targets
-from efformer.compress.calibration import HessianObserver, observe
+from efformer.compress.calibration import HessianObserver, check_windows, observe
 from efformer.errors import CheckpointError, ConfigError, ShapeError
 from efformer.models.io import CONFIG_SECTIONS
 from efformer.options import StrictModel, config_error
@@ -302,14 +302,7 @@ def _check(model: nn.Module, cfg: object, targets: dict, calibration: Tensor | N
         if cfg.energy is None:  # rank and params budgets do not depend on the spectrum: check them all up front
             choose_rank(cfg, name, lin.out_features, lin.in_features)
     if cfg.method == "asvd":
-        if calibration is None:
-            raise ConfigError("calibration", None, "asvd needs calibration windows: a LongTensor (n, seq) of token "
-                              "ids (see efformer.compress.calibration_windows)")
-        if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long \
-                or calibration.numel() == 0:
-            raise ShapeError("calibration must be a non-empty LongTensor (n_windows, seq_len) of token ids, got "
-                             f"{getattr(calibration, 'dtype', type(calibration).__name__)} "
-                             f"{tuple(getattr(calibration, 'shape', ()))}")
+        check_windows(calibration, "asvd")
 
 
 def factorize(model: nn.Module, config: FactorizeConfig, calibration: Tensor | None = None,

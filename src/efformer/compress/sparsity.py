@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from efformer.compress.api import _targets
-from efformer.compress.calibration import observe
+from efformer.compress.calibration import check_windows, observe
 from efformer.errors import ConfigError, ShapeError
 from efformer.options import StrictModel, config_error
 
@@ -109,17 +109,6 @@ class _SqSum:
         self.sq = s if self.sq is None else self.sq + s
 
 
-def _check_calibration(calibration: object, what: str) -> None:
-    if calibration is None:
-        raise ConfigError("calibration", None, f"{what} needs calibration windows: a LongTensor (n, seq) of token ids "
-                          "(see efformer.compress.calibration_windows)")
-    if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long \
-            or calibration.numel() == 0:
-        raise ShapeError("calibration must be a non-empty LongTensor (n_windows, seq_len) of token ids, got "
-                         f"{getattr(calibration, 'dtype', type(calibration).__name__)} "
-                         f"{tuple(getattr(calibration, 'shape', ()))}")
-
-
 def sparsify(model: nn.Module, config: SparsityConfig, calibration: Tensor | None = None,
              filter: Callable[[str, nn.Module], bool] | None = None) -> dict[str, float]:
     """Zero the masked weights of ``model``'s selected linears in place (``calibration`` (n, seq) for wanda);
@@ -135,7 +124,7 @@ def sparsify(model: nn.Module, config: SparsityConfig, calibration: Tensor | Non
                 raise ShapeError(f"{name} has input width {lin.in_features}, not a multiple of m={config.m}; "
                                  "exclude it with a filter or use another pattern")
     if config.method == "wanda":
-        _check_calibration(calibration, "wanda")
+        check_windows(calibration, "wanda")
     stats = observe(model, calibration, targets, _SqSum) if config.method == "wanda" else {}
     masks = {}
     for name, lin in targets.items():
@@ -227,7 +216,7 @@ def calibrate_activation_sparsity(model: nn.Module, calibration: Tensor, target:
     inputs, layer by layer with the earlier thresholds already on; installs the hooks and returns them."""
     if isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target < 1:
         raise ConfigError("target", target, "an activation sparsity in (0, 1)")
-    _check_calibration(calibration, "activation sparsity")
+    check_windows(calibration, "activation sparsity")
     targets = _targets(model, filter or ffn_input_filter)
     if not targets:
         raise ConfigError("filter", "no linear selected", "the model has no FFN linears; pass a filter")
