@@ -6,7 +6,8 @@ one-layer encoder classifier (d_model 256, 4 heads, GELU FFN x4; embeddings and 
 common to all three): "full" = softmax attention; "lrt" = the same with every attention and FFN linear
 factorized to rank ``--rank`` (``efformer.compress.factorize``, method svd); "linformer" = the
 ``linformer`` mixer with keys/values projected to ``--k`` positions. A step is forward + backward +
-AdamW update on a (``--batch``, N) batch; the median of ``--repeats`` steps after one warm-up. The
+AdamW update on a (``--batch``, N) batch; the median CPU time (``time.process_time``, one thread by
+default, so other processes on a busy machine do not count) of ``--repeats`` steps after one warm-up. The
 thesis' claim: LRT wins for short sequences (the projections dominate), Linformer for long ones (the
 N^2 attention dominates); the printed crossover is the first N where Linformer is faster than LRT.
 """
@@ -36,19 +37,19 @@ def build(kind: str, n: int, args) -> torch.nn.Module:
 
 
 def step_time(model: torch.nn.Module, n: int, args) -> float:
-    """Median seconds of one training step (forward, backward, AdamW) on a (batch, n) batch."""
+    """Median CPU seconds of one training step (forward, backward, AdamW) on a (batch, n) batch."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(1, 256, (args.batch, n))
     y = torch.randint(0, 2, (args.batch,))
     times = []
     for i in range(args.repeats + 1):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i:  # the first step warms up (allocations, lazy init)
-            times.append(time.perf_counter() - t0)
+            times.append(time.process_time() - t0)
     return statistics.median(times)
 
 
@@ -61,7 +62,10 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is a fair clock on a busy "
+                   "machine)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.lengths, args.repeats = [64, 256], 1
     kinds = ("full", "lrt", "linformer")

@@ -73,6 +73,8 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--only", nargs="+", default=None, help="run only these variants (e.g. 'asvd 60%%' 'wanda 2:4')")
+    p.add_argument("--no-scap", action="store_true", help="skip the activation-sparsity table")
     p.add_argument("--quick", action="store_true", help="one keep fraction, 10 steps, 8 windows (a smoke run)")
     args = p.parse_args()
     if args.quick:
@@ -96,6 +98,7 @@ def main() -> int:
                       ("wanda 50%", SparsityConfig(method="wanda", sparsity=0.5)),
                       ("wanda 2:4", SparsityConfig(method="wanda", pattern="nm"))):
         variants.append((name, lambda m, cfg=cfg: sparsify(m, cfg, calib)))
+    variants = [v for v in variants if args.only is None or v[0] in args.only]
     rows = []
     for name, apply in variants:
         model = copy.deepcopy(base)
@@ -120,7 +123,7 @@ def main() -> int:
         print(f"| {name} | {kept:.1%} | {before:.3f} | {after:.3f} | {before / base_ppl:.3f} |")
     print("\n| SCAP target (FFN inputs) | achieved on validation | ppl | ppl / dense |")
     print("|---|---|---|---|")
-    for target in (0.3, 0.5, 0.7):
+    for target in () if args.no_scap else (0.3, 0.5, 0.7):
         act = calibrate_activation_sparsity(base, calib, target)
         value = ppl(base)
         reached = act.achieved()

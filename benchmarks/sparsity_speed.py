@@ -3,9 +3,9 @@
 
 Usage: ``python benchmarks/sparsity_speed.py`` (``--quick`` for a smoke run). Times ``x @ W^T`` for x
 (tokens, in) and W (out, in) at the shapes of the Shakespeare LM's FFN (1024 x 256, 256 x 512) and a
-wider one, median of ``--repeats``. A masked W is the same dense tensor with zeros: the same time is
-expected. ``torch.sparse.to_sparse_semi_structured`` needs CUDA kernels (cuSPARSELt/CUTLASS); on CPU
-we report what it says.
+wider one, median CPU time (``time.process_time``, one thread by default) of ``--repeats``. A masked
+W is the same dense tensor with zeros: the same time is expected. ``torch.sparse.to_sparse_semi_structured``
+needs CUDA kernels (cuSPARSELt/CUTLASS); on CPU we report what it says.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from efformer.compress.sparsity import nm_mask, unstructured_mask
 
 
 def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()``."""
+    """Median CPU seconds of ``fn()``."""
     fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return statistics.median(times)
 
 
@@ -62,7 +62,10 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is a fair clock on a busy "
+                   "machine)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     shapes = [(1024, 256), (256, 512), (2048, 2048)]
     if args.quick:
         shapes, args.repeats, args.tokens = shapes[:1], 3, 256
