@@ -120,7 +120,8 @@ def main() -> int:
     print("|---|---|---|---|---|")
     print(f"| dense | 100.0% | {base_ppl:.3f} | - | 1.000 |")
     for name, kept, before, after, _, _ in rows:
-        print(f"| {name} | {kept:.1%} | {before:.3f} | {after:.3f} | {before / base_ppl:.3f} |")
+        print(f"| {name} | {kept:.1%} | {before:.3f} | {f'{after:.3f}' if args.steps else '-'} | "
+              f"{before / base_ppl:.3f} |")
     print("\n| SCAP target (FFN inputs) | achieved on validation | ppl | ppl / dense |")
     print("|---|---|---|---|")
     for target in () if args.no_scap else (0.3, 0.5, 0.7):
