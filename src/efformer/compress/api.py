@@ -21,11 +21,11 @@ from torch import Tensor, nn
 
 from efformer.compress import gptq as gptq_mod
 from efformer.compress import smooth
-from efformer.compress.calibration import HessianObserver, observe
+from efformer.compress.calibration import HessianObserver, check_windows, observe
 from efformer.compress.formats import FLOAT_FORMATS, float_fake_quant
 from efformer.compress.qlinear import IntWeightLinear, W8A8Linear
 from efformer.compress.rtn import rtn_quantize, weight_format
-from efformer.errors import ConfigError, ShapeError, UnknownNameError
+from efformer.errors import ConfigError, UnknownNameError
 from efformer.options import StrictModel, config_error
 
 EXCLUDED = ("lm_head", "head", "router", "classifier")  # module-name parts left in float by default
@@ -138,14 +138,7 @@ def _check(config: object, targets: dict[str, nn.Linear], calibration: Tensor | 
                                   f"input width {lin.in_features} of {name}; use 'channel'")
     needs = isinstance(config, GPTQConfig) or (isinstance(config, W8A8Config) and config.smoothing != "none")
     if needs:
-        if calibration is None:
-            raise ConfigError("calibration", None, f"{config.method} needs calibration windows: a LongTensor "
-                              "(n, seq) of token ids (see efformer.compress.calibration_windows)")
-        if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long \
-                or calibration.numel() == 0:
-            raise ShapeError("calibration must be a non-empty LongTensor (n_windows, seq_len) of token ids, got "
-                             f"{getattr(calibration, 'dtype', type(calibration).__name__)} "
-                             f"{tuple(getattr(calibration, 'shape', ()))}")
+        check_windows(calibration, config.method)
 
 
 def _block_groups(names: list[str]) -> list[tuple[str, list[str]]]:
