@@ -9,6 +9,7 @@ from pathlib import Path
 from efformer.compress.api import make_config, quantize
 from efformer.compress.calibration import calibration_windows, read_text_ids
 from efformer.compress.evaluate import perplexity
+from efformer.compress.factorize_cli import register_factorize
 from efformer.compress.prune_cli import register_prune
 from efformer.errors import CapabilityError, CheckpointError, ConfigError, DataError
 from efformer.models import CausalLM, load, save
@@ -50,6 +51,7 @@ def register(sub) -> None:
     p.add_argument("--max-windows", type=int, default=None)
     p.set_defaults(fn=_cmd_perplexity)
     register_prune(sub)  # efformer prune (compress/prune_cli.py)
+    register_factorize(sub)
 
 
 def _method_config(args):
