@@ -18,20 +18,33 @@ Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
 
 import torch
+from lowrank_perplexity import recover  # the LoRA recovery recipe (sibling script)
 from train_shakespeare_lm import DATA, split  # the same split as training (sibling script)
 
 import efformer
-from efformer.compress import calibration_windows, fuse, importance, prune
+from efformer.compress import calibration_windows, fuse, importance, prune, remove_lora
 from efformer.compress.evaluate import perplexity
 from efformer.compress.prune import count_params
 
-# Recovery fine-tuning after pruning, by name: (pruned model, calibration windows, args) -> model.
-RECOVERY = {"none": lambda model, calib, args: model}
+
+def lora_recovery(model, train, args):
+    """LoRA recovery (lowrank_perplexity's recipe: rank ``--lora-rank`` on every block linear, ``--recover-steps``
+    trainer steps of ``--batch`` x ``--seq-len`` training bytes), merged back so the row keeps the pruned shapes."""
+    lora_args = argparse.Namespace(lora_rank=args.lora_rank, steps=args.recover_steps, batch=args.batch,
+                                   seq=args.seq_len, lr=args.lr)
+    model = copy.deepcopy(model)  # the original row's model is pruned afterwards: train a copy
+    recover(model, train, lora_args)
+    return remove_lora(model)  # merged
+
+
+# Recovery fine-tuning after pruning, by name: (pruned model, training-split ids, args) -> model.
+RECOVERY = {"none": lambda model, train, args: model, "lora": lora_recovery}
 
 
 @torch.no_grad()
@@ -56,6 +69,10 @@ def main() -> None:
     p.add_argument("--fuse-steps", type=int, default=30)
     p.add_argument("--methods", default="magnitude,wanda,taylor,amp,optin")
     p.add_argument("--recover", default="none", choices=sorted(RECOVERY))
+    p.add_argument("--recover-steps", type=int, default=100, help="lora recovery: trainer steps")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="lora recovery: windows per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="lora recovery: learning rate")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:
@@ -68,12 +85,12 @@ def main() -> None:
     starts = [val.numel() // 20 + k * step for k in range(args.max_windows)]
     val = torch.cat([val[s:s + args.seq_len] for s in starts])  # stride = window: each chunk is one window
     prompt = val[:32][None]
-    recover = RECOVERY[args.recover]
+    recover_fn = RECOVERY[args.recover]
     rows = []
     start = time.perf_counter()
 
     def row(name: str, m, seconds: float = 0.0) -> None:
-        m = recover(m, calib, args).eval()
+        m = recover_fn(m, train, args).eval()
         ppl = perplexity(m, val, args.seq_len, max_windows=args.max_windows)
         r = dict(name=name, params=count_params(m), ppl=ppl, tps=tokens_per_second(m, prompt, args.new_tokens),
                  seconds=seconds)
