@@ -61,14 +61,23 @@ MAX_FEATURES = 4096  # features per head beyond which a V x F memory per token i
 
 
 def newton_schulz(x: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Muon's quintic Newton-Schulz iteration on the last two dims of ``x`` (..., V, F): about the polar factor."""
+    """Muon's quintic Newton-Schulz iteration on the last two dims of ``x`` (..., V, F): about the polar factor.
+
+    Each step is y <- (a I + b G + c G^2) y with G = y y^T, so y_k = Q_k y_0 for a V x V matrix Q_k, and
+    G_k = Q_k G_0 Q_k^T: the steps run on V x V matrices and touch the long side F only twice. They run in
+    float64 (cheap at V x V), because iterating on G squares the condition number that iterating on y sees.
+    """
     a, b, c = MUON_COEFFS
     wide = x.shape[-2] <= x.shape[-1]
     y = x if wide else x.transpose(-1, -2)
-    y = y / (y.norm(dim=(-2, -1), keepdim=True) + eps)
+    y64 = y.double()
+    y64 = y64 / (y64.norm(dim=(-2, -1), keepdim=True) + eps)
+    g0 = y64 @ y64.transpose(-1, -2)
+    q = torch.eye(y.shape[-2], dtype=g0.dtype, device=y.device).expand_as(g0)
     for _ in range(steps):
-        g = y @ y.transpose(-1, -2)
-        y = a * y + (b * g + c * g @ g) @ y
+        g = q @ g0 @ q.transpose(-1, -2)
+        q = (b * g + c * g @ g) @ q + a * q
+    y = (q @ y64).to(x.dtype)
     return y if wide else y.transpose(-1, -2)
 
 
