@@ -198,8 +198,8 @@ class Atlas(Mixer):
 
     capabilities = causal_recurrent(
         paper="ATLAS: Learning to Optimally Memorize the Context at Test Time",
-        time="O(N C V F + N (c + k) V F) chunked (F = features, c = window, k = Newton-Schulz steps)",
-        memory="O(C V F) per head and chunk, O(V F + c F) decode state per head",
+        time="O(N (C + c) V F + N k V^3) chunked (F features, C chunk, c window, k Newton-Schulz steps)",
+        memory="O(N V F) per head for training (each token's momentum and memory), O((V + c) F) decode state",
         forms=("reference", "chunked"),
     )
     Options = AtlasOptions
