@@ -190,6 +190,9 @@ class Mixer(nn.Module):
     # Set by efformer.reduce on mixers that form q and k (softmax): keep the last forward's
     # (q (b, h, n, d), k (b, kv, n, d)) in ``last_qk``, its token-similarity metric and attention map.
     record_qk: bool = False
+    # True where the ``head_dim`` option is the attention head width (softmax): then n_heads need not divide
+    # d_model. Other mixers' head_dim options mean something else (H3's state size per head).
+    head_dim_from_options: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -211,7 +214,8 @@ class Mixer(nn.Module):
         if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
             raise ConfigError("dropout", dropout, "a probability in [0, 1)")
         self.opts = validate_options(self.Options, options, self.name)
-        if d_model % n_heads and getattr(self.opts, "head_dim", None) is None:  # a set head width needs no split
+        # a head width set by the options (attention after head pruning) needs no even split of d_model
+        if d_model % n_heads and not (self.head_dim_from_options and getattr(self.opts, "head_dim", None)):
             raise ConfigError("n_heads", n_heads, f"must be positive and divide d_model={d_model}")
         if self.opts.form != "auto" and self.opts.form not in caps.forms:
             raise ConfigError(f"{self.name}.form", self.opts.form, form_why_not(self.name, caps, self.opts.form)[0])

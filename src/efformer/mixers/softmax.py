@@ -215,6 +215,7 @@ class SoftmaxAttention(Mixer):
     # A callable p -> p_hat applied to the attention weights after normalisation, installed by
     # efformer.compress (FQ-ViT's log2 quantizer of post-softmax probabilities); the explicit form then runs.
     prob_quantizer = None
+    head_dim_from_options = True
 
     def __init__(self, d_model: int, n_heads: int, **kw):
         super().__init__(d_model, n_heads, **kw)
