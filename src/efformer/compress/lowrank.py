@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from efformer.compress.api import _block_groups, _set, _targets
 from efformer.compress.calibration import HessianObserver, check_windows, observe
-from efformer.errors import CheckpointError, ConfigError, ShapeError
+from efformer.compress.sections import swap_listed_linears
+from efformer.errors import ConfigError, ShapeError
 from efformer.models.io import CONFIG_SECTIONS
 from efformer.options import StrictModel, config_error
 
@@ -351,25 +352,7 @@ def _build(spec: dict, in_f: int, out_f: int) -> nn.Module:
 
 def apply_factorization_section(model: nn.Module, section: object, path: Path) -> None:
     """Swap the linears a checkpoint's ``factorization`` section lists for empty factorized modules."""
-    modules = section.get("modules") if isinstance(section, dict) else None
-    if not isinstance(modules, dict):
-        raise CheckpointError(f"{path}: the 'factorization' section must be an object with a 'modules' object; "
-                              "re-save the factorized model with efformer.save")
-    for name, spec in modules.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"{path}: factorization lists module {name!r}, which this model does not have; "
-                                  "restore the config.json that belongs to these weights") from None
-        kind = spec.get("kind") if isinstance(spec, dict) else None
-        if kind not in _NEEDS or any(k not in spec for k in _NEEDS[kind]) or not isinstance(old, nn.Linear):
-            raise CheckpointError(f"{path}: factorization entry {name!r} = {spec!r} is not a factorized linear spec "
-                                  f"(kinds: {', '.join(_NEEDS)}); re-save the factorized model with efformer.save")
-        try:
-            new = _build(spec, old.in_features, old.out_features)
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{path}: factorization entry {name!r} is invalid ({e})") from None
-        _set(model, name, new)
+    swap_listed_linears(model, section, path, "factorization", _NEEDS, _build)
     model.factorization = section
 
 

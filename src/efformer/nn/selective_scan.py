@@ -80,9 +80,10 @@ class _SelectiveScan(torch.autograd.Function):
             g[-1] += carry
             for t in range(g.shape[0] - 2, -1, -1):  # the adjoint recurrence, in place
                 g[t].addcmul_(decay[t + 1], g[t + 1])
-            prev = torch.cat([checkpoints[i][None], states[:-1]])  # h_{t-1}
             carry = decay[0] * g[0]
-            grad_decay_log = g * prev * decay  # dL/d(delta A) through exp
+            grad_decay_log = g * decay  # dL/d(delta A) through exp: g_t * h_{t-1} * decay_t
+            grad_decay_log[0] *= checkpoints[i]
+            grad_decay_log[1:] *= states[:-1]
             grad_A += torch.einsum("kbdn,kbd->dn", grad_decay_log, delta[s:e])
             grad_dlt = torch.einsum("kbdn,dn->kbd", grad_decay_log, A)
             grad_du = torch.einsum("kbdn,kbn->kbd", g, B[s:e])  # write = (delta u) B
