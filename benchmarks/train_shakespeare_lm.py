@@ -73,7 +73,8 @@ def main() -> None:
     t0, step = time.time(), 0
     budget = args.minutes * 60
     while step < args.steps and time.time() - t0 < budget:
-        frac = min(1.0, (time.time() - t0) / budget, step / args.steps)
+        # The schedule follows whichever budget (steps or minutes) runs out first, so lr reaches 0 either way.
+        frac = min(1.0, max((time.time() - t0) / budget, step / args.steps))
         lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * frac))
         for g in opt.param_groups:
             g["lr"] = lr
