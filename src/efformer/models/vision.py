@@ -2,7 +2,9 @@
 
 Papers: "An Image is Worth 16x16 Words" (ViT); "Training data-efficient image transformers &
 distillation through attention" (DeiT: the distillation token); "Swin Transformer", "Pyramid Vision
-Transformer" and "MetaFormer Is Actually What You Need for Vision" (stages joined by patch merging).
+Transformer", "MetaFormer Is Actually What You Need for Vision" and "Rethinking Spatial Dimensions of
+Vision Transformers" (PiT) (stages joined by patch merging or pooling); "XCiT: Cross-Covariance Image
+Transformers" (a local patch interaction branch in each block).
 
 Images (b, c, H, W) become patch tokens on an (h, w) grid; each stage is a stack of
 :class:`~efformer.models.block.Block` with any mixer by name, given the grid through
@@ -21,12 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from efformer.errors import CapabilityError, ConfigError, UnknownNameError
-from efformer.models.block import Block
+from efformer.mixers.vision_xcit import LocalPatchInteraction
+from efformer.models.block import Block, norm_factory
 from efformer.models.config import CrossFieldError, ModelConfig, Placement, StrictInt
 from efformer.nn.patch import (
     ConditionalPosition,
     PatchEmbed,
     PatchMerge,
+    PoolingMerge,
     check_images,
     resize_table,
     rope_2d,
@@ -47,6 +51,7 @@ class StageConfig(StrictModel):
     mixer: str | list[str] = "softmax"
     mixer_options: dict[str, Any] | list[dict[str, Any]] = {}
     ffn_mult: float | None = pydantic.Field(None, gt=0)  # None: the model's (PVT sets one per stage)
+    lpi: bool = False  # XCiT: a local patch interaction branch between each block's mixer and FFN
 
 
 class VisionConfig(StrictModel):
@@ -62,8 +67,9 @@ class VisionConfig(StrictModel):
     patch_padding: StrictInt = pydantic.Field(0, ge=0)
     patch_norm: bool = False  # a LayerNorm of the patch tokens (Swin, PVT)
     stages: list[StageConfig] = pydantic.Field(default_factory=lambda: [StageConfig()], min_length=1)
-    # between stages: Swin's patch merging (V1 or V2 order), or PVT's / MetaFormer's strided conv
-    merge: Literal["patch_merge", "patch_merge_v2", "conv"] = "patch_merge"
+    # between stages: Swin's patch merging (V1 or V2 order), PVT's / MetaFormer's strided conv, or PiT's
+    # pooling (strided depthwise conv; the class token crosses it through a linear map)
+    merge: Literal["patch_merge", "patch_merge_v2", "conv", "pit"] = "patch_merge"
     merge_kernel: StrictInt = pydantic.Field(2, ge=2, le=7)  # conv merge: kernel, padded by (kernel - 1) // 2
     merge_norm: bool = True  # conv merge: LayerNorm after it (PoolFormer has none)
     merge_pre_norm: bool = False  # a LayerNorm closing each stage before the merge (PVT v2)
@@ -91,10 +97,14 @@ class VisionConfig(StrictModel):
         if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
             raise CrossFieldError("patch_size", f"patch_size={self.patch_size} must be a power of 2 for stem='conv' "
                                   "(one stride-2 convolution per halving); use stem='linear' for other sizes")
-        if self.pooling == "cls" and len(self.stages) > 1 and self.class_token_stage == "first":
+        if self.pooling == "cls" and len(self.stages) > 1 and self.class_token_stage == "first" \
+                and self.merge != "pit":
             raise CrossFieldError("pooling", "pooling='cls' needs one stage (patch merging has no place for a "
-                                  "class token); use pooling='mean' for a staged model, or "
-                                  "class_token_stage='last' (PVT)")
+                                  "class token); use pooling='mean' for a staged model, "
+                                  "class_token_stage='last' (PVT), or merge='pit' (PiT: a linear map carries it)")
+        if any(s.lpi for s in self.stages) and self.norm_placement != "pre":
+            raise CrossFieldError("norm_placement", f"norm_placement={self.norm_placement!r}: XCiT's local patch "
+                                  "interaction (stages[i].lpi) is a pre-norm branch; use norm_placement='pre'")
         if self.patch_kernel is not None and not 1 <= self.patch_kernel - 2 * self.patch_padding <= self.patch_size:
             raise CrossFieldError("patch_kernel", f"patch_kernel={self.patch_kernel} with patch_padding="
                                   f"{self.patch_padding} must satisfy 1 <= kernel - 2 padding <= patch_size="
@@ -123,6 +133,13 @@ class VisionConfig(StrictModel):
         if self.pooling != "cls":
             return None
         return 0 if self.class_token_stage == "first" else len(self.stages) - 1
+
+    def class_stages(self) -> range:
+        """Every stage holding the class token: from where it joins on (PiT's merges carry it), else that one."""
+        first = self.class_stage()
+        if first is None:
+            return range(0)
+        return range(first, len(self.stages) if self.merge == "pit" else first + 1)
 
     def stage_config(self, i: int) -> ModelConfig:
         """Stage ``i`` as a ModelConfig for its blocks (their mixers, norms and FFN)."""
@@ -169,7 +186,7 @@ def build_vision_config(data: dict[str, Any] | VisionConfig | None = None, **ove
             reasons = cls.capabilities.why_not(name, causal=False, positional=kind, grid=True)
             if reasons:
                 raise CapabilityError(f"stage {i} block {j}: " + "; ".join(reasons))
-            n_extra = (1 + cfg.distillation) if cfg.class_stage() == i else 0
+            n_extra = (1 + cfg.distillation) if i in cfg.class_stages() else 0
             lead = getattr(validated, "leading_tokens", 0)
             if cls.capabilities.grid and n_extra and lead != n_extra:
                 raise ConfigError("pooling", "cls", f"stage {i} uses the 2-D mixer {name!r}, which takes only patch "
@@ -209,9 +226,12 @@ class ImageClassifier(nn.Module):
         self.merges = nn.ModuleList()
         for i, s in enumerate(cfg.stages):
             mcfg = cfg.stage_config(i)
-            self.stages.append(nn.ModuleList(Block(mcfg, name, opts) for name, opts in mcfg.layer_mixers()))
+            block = XCiTBlock if s.lpi else Block
+            self.stages.append(nn.ModuleList(block(mcfg, name, opts) for name, opts in mcfg.layer_mixers()))
             self.cpe.append(ConditionalPosition(s.d_model) if cfg.positional == "cpe" else nn.Identity())
-            if i:
+            if i and cfg.merge == "pit":
+                self.merges.append(PoolingMerge(cfg.stages[i - 1].d_model, s.d_model))
+            elif i:
                 self.merges.append(PatchMerge(cfg.stages[i - 1].d_model, s.d_model, cfg.merge, kernel=cfg.merge_kernel,
                                               norm=cfg.merge_norm, pre_norm=cfg.merge_pre_norm, **eps))
         d = cfg.stages[-1].d_model
@@ -237,16 +257,21 @@ class ImageClassifier(nn.Module):
             tok = tok + sincos_2d(h, w, d, images.device).to(tok.dtype)
         elif self.cfg.positional == "learned":
             tok = tok + resize_table(self.pos_table, self.cfg.grid(), self.cfg.grid(), h, w).to(tok.dtype)
-        sides = self.cfg.stage_grids()
+        sides, extra = self.cfg.stage_grids(), 0
         for i, blocks in enumerate(self.stages):
+            carried = None  # class tokens that crossed a PiT pooling merge (through its linear map)
             if i:
+                carried, tok = tok[:, :extra], tok[:, extra:]
                 g = self.merges[i - 1](tok.reshape(b, h, w, -1))
+                carried = self.merges[i - 1].lead(carried) if extra else None
                 h, w = g.shape[1:3]
                 tok = g.reshape(b, h * w, -1)
             if self.cfg.positional == "learned_stages":
                 tok = tok + resize_table(self.stage_pos[i], sides[i], sides[i], h, w).to(tok.dtype)
-            extra = self.n_extra if i == self.cls_stage else 0
-            if extra:
+            extra = self.n_extra if i in self.cfg.class_stages() else 0
+            if carried is not None:
+                tok = torch.cat([carried, tok], 1)
+            elif extra:
                 lead = self.extra + (self.pos_extra if hasattr(self, "pos_extra") else 0)
                 tok = torch.cat([lead.to(tok.dtype).expand(b, -1, -1), tok], 1)
             ctx = self._context(b, h, w, extra, self.cfg.stages[i].d_model // self.cfg.stages[i].n_heads, tok.dtype,
@@ -277,6 +302,29 @@ class ImageClassifier(nn.Module):
         return (cls_logits, dist_logits) if both_heads else (cls_logits + dist_logits) / 2
 
 
+class XCiTBlock(Block):
+    """XCiT's layer (pre-norm): x + mixer(norm1 x), then x + LPI(norm3 x) on the grid, then x + ffn(norm2 x)."""
+
+    def __init__(self, cfg: ModelConfig, mixer_name: str, mixer_options: dict):
+        super().__init__(cfg, mixer_name, mixer_options)
+        self.norm3 = norm_factory(cfg)(cfg.d_model)
+        self.lpi = LocalPatchInteraction(cfg.d_model, **({} if cfg.norm_eps is None else {"eps": cfg.norm_eps}))
+        if cfg.layer_scale is not None:  # XCiT scales all three branches
+            self.scale3 = nn.Parameter(torch.full((cfg.d_model,), cfg.layer_scale))
+
+    def forward(self, x: Tensor, *, mask, state, positions: PositionalContext):
+        """(b, k + h*w, d) -> (b, k + h*w, d); the k class tokens take no LPI update."""
+        def scaled(h, i):
+            return h * getattr(self, f"scale{i}").to(h.dtype) if hasattr(self, "scale1") else h
+
+        y, state = self.mixer(self.norm1(x), mask=mask, state=state, positions=positions)
+        x = x + self.drop(scaled(y, 1))
+        x = x + self.drop(scaled(self.lpi(self.norm3(x), positions), 3))
+        h = self.norm2(x)
+        h = self.ffn(h, positions=positions) if getattr(self.ffn, "takes_positions", False) else self.ffn(h)
+        return x + self.drop(scaled(h, 2)), state
+
+
 def _swin_stage(depth: int, d: int, heads: int, window: int) -> dict[str, Any]:
     """A Swin stage: blocks alternate plain and shifted (by window // 2) windows."""
     opts = [{"window": window, "shift": (j % 2) * (window // 2)} for j in range(depth)]
@@ -299,6 +347,10 @@ VISION_PRESETS: dict[str, dict[str, Any]] = {
     "pvt-tiny": dict(patch_size=2, stages=_stages("sra", (2, 2, 2), (32, 64, 128), (1, 2, 4),
                                                   [{"ratio": 4}, {"ratio": 2}, {"ratio": 1}]),
                      merge="conv", positional="learned", pooling="mean"),
+    "pit-tiny": dict(patch_size=2, stages=_stages("softmax", (2, 2, 2), (32, 64, 128), (2, 4, 8)), merge="pit",
+                     positional="learned", pooling="cls"),
+    "xcit-tiny": dict(patch_size=4, stem="conv", stages=[dict(depth=4, d_model=64, n_heads=4, mixer="xca", lpi=True)],
+                      positional="sincos2d", pooling="cls", layer_scale=1.0),
     "poolformer-s12": dict(patch_size=2, stages=_stages("pool", (2, 2, 6, 2), (32, 64, 96, 128), (1, 1, 1, 1)),
                            merge="conv", positional="none", pooling="mean"),
 }

@@ -119,6 +119,28 @@ class PatchMerge(nn.Module):
         return self.proj(self.norm(g)) if self.kind == "patch_merge" else self.norm(self.proj(g))
 
 
+class PoolingMerge(nn.Module):
+    """PiT's pooling layer between stages: grid (b, h, w, d) -> (b, ceil(h/2), ceil(w/2), d_out) by a stride-2
+    3x3 depthwise convolution (groups = d, so d_out / d filters per input channel, padding 1), and the class
+    tokens (b, k, d) -> (b, k, d_out) by a linear map (:meth:`lead`): they have no place on the grid."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        if d_out % d_in:
+            raise ConfigError("stages", f"d_model {d_in} -> {d_out}", "merge='pit' widens each stage by a whole "
+                              "factor (depthwise: groups = input channels); make each d_model a multiple of the last")
+        self.proj = nn.Conv2d(d_in, d_out, 3, stride=2, padding=1, groups=d_in)
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, g: Tensor) -> Tensor:
+        """(b, h, w, d) -> (b, ceil(h/2), ceil(w/2), d_out); kernel 3, padding 1 gives the ceiling on odd sides."""
+        return self.proj(g.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def lead(self, tokens: Tensor) -> Tensor:
+        """Class (and distillation) tokens (b, k, d) -> (b, k, d_out)."""
+        return self.fc(tokens)
+
+
 def sincos_2d(h: int, w: int, d: int, device=None) -> Tensor:
     """Fixed 2-D sin-cos positions (h*w, d): half the channels encode the row, half the column (d % 4 == 0)."""
     if d % 4:
