@@ -102,6 +102,11 @@ class VisionConfig(StrictModel):
             raise CrossFieldError("pooling", "pooling='cls' needs one stage (patch merging has no place for a "
                                   "class token); use pooling='mean' for a staged model, "
                                   "class_token_stage='last' (PVT), or merge='pit' (PiT: a linear map carries it)")
+        widths = [s.d_model for s in self.stages]
+        if self.merge == "pit" and any(b % a for a, b in zip(widths[:-1], widths[1:], strict=True)):
+            raise CrossFieldError("stages", f"merge='pit' with widths {widths}: PiT's depthwise pooling (groups = "
+                                  "input channels) widens each stage by a whole factor; make each d_model a "
+                                  "multiple of the last")
         if any(s.lpi for s in self.stages) and self.norm_placement != "pre":
             raise CrossFieldError("norm_placement", f"norm_placement={self.norm_placement!r}: XCiT's local patch "
                                   "interaction (stages[i].lpi) is a pre-norm branch; use norm_placement='pre'")
@@ -303,7 +308,12 @@ class ImageClassifier(nn.Module):
 
 
 class XCiTBlock(Block):
-    """XCiT's layer (pre-norm): x + mixer(norm1 x), then x + LPI(norm3 x) on the grid, then x + ffn(norm2 x)."""
+    """XCiT's layer (pre-norm): x + mixer(norm1 x), then x + LPI(norm3 x) on the grid, then x + ffn(norm2 x).
+
+    A class token passes XCA and the FFN but not LPI. XCiT itself adds its class token only after these
+    layers, in two CaiT class-attention layers, which are not built here; ``xcit-tiny`` mean-pools instead,
+    since a class token read after the last block would leave that block's LPI with no gradient.
+    """
 
     def __init__(self, cfg: ModelConfig, mixer_name: str, mixer_options: dict):
         super().__init__(cfg, mixer_name, mixer_options)
@@ -350,7 +360,7 @@ VISION_PRESETS: dict[str, dict[str, Any]] = {
     "pit-tiny": dict(patch_size=2, stages=_stages("softmax", (2, 2, 2), (32, 64, 128), (2, 4, 8)), merge="pit",
                      positional="learned", pooling="cls"),
     "xcit-tiny": dict(patch_size=4, stem="conv", stages=[dict(depth=4, d_model=64, n_heads=4, mixer="xca", lpi=True)],
-                      positional="sincos2d", pooling="cls", layer_scale=1.0),
+                      positional="sincos2d", pooling="mean", layer_scale=1.0),  # see XCiTBlock on pooling
     "poolformer-s12": dict(patch_size=2, stages=_stages("pool", (2, 2, 6, 2), (32, 64, 96, 128), (1, 1, 1, 1)),
                            merge="conv", positional="none", pooling="mean"),
 }
