@@ -104,10 +104,9 @@ def run(task: str, seconds: float, steps_cap: int, seeds: list[int], patch: int,
     for mixer in mixers:
         runs = [score(mixer, data[seed], seed, seconds, steps_cap, patch) for seed in seeds]
         accs = [a for _, a in runs]
-        sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        sd = f"{statistics.stdev(accs):.3f}" if len(accs) > 1 else "-"  # one seed: no spread to state
         cells = " | ".join(f"{n} / {a:.3f}" for n, a in runs)
-        print(f"| {mixer} | {'2-D' if mixer in TWO_D else '1-D'} | {cells} | {statistics.mean(accs):.3f} | "
-              f"{sd:.3f} |")
+        print(f"| {mixer} | {'2-D' if mixer in TWO_D else '1-D'} | {cells} | {statistics.mean(accs):.3f} | {sd} |")
 
 
 def main() -> None:
