@@ -189,3 +189,14 @@ def test_cached_decode_equals_the_full_forward_and_aux_losses_reach_the_model(tm
 def test_bad_options_are_refused_at_config_time(opts, match):
     with pytest.raises(ConfigError, match=match):
         efformer.build_config(ffn="mohd", ffn_options=opts)
+
+
+@pytest.mark.parametrize("form", ["grouped", "masked", "reference"])
+def test_bf16_autocast_trains(form):
+    model = efformer.create_model("lm-tiny", d_model=32, n_heads=2, vocab_size=50, ffn="mohd",
+                                  ffn_options={"form": form})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(torch.randint(0, 50, (2, 9)))
+    y.float().sum().backward()
+    ffn = model.backbone.blocks[0].ffn
+    assert y.dtype == torch.bfloat16 and ffn.gate_up.weight.grad.abs().sum() > 0 and ffn.router.weight.grad is not None

@@ -161,7 +161,7 @@ def test_aux_losses_reach_the_trainer_and_are_logged(tmp_path):
     from efformer.train.trainer import Trainer
     from tests.train.conftest import tiny_run_dict
 
-    raw = tiny_run_dict(tmp_path, steps=1, checkpoint_every=0, batch_size=4)
+    raw = tiny_run_dict(tmp_path, steps=1, warmup_steps=0, checkpoint_every=0, batch_size=4)
     raw["model"].update({"ffn": "monet", "ffn_options": {"n_pieces": 4, "uniformity_loss_weight": 1.0}})
     cfg = build_run_config(raw)
     torch.manual_seed(0)
@@ -247,3 +247,14 @@ def test_cached_decode_equals_the_full_forward_and_saves_and_loads(opts, tmp_pat
 def test_bad_options_are_refused_at_config_time(opts, match):
     with pytest.raises(ConfigError, match=match):
         efformer.build_config(ffn="monet", ffn_options=opts)
+
+
+@pytest.mark.parametrize("decompose", ["horizontal", "vertical"])
+def test_bf16_autocast_trains(decompose):
+    model = efformer.create_model("lm-tiny", d_model=32, n_heads=2, vocab_size=50, ffn="monet",
+                                  ffn_options={"n_pieces": 4, "decompose": decompose})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(torch.randint(0, 50, (2, 9)))
+    y.float().sum().backward()
+    ffn = model.backbone.blocks[0].ffn
+    assert y.dtype == torch.bfloat16 and ffn.router.weight.grad.abs().sum() > 0

@@ -146,14 +146,21 @@ class MoHD(nn.Module):
         t, gs = x.shape[0], self.gs
         w_in, w_out = self.gate_up.weight, self.down.weight  # (2h, d), (d, h)
         toks = [(gates[:, g] != 0).nonzero().squeeze(1) for g in range(self.opts.n_groups)]
-        pre = x.new_zeros(t, w_in.shape[0])
-        for g, tok in enumerate(toks):  # each active read: the token's slice times the slice's rows
-            if len(tok):
-                cols = slice(g * gs, (g + 1) * gs)
-                pre = pre.index_add(0, tok, (self.alpha * x[tok, cols]) @ w_in[:, cols].t())
+        # each active read: the tokens' slice times the slice's rows (accumulated in the matmuls' dtype,
+        # which autocast may lower)
+        reads = [(tok, (self.alpha * x[tok, g * gs : (g + 1) * gs]) @ w_in[:, g * gs : (g + 1) * gs].t())
+                 for g, tok in enumerate(toks) if len(tok)]
+        pre = x.new_zeros(t, w_in.shape[0], dtype=reads[0][1].dtype if reads else x.dtype)
+        for tok, part in reads:
+            pre = pre.index_add(0, tok, part)
         h = self._glu(pre)
-        outs = [x.new_zeros(t, gs).index_add(0, tok, (h[tok] @ w_out[g * gs : (g + 1) * gs].t()) * gates[tok, g, None])
-                if len(tok) else x.new_zeros(t, gs) for g, tok in enumerate(toks)]
+        outs = []
+        for g, tok in enumerate(toks):  # each active write: only the slice's columns of the output
+            out = h.new_zeros(t, gs)
+            if len(tok):
+                part = (h[tok] @ w_out[g * gs : (g + 1) * gs].t()) * gates[tok, g, None]
+                out = out.to(part.dtype).index_add(0, tok, part)
+            outs.append(out)
         return torch.cat(outs, -1)
 
     def _reference(self, x: Tensor, gates: Tensor) -> Tensor:
