@@ -34,7 +34,9 @@ not built.
 Forms: ``grouped`` runs each sub-dimension's slice of the projections once over the tokens that
 have it active (a loop over sub-dimensions, never over tokens; only the active work is done);
 ``masked`` multiplies the masked input by the full matrices (dense cost, the plainest batched form);
-``reference`` runs token by token over each token's list of active sub-dimensions.
+``reference`` runs token by token over each token's list of active sub-dimensions. ``auto`` picks
+masked: the grouped form's thin per-slice matmuls were slower on a CPU even at 4 of 16 sub-dimensions
+active (d_model 512; ``benchmarks/mohd_forms.py``), so its saving needs a gather-matmul kernel.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class MoHDOptions(StrictModel):
     activation: Literal["silu", "gelu", "relu"] = pydantic.Field("silu", description="GLU activation.")
     aux_loss_weight: float = pydantic.Field(0.01, ge=0, description="Weight of the load-balancing loss.")
     form: Literal["auto", "grouped", "masked", "reference"] = pydantic.Field(
-        "auto", description="grouped: only the active slices (auto); masked: dense masked matmuls; reference: "
+        "auto", description="grouped: only the active slices; masked: dense masked matmuls (auto); reference: "
         "token by token.")
 
     @pydantic.model_validator(mode="after")
@@ -151,8 +153,8 @@ class MoHD(nn.Module):
         reads = [(tok, (self.alpha * x[tok, g * gs : (g + 1) * gs]) @ w_in[:, g * gs : (g + 1) * gs].t())
                  for g, tok in enumerate(toks) if len(tok)]
         pre = x.new_zeros(t, w_in.shape[0], dtype=reads[0][1].dtype if reads else x.dtype)
-        for tok, part in reads:
-            pre = pre.index_add(0, tok, part)
+        for tok, part in reads:  # in place: index_add's backward needs no saved accumulator
+            pre.index_add_(0, tok, part)
         h = self._glu(pre)
         outs = []
         for g, tok in enumerate(toks):  # each active write: only the slice's columns of the output
@@ -183,6 +185,6 @@ class MoHD(nn.Module):
         valid = mask.reshape(-1) if mask is not None else torch.ones(b * n, dtype=torch.bool, device=x.device)
         gates = self.route(flat, valid)
         fused = self.fuse(flat)
-        run = {"masked": self._masked, "reference": self._reference}.get(self.opts.form, self._grouped)
+        run = {"grouped": self._grouped, "reference": self._reference}.get(self.opts.form, self._masked)
         y = run(fused, gates)
         return y.reshape(b, n, d)
