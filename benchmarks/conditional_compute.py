@@ -7,7 +7,10 @@ through the real Trainer, in one run:
 - MatFormer (granularities 1/4, 1/2, 1, trained jointly) whose extracted submodels are compared with
   the same architectures trained alone;
 - early exit (exits after layers 0..L-2, CALM decoding): the speed/quality curve over thresholds;
-- an Adaptive Computation Module FFN (4 learners, budget 50% of the neurons; active = measured mean).
+- an Adaptive Computation Module FFN (4 learners, budget 50% of the neurons; active = measured mean);
+- Mixture of Hidden Dimensions (8 sub-dimensions of d_model, 2 shared + top-2 routed: half of the
+  projections' weights active per token) and Monet (8 + 8 pieces = 64 experts, vertical and
+  horizontal decomposition; its fast form runs every piece's bottom layer, so active = total).
 
 Reports validation loss (nats/byte), training tokens/s, greedy decode tokens/s, total and active FFN
 parameters and router load balance on the validation set (max / mean tokens per expert, averaged
@@ -39,6 +42,7 @@ from efformer.models.depth import MoDBlock
 from efformer.models.early_exit import generate_with_exit, lm_exit_logits
 from efformer.nn.acm import ACM
 from efformer.nn.moe import MoE, load_balance
+from efformer.nn.mohd import MoHD
 from efformer.train.data import TensorExamples, collate, loss_terms
 from efformer.train.trainer import Trainer
 
@@ -75,6 +79,9 @@ def variants(n_layers: int) -> dict[str, dict]:
            for g in GRANULARITIES[:-1]},
         "early_exit": {"exit_layers": list(range(n_layers - 1))},
         "acm_50%": {"ffn": "acm", "ffn_options": {"n_learners": 4, "budget": 0.5}},
+        "mohd_50%": {"ffn": "mohd", "ffn_options": {"n_groups": 8, "n_shared": 2, "top_k": 2}},
+        "monet_vd": {"ffn": "monet", "ffn_options": {"n_pieces": 8, "decompose": "vertical"}},
+        "monet_hd": {"ffn": "monet", "ffn_options": {"n_pieces": 8, "decompose": "horizontal"}},
     }
 
 
@@ -89,6 +96,9 @@ def ffn_params(model) -> tuple[int, int]:
             per_expert = f.w_in[0].numel() + f.w_out[0].numel()
             routed = f.opts.top_k if f.opts.routing == "token" else f.opts.capacity_factor  # experts per token
             active += n - f.opts.n_experts * per_expert + round(routed * per_expert)
+        elif isinstance(f, MoHD):  # the projections' share of the active sub-dimensions
+            proj = f.gate_up.weight.numel() + f.down.weight.numel()
+            active += n - proj + round(proj * (f.opts.n_shared + f.opts.top_k) / f.opts.n_groups)
         elif isinstance(f, ACM) and "fraction" in f.stats:  # the last forward's mean fraction of neurons
             learners = 3 * f.w_gate.numel()
             active += n - learners + round(float(f.stats["fraction"]) * learners)
@@ -104,7 +114,7 @@ def batches(data, bs: int):
 
 @torch.no_grad()
 def validate(model, data, bs: int, routing: str | None = None) -> tuple[float, float | None]:
-    """(mean loss per predicted byte, mean router max/mean load over MoE layers) on ``data``."""
+    """(mean loss per predicted byte, mean router max/mean load over MoE (and MoHD routed) layers) on ``data``."""
     model.eval()
     for blk in model.backbone.blocks:
         if isinstance(blk, MoDBlock) and routing:
@@ -115,6 +125,8 @@ def validate(model, data, bs: int, routing: str | None = None) -> tuple[float, f
         t, c, _ = loss_terms(model, batch)
         total, count = total + float(t), count + float(c)
         balance += [load_balance(b.ffn.stats) for b in model.backbone.blocks if isinstance(b.ffn, MoE)]
+        balance += [load_balance({"tokens_per_expert": b.ffn.stats["tokens_per_group"][b.ffn.opts.n_shared:]})
+                    for b in model.backbone.blocks if isinstance(b.ffn, MoHD) and b.ffn.opts.top_k]
     for blk in model.backbone.blocks:
         if isinstance(blk, MoDBlock):
             blk.routing = "auto"

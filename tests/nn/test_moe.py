@@ -318,3 +318,18 @@ def test_pregated_refuses_expert_choice_and_mixture_of_depths():
         efformer.build_config(ffn="moe", ffn_options=dict(pregated=True, routing="expert", allow_future_routing=True))
     with pytest.raises(ConfigError, match="Mixture-of-Depths"):
         efformer.build_config(ffn="moe", ffn_options=dict(pregated=True), mod_capacity=0.5)
+
+
+@pytest.mark.parametrize("ffn, opts", [("moe", dict(n_experts=4, top_k=2, pregated=True)), ("mohd", {}),
+                                       ("monet", dict(n_pieces=4))])
+def test_a_conditional_ffn_in_a_model_whose_mixer_list_length_mismatches_is_refused(ffn, opts):
+    with pytest.raises(ConfigError, match=r"mixer list has 2 entries but n_layers=3; give one mixer per layer"):
+        efformer.build_config(ffn=ffn, ffn_options=opts, mixer=["softmax", "local"], n_layers=3)
+    with pytest.raises(ConfigError, match="mixer_options has 1 entries but mixer has 2"):
+        efformer.build_config(ffn=ffn, ffn_options=opts, mixer=["softmax", "local"], mixer_options=[{}], n_layers=2)
+    # matching lengths build, and every layer gets its own conditional FFN
+    model = efformer.create_model("lm-tiny", ffn=ffn, ffn_options=opts, mixer=["softmax", "local"], n_layers=2,
+                                  d_model=32, n_heads=2, vocab_size=50)
+    model(torch.randint(0, 50, (1, 5)))
+    assert len(collect_aux_losses(model)) >= 1
+    assert len({id(b.ffn) for b in model.backbone.blocks}) == 2

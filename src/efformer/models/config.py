@@ -97,7 +97,8 @@ class ModelConfig(StrictModel):
         if self.d_model % self.n_heads:
             raise CrossFieldError("n_heads", f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
         if isinstance(self.mixer, list) and len(self.mixer) != self.n_layers:
-            raise CrossFieldError("mixer", f"mixer list has {len(self.mixer)} entries but n_layers={self.n_layers}")
+            raise CrossFieldError("mixer", f"mixer list has {len(self.mixer)} entries but n_layers={self.n_layers}; "
+                                  "give one mixer per layer, or one name for every layer")
         opts = self.mixer_options
         if isinstance(self.mixer, str) and isinstance(opts, list):
             raise CrossFieldError("mixer_options", f"a list, but mixer={self.mixer!r} is one name; give one dict "

@@ -1,3 +1,3 @@
 """Building blocks: norms, positional schemes, feed-forward blocks and the Transformer block."""
 
-from efformer.nn import acm, ffn, matformer, moe, norms, patch, pattention, positional, repbn  # noqa: F401  (register themselves)
+from efformer.nn import acm, ffn, matformer, moe, mohd, monet, norms, patch, pattention, positional, repbn  # noqa: F401  (register themselves)
