@@ -45,31 +45,52 @@ def window_slots(mixer, h: int, w: int, device=None) -> tuple[Tensor, Tensor]:
     return index, (o_r < sh).long() * 2 + (o_c < sw).long()
 
 
+def window_caps(index: Tensor, region: Tensor) -> Tensor:
+    """How many tokens each window (W,) may merge away: half (rounded down) of each of its regions' real
+    tokens, ToMe's bipartite bound inside every group of tokens that attend to each other."""
+    g = _group_onehot(index, region).sum(1)  # (W, regions): real tokens per region
+    return (g // 2).sum(-1)
+
+
 def window_cap(index: Tensor, region: Tensor) -> int:
-    """The most tokens every window can merge away: its even slots that have an odd-slot partner in the
-    same region (bipartite halves), for the window with fewest."""
-    return int(_valid_pairs(index, region).any(-1).sum(-1).min())
+    """r every full window (no padding slot) can lose; the smallest over all windows if none is full."""
+    caps = window_caps(index, region)
+    full = (index >= 0).all(-1)
+    return int(caps[full].min() if bool(full.any()) else caps.min())
 
 
-def _valid_pairs(index: Tensor, region: Tensor) -> Tensor:
-    ia, ib, ra, rb = index[:, 0::2], index[:, 1::2], region[:, 0::2], region[:, 1::2]
-    return (ia >= 0)[:, :, None] & (ib >= 0)[:, None, :] & (ra[:, :, None] == rb[:, None, :])
+def _group_onehot(index: Tensor, region: Tensor) -> Tensor:
+    return torch.nn.functional.one_hot(region, 4) * (index >= 0)[..., None]  # (W, t, 4), padding: none
+
+
+def _halves(index: Tensor, region: Tensor) -> Tensor:
+    """valid (W, t, t): inside each region of a window the real tokens alternate A, B, A, ... in slot order,
+    and an A slot may pair with any B slot of its region."""
+    onehot = _group_onehot(index, region)
+    rank = (onehot.cumsum(1) * onehot).sum(-1) - 1  # position of each real token inside its region
+    real = index >= 0
+    is_a, is_b = real & (rank % 2 == 0), real & (rank % 2 == 1)
+    same = region[:, :, None] == region[:, None, :]
+    return is_a[:, :, None] & is_b[:, None, :] & same
 
 
 def window_assignment(metric: Tensor, index: Tensor, region: Tensor, r: int) -> Assignment:
-    """ToMe inside every window: metric (b, n, c); each window's even slots (A) find their most similar odd
-    slot (B) of the same region, and the r best-matched A tokens of each window merge (r per window)."""
+    """ToMe inside every window: metric (b, n, c); in each region of each window the A tokens find their most
+    similar B token, and the r best-matched A tokens of each window merge (an edge window whose padding
+    leaves it a smaller cap (:func:`window_caps`) loses only that many)."""
     b, n, _ = metric.shape
     m = normalized(metric)
-    ia, ib = index[:, 0::2], index[:, 1::2]
-    ma, mb = m[:, ia.clamp(min=0)], m[:, ib.clamp(min=0)]  # (b, W, ta, c), (b, W, tb, c)
-    scores = (ma @ mb.transpose(-1, -2)).masked_fill(~_valid_pairs(index, region), NEG)
-    best, partner = scores.max(-1)  # (b, W, ta)
-    top = best.argsort(-1, descending=True)[..., :r]  # the cap keeps these finite: every A here has a partner
-    src = ia.expand(b, -1, -1).gather(2, top)
-    dst_tok = ib.expand(b, -1, -1).gather(2, partner.gather(2, top))
-    dst = torch.arange(n, device=metric.device).expand(b, n).clone()
-    return Assignment(dst.scatter(1, src.reshape(b, -1), dst_tok.reshape(b, -1)))
+    mw = m[:, index.clamp(min=0)]  # (b, W, t, c)
+    scores = (mw @ mw.transpose(-1, -2)).masked_fill(~_halves(index, region), NEG)
+    best, partner = scores.max(-1)  # (b, W, t): -inf for slots that are not A or have no partner
+    top = best.argsort(-1, descending=True)[..., :r]
+    caps = window_caps(index, region).to(top.device)  # an edge window never loses more than half a region
+    ok = (best.gather(2, top) > NEG) & (torch.arange(top.shape[2], device=top.device) < caps[:, None])
+    idx = index.expand(b, -1, -1)
+    src = torch.where(ok, idx.gather(2, top), n)  # picks without a partner go to a dummy column
+    dst_tok = torch.where(ok, idx.gather(2, partner.gather(2, top)), n)
+    dst = torch.arange(n + 1, device=metric.device).expand(b, n + 1).clone()
+    return Assignment(dst.scatter(1, src.reshape(b, -1), dst_tok.reshape(b, -1))[:, :n])
 
 
 class WindowedToMe(Method):
@@ -95,7 +116,7 @@ class WindowedToMe(Method):
             wh, ww, sh, sw, _, _ = mixer.layout(h, w)
             shifted = f", shifted by ({sh}, {sw})" if sh or sw else ""
             raise ReduceError("schedule.r", r, f"block {view.j}'s {wh}x{ww} windows{shifted} on the "
-                              f"{h}x{w} grid can each merge away at most {most} tokens (pairs inside one window and "
-                              f"one wrap-round region); more would empty a window's half: lower r to <= {most}")
+                              f"{h}x{w} grid can each merge away at most {most} tokens (half of each wrap-round "
+                              f"region's tokens); more would empty a window's half: lower r to <= {most}")
         return window_assignment(view.metric(), index, region, r)
 
