@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Literal
 
+import pydantic
 from torch import nn
 
 from efformer.errors import CapabilityError
@@ -17,6 +18,7 @@ from efformer.mixers.base import Mixer
 from efformer.models.classifier import _Encoder
 from efformer.models.depth import MoDBlock
 from efformer.models.vision import ImageClassifier
+from efformer.reduce.cluster import ClusterHook, ClusterOptions
 from efformer.reduce.hook import ReduceError, Reducer, as_schedule
 from efformer.reduce.methods import Method, ToMe, get_method
 from efformer.reduce.windowed import WindowedToMe, has_windows
@@ -128,6 +130,36 @@ def apply(model: nn.Module, method: str | Method = "tome", schedule: Any = 8, *,
                 blk.reduce_mid = functools.partial(reducer.mid, blocks, j)
     target.reducer = reducer
     return reducer
+
+
+def cluster_apply(model: nn.Module, clusters: tuple[int, int], at: int, until: int | None = None,
+                  **options: Any) -> ClusterHook:
+    """Expediting-ViT on a one-stage image model (in place): cluster the grid into ``clusters`` after block
+    ``at``, reconstruct it after block ``until`` (None: the last); ``remove(model)`` undoes it. Options:
+    :class:`~efformer.reduce.cluster.ClusterOptions`."""
+    if not isinstance(model, ImageClassifier) or len(model.stages) != 1:
+        got = type(model).__name__ + (" with stages" if isinstance(model, ImageClassifier) else "")
+        raise CapabilityError(f"token clustering runs on one-stage image models (vit-tiny, deit-tiny), got {got}; "
+                              "use efformer.reduce.apply for text and staged models")
+    if model.cfg.positional in ("rope2d", "cpe"):
+        raise CapabilityError(f"positional={model.cfg.positional!r} is applied to the grid inside the blocks, which "
+                              "cluster tokens do not form; use learned or sincos2d positions")
+    try:
+        opts = ClusterOptions(clusters=clusters, at=at, until=until, **options)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        raise ReduceError(".".join(map(str, err["loc"])) or "options", err.get("input"), err["msg"]) from None
+    blocks = model.stages[0]
+    depth = len(blocks)
+    if not at < depth:
+        raise ReduceError("at", at, f"the model has {depth} blocks: cluster after block 1 .. {depth - 1}")
+    if until is not None and not at < until <= depth:
+        raise ReduceError("until", until, f"reconstruct after a block in {at + 1} .. {depth} (after at={at})")
+    _check_blocks([list(blocks)], ToMe(), False, "between", [False])
+    remove(model)
+    hook = ClusterHook(opts, model.n_extra, depth)
+    model.reducer = hook
+    return hook
 
 
 def remove(model: nn.Module) -> None:
