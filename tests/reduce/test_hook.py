@@ -259,3 +259,19 @@ def test_r_zero_is_the_unmodified_model_exactly(method, preset):
     assert not torch.equal(run(), y0)
     remove(m)
     assert torch.equal(run(), y0)
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "sandwich", "peri", "res_post", "deepnorm"])
+def test_the_mid_hook_sits_between_the_two_residuals_of_every_norm_placement(placement):
+    m = create_model("classifier-tiny", n_layers=2, pooling="cls", norm_placement=placement).eval()
+    ids = torch.randint(0, 256, (2, 21))
+    y0 = m(ids)
+    apply(m, "tome", 0)
+    assert torch.equal(m(ids), y0)
+    seen = []
+    m.backbone.blocks[0].ffn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
+    red = apply(m, "tome", 5)
+    y = m(ids)
+    assert seen == [22 - 5] and red.last.counts == [22, 17, 12] and y.shape == y0.shape
+    remove(m)
+    assert torch.equal(m(ids), y0)
