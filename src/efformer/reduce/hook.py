@@ -296,7 +296,8 @@ class Reducer:
     :func:`efformer.reduce.apply`."""
 
     def __init__(self, method, schedule: Schedule, protected: int, stacks: list[int], prop_attn: bool = True,
-                 where: str = "mid", per_block: list[bool] | None = None):
+                 where: str = "between", per_block: list[bool] | None = None):
+        # "mid" needs each block's reduce_mid set to :meth:`mid` (apply does it); "between" needs nothing
         self.method, self.schedule, self.protected, self.prop_attn = method, schedule, protected, prop_attn
         self.stacks, self.where = stacks, where  # blocks per stack (stage); where the merges happen
         self.per_block = per_block or [False] * len(stacks)  # stacks whose merges are undone after each block
