@@ -9,7 +9,15 @@ timed back to back), forward FLOPs per input (``torch.utils.flop_counter``: the
 blocks plus the methods' own matmuls) and test accuracy. One run on a CPU that others share: compare
 ratios within one table, not across runs.
 
+``--where`` picks the placement (``mid``: ToMe's, inside each block between attention and MLP;
+``between``: after each block). ``--depth`` / ``--width`` make the ViT deeper or wider (ToMe's
+speed-ups come from many reduction points: ViT-S has 12 blocks). ``--swin`` adds a ``swin-tiny``
+table with windowed merging (r per window of 4 x 4 tokens); ``--clusters`` adds Expediting-ViT rows
+(token clustering into an s x s grid after block ``--cluster-at``, reconstructed after the last).
+
     PYTHONPATH=src python benchmarks/reduce_throughput.py --cache runs/reduce_bench --rs 0 4 8 16
+    PYTHONPATH=src python benchmarks/reduce_throughput.py --depth 12 --width 96 --skip text --swin \
+        --swin-rs 1 2 4 6 --clusters 4 6
 """
 
 from __future__ import annotations
@@ -62,14 +70,18 @@ def cached(path: Path, make, fit):
     return model.eval(), f"trained in {seconds:.0f} s"
 
 
-def image_task(args):
+def image_task(args, preset: str = "vit-tiny"):
     train_set, test_set = digits(32).split(0.8, seed=0)
     gen = torch.Generator().manual_seed(0)
 
     def batches():
         idx = torch.randint(0, len(train_set), (32,), generator=gen)
         return (train_set.images[idx], {}), train_set.labels[idx]
-    model, how = cached(Path(args.cache) / "vit-tiny-digits", lambda: efformer.create_model("vit-tiny", in_channels=1),
+    overrides, name = {}, f"{preset}-digits"
+    if preset == "vit-tiny" and (args.depth, args.width) != (4, 64):  # one stage: depth blocks of width d
+        overrides["stages"] = [dict(depth=args.depth, d_model=args.width, n_heads=max(args.width // 16, 1))]
+        name = f"vit-d{args.depth}-w{args.width}-digits"
+    model, how = cached(Path(args.cache) / name, lambda: efformer.create_model(preset, in_channels=1, **overrides),
                         lambda m: train(m, batches, args.image_steps, 3e-3))
     x_speed = test_set.images[torch.arange(args.batch) % len(test_set)]
     return model, how, [((test_set.images,), {}, test_set.labels)], ((x_speed,), {})
@@ -127,29 +139,32 @@ def measure(model, evals, speed_in, batch: int, repeat: int, paired=None) -> tup
     return batch / ms * 1e3, statistics.median(ratios or [1.0]), fc.get_total_flops() / batch / 1e9, correct / total
 
 
-def table(name, model, how, evals, speed_in, args) -> None:
-    print(f"\n### {name} ({how}); batch {args.batch}, median of {args.repeat}")
+def table(name, model, how, evals, speed_in, args, methods=None, rs=None, clusters=()) -> None:
+    methods, rs = methods or args.methods, rs or args.rs
+    print(f"\n### {name} ({how}); batch {args.batch}, median of {args.repeat}, where={args.where}")
     print("| method | r | tokens per block | inputs/s | speed-up | GFLOPs | FLOPs saved | accuracy | change (pts) |")
     print("|---|---|---|---|---|---|---|---|---|")
     reduce.remove(model)
     base_ips, _, base_fl, base_acc = measure(model, evals, speed_in, args.batch, args.repeat)
     print(f"| none | 0 | - | {base_ips:.0f} | 1.00x | {base_fl:.4f} | 0% | {base_acc:.3f} | 0.0 |")
     rows = {}
-    for method in args.methods:
-        for r in args.rs:
-            if r == 0:
-                continue
-            red = reduce.apply(model, method, r)
-            paired = (lambda m=method, r=r: reduce.apply(model, m, r), lambda: reduce.remove(model))
-            ips, speedup, fl, acc = measure(model, evals, speed_in, args.batch, args.repeat, paired)
-            rows[method, r] = (speedup, 1 - fl / base_fl, (acc - base_acc) * 100)
-            print(f"| {method} | {r} | {'>'.join(map(str, red.last.counts))} | {ips:.0f} | {speedup:.2f}x | "
-                  f"{fl:.4f} | {100 * (1 - fl / base_fl):.0f}% | {acc:.3f} | {(acc - base_acc) * 100:+.1f} |")
+    runs = [(m, r, lambda m=m, r=r: reduce.apply(model, m, r, where=args.where)) for m in methods for r in rs if r]
+    at = min(args.cluster_at, len(model.stages[0]) - 1)
+    runs += [("cluster", f"{c}x{c}", lambda c=c: reduce.cluster_apply(model, (c, c), at=at)) for c in clusters]
+    for method, r, attach in runs:
+        red = attach()
+        paired = (attach, lambda: reduce.remove(model))
+        ips, speedup, fl, acc = measure(model, evals, speed_in, args.batch, args.repeat, paired)
+        rows[method, r] = (speedup, 1 - fl / base_fl, (acc - base_acc) * 100)
+        print(f"| {method} | {r} | {'>'.join(map(str, red.last.counts))} | {ips:.0f} | {speedup:.2f}x | "
+              f"{fl:.4f} | {100 * (1 - fl / base_fl):.0f}% | {acc:.3f} | {(acc - base_acc) * 100:+.1f} |")
     reduce.remove(model)
     tome = [(r, s, d) for (m, r), (s, _, d) in rows.items() if m == "tome"]
     hit = [r for r, s, d in tome if s >= 1.5 and d >= -1.0]
     print(f"\nToMe >= 1.5x throughput at <= 1 point loss: {bool(hit)} (r = {hit})")
-    pit = [(r, rows["pitome", r][2] >= rows["tome", r][2]) for r in args.rs if ("pitome", r) in rows]
+    if "pitome" not in methods or "zero_tprune" not in methods:
+        return
+    pit = [(r, rows["pitome", r][2] >= rows["tome", r][2]) for r in rs if ("pitome", r) in rows]
     print(f"PiToMe loses no more than ToMe at equal r (equal FLOPs up to its energy term): "
           f"{sum(ok for _, ok in pit)}/{len(pit)} values of r {pit}")
     zt = [(r, f"{100 * s:.0f}%", f"{d:+.1f}") for (m, r), (_, s, d) in rows.items() if m == "zero_tprune"]
@@ -168,10 +183,23 @@ def main() -> None:
     ap.add_argument("--text-steps", type=int, default=300)
     ap.add_argument("--listops-len", type=int, default=256)
     ap.add_argument("--skip", nargs="*", default=[], choices=["image", "text"])
+    ap.add_argument("--where", default="mid", choices=["mid", "between"], help="where the tokens are merged")
+    ap.add_argument("--depth", type=int, default=4, help="blocks of the image ViT (vit-tiny: 4)")
+    ap.add_argument("--width", type=int, default=64, help="width of the image ViT (vit-tiny: 64; heads = width / 16)")
+    ap.add_argument("--swin", action="store_true", help="add swin-tiny with windowed ToMe (needs --where mid)")
+    ap.add_argument("--swin-rs", type=int, nargs="+", default=[0, 1, 2, 4, 6], help="r per 4x4 window")
+    ap.add_argument("--clusters", type=int, nargs="*", default=[], help="Expediting-ViT cluster grid sides")
+    ap.add_argument("--cluster-at", type=int, default=1, help="blocks on the full grid before clustering")
     args = ap.parse_args()
+    if args.swin and args.where != "mid":
+        ap.error("--swin merges inside each window between attention and MLP: use --where mid")
     torch.manual_seed(0)
     if "image" not in args.skip:
-        table("vit-tiny on digits", *image_task(args), args)
+        table(f"ViT ({args.depth} blocks, width {args.width}) on digits", *image_task(args), args,
+              clusters=args.clusters)
+        if args.swin:
+            table("swin-tiny on digits (windowed ToMe, r per window)", *image_task(args, "swin-tiny"), args,
+                  methods=["tome"], rs=args.swin_rs)
     if "text" not in args.skip:
         table(f"SequenceClassifier on ListOps (up to {args.listops_len} tokens)", *text_task(args), args)
 

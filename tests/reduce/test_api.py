@@ -32,21 +32,23 @@ def test_mixers_without_a_score_bias_are_refused_unless_proportional_attention_i
 
 def test_grid_mixers_are_refused_and_pyramids_of_1d_mixers_unmerge_before_each_stage():
     with pytest.raises(CapabilityError, match="2-D grid"):
-        apply(create_model("swin-tiny"), "tome", 2)
+        apply(create_model("pvt-tiny"), "tome", 2)  # spatial-reduction attention: no windows to merge in
     m = create_model("pvt-tiny", mixer="softmax", mixer_options={}).eval()
     img = torch.rand(2, 3, 32, 32)
     y0 = m(img)
     red = apply(m, "tome", 0)
     assert torch.equal(m(img), y0)
-    red = apply(m, "tome", 8)
+    red = apply(m, "tome", 8, where="between")
     y = m(img)
     # three stages of 2 blocks on 16x16, 8x8, 4x4 grids: one point each, the full grid before each merge
     assert red.last.counts == [256, 248, 64, 56, 16, 8] and y.shape == y0.shape
     assert red.last.source.shape == (2, 16)
+    red = apply(m, "tome", 4)  # mid: two points per stage (4x4: 16 -> 12 -> 8)
+    assert m(img).shape == y0.shape and red.last.counts == [256, 252, 248, 64, 60, 56, 16, 12, 8]
     with pytest.raises(EfformerError, match="one value per reduction point: this model has 3"):
-        apply(m, "tome", [1, 2])
+        apply(m, "tome", [1, 2], where="between")
         m(img)
-    apply(m, "tome", [4, 0, 2])
+    apply(m, "tome", [4, 0, 2], where="between")
     m(img)
     assert red.last.counts != m.reducer.last.counts
 
@@ -57,12 +59,13 @@ def test_text_encoders_with_bias_and_rotary_positions_and_the_dual_encoder():
                       {"positional": "sinusoidal", "pooling": "mean"}):
         m = create_model("classifier-tiny", n_layers=3, mixer="softmax", **overrides).eval()
         y0 = m(ids)
-        red = apply(m, "tome", 5)
-        y = m(ids)
         n = 31 + (overrides["pooling"] == "cls")
-        assert red.last.counts == [n, n - 5, n - 10] and y.shape == y0.shape and not torch.equal(y, y0)
-        remove(m)
-        assert torch.equal(m(ids), y0)
+        for where, counts in (("between", [n, n - 5, n - 10]), ("mid", [n, n - 5, n - 10, n - 15])):
+            red = apply(m, "tome", 5, where=where)
+            y = m(ids)
+            assert red.last.counts == counts and y.shape == y0.shape and not torch.equal(y, y0)
+            remove(m)
+            assert torch.equal(m(ids), y0)
     d = create_model("dual-tiny", n_layers=3).eval()
     apply(d, "pitome", 3)
     assert d(ids, ids.flip(1)).shape == (2, 2)
@@ -71,7 +74,7 @@ def test_text_encoders_with_bias_and_rotary_positions_and_the_dual_encoder():
 def test_mean_pooling_of_the_unmerged_tokens_is_the_size_weighted_mean():
     m = create_model("classifier-tiny", n_layers=3, pooling="mean").eval()
     ids = torch.randint(0, 256, (2, 20))
-    red = apply(m, "tome", 6)
+    red = apply(m, "tome", 6, where="between")
     h = {}
     m.backbone.final_norm.register_forward_hook(lambda mod, inp, out: h.setdefault("full", out))
     m(ids)
@@ -94,10 +97,11 @@ def test_cpe_early_exit_and_non_encoders_are_refused():
 
 def test_only_blocks_before_a_reduction_point_record_their_keys_and_the_hook_clears_them():
     m = create_model("vit-tiny").eval()
-    apply(m, "tome", 4)
-    m(torch.rand(1, 3, 32, 32))
     mixers = [blk.mixer for blk in m.stages[0]]
-    assert [x.record_qk for x in mixers] == [True, True, True, False]
-    assert all(getattr(x, "last_qk", None) is None for x in mixers)
+    for where, recording in (("between", [True, True, True, False]), ("mid", [True] * 4)):
+        apply(m, "tome", 4, where=where)
+        m(torch.rand(1, 3, 32, 32))
+        assert [x.record_qk for x in mixers] == recording
+        assert all(getattr(x, "last_qk", None) is None for x in mixers)
     remove(m)
     assert not any(x.record_qk for x in mixers)

@@ -32,18 +32,40 @@ def tokens(x: torch.Tensor, size: torch.Tensor | None = None, mask: torch.Tensor
 
 
 # ---- schedules -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("preset,r,counts", [
-    ("vit-tiny", 8, [65, 57, 49, 41]),  # 8 x 8 patches + class token, 4 blocks: 3 reduction points
-    ("vit-tiny", 16, [65, 49, 33, 17]),
-    ("vit-tiny", 40, [65, 33, 17, 9]),  # capped at (t - 1) // 2 per point, as ToMe caps
-    ("deit-tiny", 8, [66, 58, 50, 42]),
-    ("deit-tiny", 40, [66, 34, 18, 10]),  # class and distillation tokens protected: (t - 2) // 2
+@pytest.mark.parametrize("preset,r,where,counts", [
+    ("vit-tiny", 8, "between", [65, 57, 49, 41]),  # 8 x 8 patches + class token, 4 blocks: 3 points between
+    ("vit-tiny", 16, "between", [65, 49, 33, 17]),
+    ("vit-tiny", 40, "between", [65, 33, 17, 9]),  # capped at (t - 1) // 2 per point, as ToMe caps
+    ("deit-tiny", 8, "between", [66, 58, 50, 42]),
+    ("deit-tiny", 40, "between", [66, 34, 18, 10]),  # class and distillation tokens protected: (t - 2) // 2
+    ("vit-tiny", 8, "mid", [65, 57, 49, 41, 33]),  # ToMe's placement: a point inside each of the 4 blocks
+    ("vit-tiny", 40, "mid", [65, 33, 17, 9, 5]),
+    ("deit-tiny", 8, "mid", [66, 58, 50, 42, 34]),
 ])
-def test_token_counts_follow_the_schedule(preset, r, counts):
+def test_token_counts_follow_the_schedule(preset, r, where, counts):
     m = create_model(preset).eval()
-    red = apply(m, "tome", r)
+    red = apply(m, "tome", r, where=where)
     m(torch.rand(2, 3, 32, 32))
-    assert red.last.counts == counts
+    assert red.last.counts == counts and red.points == len(counts) - 1
+
+
+def test_mid_placement_runs_each_ffn_on_the_tokens_merged_after_its_attention():
+    m = create_model("vit-tiny").eval()
+    seen = {"attn": [], "ffn": []}
+    for blk in m.stages[0]:
+        blk.mixer.register_forward_hook(lambda mod, inp, out: seen["attn"].append(inp[0].shape[1]))
+        blk.ffn.register_forward_hook(lambda mod, inp, out: seen["ffn"].append(inp[0].shape[1]))
+    apply(m, "tome", 8)  # default: where="mid", as ToMe
+    m(torch.rand(2, 3, 32, 32))
+    assert seen["attn"] == [65, 57, 49, 41] and seen["ffn"] == [57, 49, 41, 33]
+    seen["attn"].clear(), seen["ffn"].clear()
+    apply(m, "tome", 8, where="between")
+    m(torch.rand(2, 3, 32, 32))
+    assert seen["attn"] == seen["ffn"] == [65, 57, 49, 41]
+    remove(m)
+    assert all(blk.reduce_mid is None for blk in m.stages[0])
+    with pytest.raises(ReduceError, match="where"):
+        apply(m, "tome", 8, where="inside")
 
 
 def test_decreasing_keep_and_list_schedules():
@@ -80,7 +102,7 @@ def test_constant_schedule_gives_vit_b_token_counts():
 ])
 def test_schedules_that_cannot_run_are_refused(bad, field):
     m = create_model("vit-tiny").eval()
-    apply(m, "tome", bad)
+    apply(m, "tome", bad, where="between")
     with pytest.raises(ReduceError) as e:
         m(torch.rand(1, 3, 32, 32))
     assert e.value.field == field and any(fix in str(e.value) for fix in ("lower it", "raise keep", "give that many"))
@@ -150,12 +172,13 @@ def test_whole_model_with_exact_duplicates_is_unchanged_by_merging_them():
     pick = torch.randint(0, 4, (8, 8))
     img = kinds[pick].permute(2, 0, 3, 1, 4).reshape(1, 3, 32, 32)
     y0 = m(img)
-    red = apply(m, "tome", 4)
-    y = m(img)
-    assert red.last.counts == [65, 61, 57, 53]
-    torch.testing.assert_close(y, y0, rtol=1e-4, atol=1e-5)
-    apply(m, "tome", 4, prop_attn=False)
-    assert (m(img) - y0).abs().max() > 1e-4  # without the bias the merged copies count once
+    for where, counts in (("mid", [65, 61, 57, 53, 49]), ("between", [65, 61, 57, 53])):
+        red = apply(m, "tome", 4, where=where)
+        y = m(img)
+        assert red.last.counts == counts
+        torch.testing.assert_close(y, y0, rtol=1e-4, atol=1e-5)
+        apply(m, "tome", 4, prop_attn=False, where=where)
+        assert (m(img) - y0).abs().max() > 1e-4  # without the bias the merged copies count once
 
 
 # ---- unmerge -----------------------------------------------------------------------------------------
@@ -236,3 +259,19 @@ def test_r_zero_is_the_unmodified_model_exactly(method, preset):
     assert not torch.equal(run(), y0)
     remove(m)
     assert torch.equal(run(), y0)
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "sandwich", "peri", "res_post", "deepnorm"])
+def test_the_mid_hook_sits_between_the_two_residuals_of_every_norm_placement(placement):
+    m = create_model("classifier-tiny", n_layers=2, pooling="cls", norm_placement=placement).eval()
+    ids = torch.randint(0, 256, (2, 21))
+    y0 = m(ids)
+    apply(m, "tome", 0)
+    assert torch.equal(m(ids), y0)
+    seen = []
+    m.backbone.blocks[0].ffn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
+    red = apply(m, "tome", 5)
+    y = m(ids)
+    assert seen == [22 - 5] and red.last.counts == [22, 17, 12] and y.shape == y0.shape
+    remove(m)
+    assert torch.equal(m(ids), y0)

@@ -30,6 +30,10 @@ def deepnorm_constants(n_layers: int) -> tuple[float, float]:
 class Block(nn.Module):
     """One layer: token mixer and feed-forward, each a residual branch with its norms."""
 
+    # efformer.reduce's merge between the mixer and the FFN residuals (ToMe's placement): (x, mask) ->
+    # (fewer tokens, their mask); None (the default) costs one attribute test per block
+    reduce_mid = None
+
     def __init__(self, cfg: ModelConfig, mixer_name: str, mixer_options: dict, layer: int | None = None):
         super().__init__()
         self.placement = cfg.norm_placement
@@ -71,22 +75,28 @@ class Block(nn.Module):
         def scaled(h, i):
             return h * getattr(self, f"scale{i}").to(h.dtype) if hasattr(self, "scale1") else h
 
+        def mid(h):  # the FFN (and its mask) then runs on the reduced tokens
+            nonlocal mask
+            if self.reduce_mid is not None:
+                h, mask = self.reduce_mid(h, mask)
+            return h
+
         p = self.placement
         if p == "pre":
             y, state = mix(self.norm1(x))
-            x = x + self.drop(scaled(y, 1))
+            x = mid(x + self.drop(scaled(y, 1)))
             return x + self.drop(scaled(ffn(self.norm2(x)), 2)), state
         if p == "res_post":  # Swin V2: the branch output is normalised before the residual sum
             y, state = mix(x)
-            x = x + self.drop(scaled(self.norm1(y), 1))
+            x = mid(x + self.drop(scaled(self.norm1(y), 1)))
             return x + self.drop(scaled(self.norm2(ffn(x)), 2)), state
         if p in ("peri", "sandwich"):
             y, state = mix(self.norm1(x))
-            x = x + self.drop(self.out_norm1(y))
+            x = mid(x + self.drop(self.out_norm1(y)))
             return x + self.drop(self.out_norm2(ffn(self.norm2(x)))), state
         # post-LN and DeepNorm: normalise after the residual sum (DeepNorm up-weights the residual)
         y, state = mix(x)
-        x = self.norm1(self.alpha * x + self.drop(y))
+        x = mid(self.norm1(self.alpha * x + self.drop(y)))
         return self.norm2(self.alpha * x + self.drop(ffn(x))), state
 
 

@@ -1,6 +1,8 @@
-"""Token reduction between the blocks of any encoder: ToMe, PiToMe, Zero-TPrune, MCTF, Token Transforming."""
+"""Token reduction in any encoder: ToMe, PiToMe, Zero-TPrune, MCTF, Token Transforming; windowed merging in
+Swin stages; Expediting-ViT's token clustering and reconstruction."""
 
-from efformer.reduce.api import apply, remove
+from efformer.reduce.api import apply, cluster_apply, remove
+from efformer.reduce.cluster import ClusterOptions, cluster_tokens, reconstruct, relation
 from efformer.reduce.hook import (
     Assignment,
     LogSizeBias,
@@ -15,7 +17,8 @@ from efformer.reduce.hook import (
 from efformer.reduce.methods import MCTF, METHODS, Method, PiToMe, TokenTransforming, ToMe, ZeroTPrune, get_method
 
 __all__ = [
-    "MCTF", "METHODS", "Assignment", "LogSizeBias", "Method", "PiToMe", "ReduceError", "Reducer", "Schedule",
-    "ToMe", "TokenTransforming", "Tokens", "ZeroTPrune", "apply", "combine", "get_method", "remove",
-    "transform_tokens", "unmerge",
+    "MCTF", "METHODS", "Assignment", "ClusterOptions", "LogSizeBias", "Method", "PiToMe", "ReduceError", "Reducer",
+    "Schedule",
+    "ToMe", "TokenTransforming", "Tokens", "ZeroTPrune", "apply", "cluster_apply", "cluster_tokens", "combine",
+    "get_method", "reconstruct", "relation", "remove", "transform_tokens", "unmerge",
 ]

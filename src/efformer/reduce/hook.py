@@ -8,14 +8,17 @@ prune live in :mod:`efformer.reduce.methods`.
 
 The model calls the hook (``Backbone.reducer`` / ``ImageClassifier.reducer``, None by default):
 ``begin`` before a stack of blocks, ``between`` after each block but the last, ``end`` after the
-stack (which unmerges, so pooling, masks and patch merging see the full grid). ToMe itself merges
-inside a block, between attention and MLP; here the MLP of block i runs before the merge that
-follows it, which costs one MLP per block at the larger count but needs no change to any block.
+stack (which unmerges, so pooling, masks and patch merging see the full grid). Where the tokens are
+reduced is ``where``: ``"mid"`` (ToMe's placement, the default) merges inside every block, between
+the mixer's residual and the FFN's (``Block.reduce_mid``), so each FFN already runs on the reduced
+tokens; ``"between"`` merges after every block but the last of a stack. A stack may also be reduced
+``per_block``: every block's merge is undone after its FFN (windowed merging in Swin stages, whose
+next block's windows differ), see :mod:`efformer.reduce.windowed`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pydantic
@@ -59,7 +62,8 @@ class Schedule(pydantic.BaseModel):
         if isinstance(self.r, list):
             if len(self.r) != total:
                 raise ReduceError("schedule.r", self.r, f"a per-point list needs one value per reduction point: "
-                                  f"this model has {total} (every block but the last of each stack); "
+                                  f"this model has {total} (every block with where='mid', every block but the last "
+                                  "of each stack with where='between'); "
                                   "give that many or a single int")
             rs = self.r[offset : offset + points]
             _check_caps(rs, t, protected, offset)
@@ -75,6 +79,21 @@ class Schedule(pydantic.BaseModel):
             capped.append(r)
             t -= r
         return capped
+
+
+    def per_block(self, points: int, offset: int, total: int) -> list[int]:
+        """r for each of ``points`` reduction points that each start from the full grid (per-block stacks):
+        an int r at every point, or the list's values; a fraction to keep or a slope has no meaning there."""
+        if self.keep is not None or self.inflect:
+            raise ReduceError("schedule", self.model_dump(exclude_defaults=True), "windowed merging undoes each "
+                              "block's merge after its FFN, so a cumulative keep-fraction or slope has no meaning; "
+                              "give r per window as an int or a per-point list")
+        if isinstance(self.r, list):
+            if len(self.r) != total:
+                raise ReduceError("schedule.r", self.r, f"a per-point list needs one value per reduction point: "
+                                  f"this model has {total}; give that many or a single int")
+            return self.r[offset : offset + points]
+        return [self.r] * points
 
 
 def cap(t: int, protected: int) -> int:
@@ -263,26 +282,36 @@ def _gather_rotation(rot: Rotation | None, keep: Tensor) -> Rotation | None:
 
 @dataclass
 class Trace:
-    """What the last forward did: token count entering each block, and the last stack's sizes and sources."""
+    """What the last forward did: token counts (entering each stack, then after each reduction point), the
+    last stack's sizes and sources, and the source map of every reduction point."""
 
     counts: list[int]
     size: Tensor | None = None
     source: Tensor | None = None
+    sources: list[Tensor] = field(default_factory=list)  # (b, n) after each reduction point, this forward
 
 
 class Reducer:
-    """The hook a model calls between blocks; built by :func:`efformer.reduce.apply`."""
+    """The hook a model calls around its blocks (and, with ``where="mid"``, inside them); built by
+    :func:`efformer.reduce.apply`."""
 
-    def __init__(self, method, schedule: Schedule, protected: int, stacks: list[int], prop_attn: bool = True):
+    def __init__(self, method, schedule: Schedule, protected: int, stacks: list[int], prop_attn: bool = True,
+                 where: str = "between", per_block: list[bool] | None = None):
+        # "mid" needs each block's reduce_mid set to :meth:`mid` (apply does it); "between" needs nothing
         self.method, self.schedule, self.protected, self.prop_attn = method, schedule, protected, prop_attn
-        self.stacks = stacks  # blocks per stack (stage)
+        self.stacks, self.where = stacks, where  # blocks per stack (stage); where the merges happen
+        self.per_block = per_block or [False] * len(stacks)  # stacks whose merges are undone after each block
         self.last = Trace([])
-        self._stack = -1
+        self._stack, self._active = -1, False
+
+    def points_in(self, blocks: int) -> int:
+        """Reduction points of a stack of ``blocks``: every block (mid), or every block but the last (between)."""
+        return blocks if self.where == "mid" else max(blocks - 1, 0)
 
     @property
     def points(self) -> int:
-        """Reduction points of the model: every block but the last of each stack."""
-        return sum(max(n - 1, 0) for n in self.stacks)
+        """Reduction points of the model (see :meth:`points_in`)."""
+        return sum(self.points_in(n) for n in self.stacks)
 
     def begin(self, h: Tensor, mask: Tensor | None, ctx: PositionalContext, *, first: bool = True):
         """Start a stack of blocks: (h (b, n, d), mask, context) unchanged, tracking set up."""
@@ -292,20 +321,43 @@ class Reducer:
         self._stack = 0 if first else self._stack + 1
         if first:
             self.last = Trace([])
-        b, n = h.shape[:2]
-        offset = sum(max(s - 1, 0) for s in self.stacks[: self._stack])
-        points = max(self.stacks[self._stack] - 1, 0)
-        self._r = self.schedule.per_point(n, points, self.protected, offset, self.points)
-        src = torch.arange(n, device=h.device).expand(b, n)
-        size = torch.ones(b, n, device=h.device) if mask is None else mask.float()
-        self._tok = Tokens(h, size, mask, src, ctx.positions)
-        self._inner_bias = ctx.bias
-        self._merged = False
+        n = h.shape[1]
+        offset = sum(self.points_in(s) for s in self.stacks[: self._stack])
+        points = self.points_in(self.stacks[self._stack])
+        if self.per_block[self._stack]:  # every point starts from the full grid: r per window, not cumulative
+            self._r = self.schedule.per_block(points, offset, self.points)
+        else:
+            self._r = self.schedule.per_point(n, points, self.protected, offset, self.points)
+        self._start(h, mask, ctx)
+        self._full_ctx, self._full_mask, self._active = ctx, mask, True
         self.last.counts.append(n)
         return h, mask, ctx
 
+    def _start(self, h: Tensor, mask: Tensor | None, ctx: PositionalContext) -> None:
+        b, n = h.shape[:2]
+        src = torch.arange(n, device=h.device).expand(b, n)
+        size = torch.ones(b, n, device=h.device) if mask is None else mask.float()
+        self._tok = Tokens(h, size, mask, src, ctx.positions)
+        self._inner_bias, self._ctx, self._mask, self._merged = ctx.bias, ctx, mask, False
+
+    def mid(self, blocks, j: int, h: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Inside block j, after its mixer's residual: reduce (h, mask) for the FFN and the blocks after it."""
+        if not self._active:  # the block ran outside a reduced forward (e.g. a cached call): untouched
+            return h, mask
+        h, self._mask, self._ctx = self._reduce(blocks, j, h, mask, self._ctx)
+        return h, self._mask
+
     def between(self, blocks, j: int, h: Tensor, mask: Tensor | None, ctx: PositionalContext):
-        """After block j of the stack: reduce by the schedule's r; returns (h, mask, context) for block j + 1."""
+        """After block j of the stack: reduce by the schedule's r (where="between"), or hand on what block j's
+        merge made (where="mid"; a per-block stack unmerges here); returns (h, mask, context) for block j + 1."""
+        if self.where == "between":
+            return self._reduce(blocks, j, h, mask, ctx)
+        if self.per_block[self._stack] and self._merged:
+            h = unmerge(h, self._tok.source)
+            self._start(h, self._full_mask, self._full_ctx)
+        return h, self._mask, self._ctx
+
+    def _reduce(self, blocks, j: int, h: Tensor, mask: Tensor | None, ctx: PositionalContext):
         mixer = blocks[j].mixer
         qk, mixer.last_qk = getattr(mixer, "last_qk", None), None
         r = self._r[j]
@@ -319,6 +371,9 @@ class Reducer:
         tok, keep = combine(tok, self.method.assign(view, r))
         self._tok, self._merged = tok, True
         self.last.counts.append(tok.x.shape[1])
+        self.last.sources.append(tok.source)
+        if self.per_block[self._stack]:  # the FFN is pointwise and the next block gets the full grid back
+            return tok.x, tok.mask, ctx
         log_size = tok.size.clamp(min=1e-30).log().to(h.dtype)  # padding (size 0) gets -inf: never attended
         bias = LogSizeBias(self._inner_bias, log_size) if self.prop_attn else self._inner_bias
         new = PositionalContext(tok.positions, rotation=_gather_rotation(ctx.rotation, keep), bias=bias)
@@ -327,7 +382,7 @@ class Reducer:
     def end(self, h: Tensor) -> Tensor:
         """After the stack: the full sequence (b, n, d) again (each input token gets its merged token)."""
         tok = self._tok
-        self.last.size, self.last.source = tok.size, tok.source
+        self.last.size, self.last.source, self._active = tok.size, tok.source, False
         return h if not self._merged else unmerge(h, tok.source)
 
 
