@@ -86,6 +86,15 @@ def test_mean_pooling_of_the_unmerged_tokens_is_the_size_weighted_mean():
             assert rows.shape[0] == int(size[b, slot]) and torch.allclose(rows, rows[:1].expand_as(rows))
 
 
+def test_xcit_local_patch_interaction_is_refused_before_any_change():
+    m = create_model("xcit-tiny").eval()
+    img = torch.rand(1, 3, 32, 32)
+    y0 = m(img)
+    with pytest.raises(CapabilityError, match="local patch interaction"):
+        apply(m, "tome", 2)
+    assert torch.equal(m(img), y0)  # nothing was installed
+
+
 def test_cpe_early_exit_and_non_encoders_are_refused():
     with pytest.raises(CapabilityError, match="cpe"):
         apply(create_model("vit-tiny", positional="cpe"), "tome", 2)

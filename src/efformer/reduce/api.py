@@ -78,6 +78,10 @@ def _check_blocks(stacks: list, method: Method, prop_attn: bool, where: str, win
             if isinstance(blk, MoDBlock):
                 raise CapabilityError("Mixture-of-Depths blocks rebuild positions for the tokens they route, "
                                       "which merged tokens do not have; token reduction skips such models")
+            if getattr(blk, "lpi", None) is not None:
+                raise CapabilityError(f"stack {s} block {j}: XCiT's local patch interaction convolves the patch "
+                                      "grid, which merged tokens no longer form; token reduction skips stages "
+                                      "with lpi=True")
             mixer: Mixer = blk.mixer
             where_ = f"stack {s} block {j}: mixer {mixer.name!r}"
             if where == "mid" and getattr(blk.ffn, "takes_positions", False):
