@@ -85,6 +85,8 @@ def apply(model: nn.Module, method: str | Method = "tome", schedule: Any = 8, *,
         for blk in blocks[:-1]:  # a stack's last block has no reduction point after it
             if hasattr(blk.mixer, "qkv_heads"):
                 blk.mixer.record_qk = True  # the metric (keys) and attention map of this block
+    if hasattr(m, "attach"):  # trainable methods and plug-ins (reduce.learned, reduce.cache) add their modules
+        m.attach(model, stacks, reducer)
     target.reducer = reducer
     return reducer
 
@@ -96,4 +98,5 @@ def remove(model: nn.Module) -> None:
         for blk in blocks:
             blk.mixer.record_qk = False
             blk.mixer.last_qk = None
+    getattr(getattr(target.reducer, "method", None), "detach", lambda _model: None)(model)
     target.reducer = None
