@@ -124,7 +124,7 @@ def test_ia_red2_reinforce_learns_to_keep_the_token_that_decides_and_drop_the_re
     pol = m.reduce_learned[0]
     opt = torch.optim.Adam(pol.parameters(), lr=0.05)
     x = torch.randn(1, 9, 32).expand(64, -1, -1).contiguous()  # the same tokens in every row
-    for _ in range(60):
+    for _ in range(40):
         meth.clear()
         view = _view(x, list(m.stages[0]))
         a = meth.assign(view, 1)
@@ -167,7 +167,8 @@ def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_ltm_trains_through_the_trainer_the_loss_falls_and_a_frozen_backbone_stays(images, tmp_path):
+@pytest.mark.slow
+def test_ltm_trains_through_the_trainer_and_the_loss_falls(images, tmp_path):
     torch.manual_seed(0)
     m = small_vit(n_classes=4)
     apply(m, "ltm", 4)
@@ -175,6 +176,9 @@ def test_ltm_trains_through_the_trainer_the_loss_falls_and_a_frozen_backbone_sta
     tr.fit()
     losses = [h["loss"] for h in tr.history]
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+
+
+def test_ltm_with_a_frozen_backbone_trains_only_its_mask_modules(images, tmp_path):
     torch.manual_seed(0)
     m = small_vit(n_classes=4)
     apply(m, "ltm", 4, freeze_backbone=True)
