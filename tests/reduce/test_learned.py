@@ -228,3 +228,23 @@ def test_refusals_name_the_field():
         m(torch.rand(1, 1, 16, 16))
     with pytest.raises(EfformerError, match="loss_fn"):
         train_loss(m, {"input_ids": torch.ones(1, 4, dtype=torch.long), "mask": torch.ones(1, 4, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("method", [*LEARNED, "clca"])
+def test_applying_a_trained_instance_again_keeps_its_modules_and_a_new_one_starts_fresh(method):
+    from efformer.reduce import get_method
+
+    torch.manual_seed(0)
+    m = small_vit(n_classes=4).eval()
+    meth = get_method(method)
+    apply(m, meth, 4)
+    name = "reduce_cache" if method == "clca" else "reduce_learned"
+    with torch.no_grad():
+        for p in getattr(m, name).parameters():
+            p.add_(0.5)
+    trained = {k: v.clone() for k, v in getattr(m, name).state_dict().items()}
+    remove(m)
+    apply(m, meth, 4)
+    assert all(torch.equal(v, trained[k]) for k, v in getattr(m, name).state_dict().items())
+    apply(m, method, 4)
+    assert not all(torch.equal(v, trained[k]) for k, v in getattr(m, name).state_dict().items())

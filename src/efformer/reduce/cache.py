@@ -88,8 +88,9 @@ class CLCA(Method):
                                   f"{sorted(widths)}; use it on single-width encoders (vit, deit, text)")
         if hasattr(self.base, "attach"):
             self.base.attach(model, stacks, reducer)
-        self._point = {id(blk): i for i, blk in enumerate(points)}
-        self.agg = CrossLayerAggregation(widths.pop(), max(len(points), 1)).to(next(model.parameters()).device)
+        if self.agg is None or list(self._point) != [id(blk) for blk in points]:  # (kept on re-applying)
+            self._point = {id(blk): i for i, blk in enumerate(points)}
+            self.agg = CrossLayerAggregation(widths.pop(), max(len(points), 1)).to(next(model.parameters()).device)
         self.agg.train(model.training)
         model.reduce_cache = self.agg
         agg = self.agg

@@ -51,11 +51,15 @@ class TrainableMethod(Method):
         raise NotImplementedError
 
     def attach(self, model: nn.Module, stacks: list, reducer: Any) -> None:
-        """Build one module per reduction point, register them as ``model.reduce_learned``, freeze the rest if asked."""
+        """Build one module per reduction point (kept when this instance is applied to the same blocks again),
+        register them as ``model.reduce_learned``, freeze the rest if asked."""
         points = [blk for blocks in stacks for blk in blocks[:-1]]
-        self._point = {id(blk): i for i, blk in enumerate(points)}
         device = next(model.parameters()).device
-        self.net = nn.ModuleList(self.build(block_width(blk)) for blk in points).to(device).train(model.training)
+        same = self.net is not None and list(self._point) == [id(blk) for blk in points]
+        if not same:  # applying this (trained) instance again to the same blocks keeps its modules
+            self._point = {id(blk): i for i, blk in enumerate(points)}
+            self.net = nn.ModuleList(self.build(block_width(blk)) for blk in points).to(device)
+        self.net.train(model.training)
         self._frozen: list[tuple[nn.Parameter, bool]] = []
         if self.opts.freeze_backbone:
             self._frozen = [(p, p.requires_grad) for p in model.parameters()]
