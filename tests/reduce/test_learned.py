@@ -248,3 +248,25 @@ def test_applying_a_trained_instance_again_keeps_its_modules_and_a_new_one_start
     assert all(torch.equal(v, trained[k]) for k, v in getattr(m, name).state_dict().items())
     apply(m, method, 4)
     assert not all(torch.equal(v, trained[k]) for k, v in getattr(m, name).state_dict().items())
+
+
+@pytest.mark.parametrize("method,options", [("ltm", {}), ("ia_red2", {"heads": 2}), ("clca", {"base": "ltm"}),
+                                            ("clca", {})])
+def test_a_saved_model_loads_with_its_trained_reduction(method, options, tmp_path):
+    import efformer
+
+    torch.manual_seed(0)
+    m = small_vit(n_classes=4)
+    apply(m, method, {"r": 4, "inflect": -1}, **options)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    m.eval()
+    x = torch.rand(2, 1, 16, 16)
+    y = m(x)
+    efformer.save(m, tmp_path / "m")
+    again = efformer.load(tmp_path / "m").eval()
+    assert torch.equal(again(x), y) and again.reducer.last.counts == m.reducer.last.counts
+    remove(again)
+    efformer.save(again, tmp_path / "plain")
+    assert "reduce" not in (tmp_path / "plain" / "config.json").read_text()

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from efformer.errors import CapabilityError, UnknownNameError
 from efformer.reduce.hook import Assignment, ReduceError, TokenView
+from efformer.reduce.learned import mark_for_save, unmark
 from efformer.reduce.methods import METHODS, Method, get_method
 
 
@@ -93,6 +94,7 @@ class CLCA(Method):
             self.agg = CrossLayerAggregation(widths.pop(), max(len(points), 1)).to(next(model.parameters()).device)
         self.agg.train(model.training)
         model.reduce_cache = self.agg
+        mark_for_save(model, self, reducer)
         agg = self.agg
 
         def record(i: int):
@@ -114,6 +116,7 @@ class CLCA(Method):
         self._hooks = []
         if "reduce_cache" in model._modules:
             del model._modules["reduce_cache"]
+        unmark(model)
         if hasattr(self.base, "detach"):
             self.base.detach(model)
 

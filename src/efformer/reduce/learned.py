@@ -21,6 +21,7 @@ not settle are written next to the code.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -28,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from efformer.errors import CheckpointError, EfformerError
+from efformer.models.io import CONFIG_SECTIONS
+from efformer.reduce.api import apply
 from efformer.reduce.hook import Assignment, ReduceError, TokenView
 from efformer.reduce.methods import METHODS, Method, identity_dst, normalized, prune
 
@@ -35,6 +39,30 @@ from efformer.reduce.methods import METHODS, Method, identity_dst, normalized, p
 def block_width(block: nn.Module) -> int:
     """The width d of the tokens a block outputs (its mixer's d_model)."""
     return int(block.mixer.d_model)
+
+
+def mark_for_save(model: nn.Module, method: Method, reducer: Any) -> None:
+    """Set ``model.reduce``, the config.json section with which ``efformer.load`` re-applies this reduction
+    before it reads the weights (the method's modules are among them)."""
+    model.reduce = {"method": method.name, "schedule": reducer.schedule.model_dump(), "prop_attn": reducer.prop_attn,
+                    "options": method.opts.model_dump()}
+
+
+def unmark(model: nn.Module) -> None:
+    """Drop the ``reduce`` section: a model without trainable reduction saves as a plain model."""
+    model.__dict__.pop("reduce", None)
+
+
+def apply_reduce_section(model: nn.Module, section: object, path: Path) -> None:
+    """Re-apply the reduction a saved folder's ``reduce`` section describes (see :func:`mark_for_save`)."""
+    try:
+        apply(model, section["method"], section["schedule"], prop_attn=section["prop_attn"], **section["options"])
+    except (KeyError, TypeError, EfformerError) as e:
+        raise CheckpointError(f"{path}: its 'reduce' section {section!r} cannot be applied ({e}); re-save the "
+                              "model with efformer.save after efformer.reduce.apply") from None
+
+
+CONFIG_SECTIONS["reduce"] = apply_reduce_section
 
 
 class TrainableMethod(Method):
@@ -66,12 +94,14 @@ class TrainableMethod(Method):
             for p, _ in self._frozen:
                 p.requires_grad_(False)
         model.reduce_learned = self.net
+        mark_for_save(model, self, reducer)
         self.clear()
 
     def detach(self, model: nn.Module) -> None:
         """Undo :meth:`attach`: the modules leave the model, frozen parameters get their requires_grad back."""
         if "reduce_learned" in model._modules:
             del model._modules["reduce_learned"]
+        unmark(model)
         for p, flag in getattr(self, "_frozen", []):
             p.requires_grad_(flag)
         self._frozen = []
