@@ -7,7 +7,9 @@ arena's quick preset (``--listops-len`` tokens at most, 4 blocks), then for ever
 ``--batch`` inputs (median of ``--repeat``; the speed-up is the median ratio of plain and reduced runs
 timed back to back), forward FLOPs per input (``torch.utils.flop_counter``: the
 blocks plus the methods' own matmuls) and test accuracy. One run on a CPU that others share: compare
-ratios within one table, not across runs.
+ratios within one table, not across runs. The trainable methods (``--methods ltm ia_red2 clca``) first
+train their own modules for ``--tune-steps`` steps with the backbone frozen (a short pass, not a
+fine-tuning of the model).
 
 ``--where`` picks the placement (``mid``: ToMe's, inside each block between attention and MLP;
 ``between``: after each block). ``--depth`` / ``--width`` make the ViT deeper or wider (ToMe's
@@ -40,6 +42,8 @@ from efformer.data.images import digits
 from efformer.train.data import collate
 
 METHODS = ["tome", "pitome", "zero_tprune", "mctf", "token_transforming"]
+# trainable ones (reduce.learned, reduce.cache): their own modules get --tune-steps steps first, backbone frozen
+TRAINABLE = ["ltm", "ia_red2", "clca"]
 
 
 def train(model, batches, steps: int, lr: float) -> float:
@@ -84,7 +88,7 @@ def image_task(args, preset: str = "vit-tiny"):
     model, how = cached(Path(args.cache) / name, lambda: efformer.create_model(preset, in_channels=1, **overrides),
                         lambda m: train(m, batches, args.image_steps, 3e-3))
     x_speed = test_set.images[torch.arange(args.batch) % len(test_set)]
-    return model, how, [((test_set.images,), {}, test_set.labels)], ((x_speed,), {})
+    return model, how, [((test_set.images,), {}, test_set.labels)], ((x_speed,), {}), batches
 
 
 def text_task(args):
@@ -109,7 +113,7 @@ def text_task(args):
     evals = [batch_of([test_set[i] for i in range(s, min(s + 100, len(test_set)))])
              for s in range(0, len(test_set), 100)]
     speed_ids, speed_kw, _ = batch_of([test_set[i % len(test_set)] for i in range(args.batch)])
-    return model, how, evals, (speed_ids, speed_kw)
+    return model, how, evals, (speed_ids, speed_kw), batches
 
 
 @torch.no_grad()
@@ -139,7 +143,25 @@ def measure(model, evals, speed_in, batch: int, repeat: int, paired=None) -> tup
     return batch / ms * 1e3, statistics.median(ratios or [1.0]), fc.get_total_flops() / batch / 1e9, correct / total
 
 
-def table(name, model, how, evals, speed_in, args, methods=None, rs=None, clusters=()) -> None:
+def tune(model, method, batches, steps: int) -> None:
+    """``steps`` AdamW steps on the reduction's own modules only (the backbone stays as trained), with the
+    method's loss terms (LTM's KL, IA-RED²'s REINFORCE) added to the cross-entropy."""
+    own = [p for n, p in model.named_parameters() if n.startswith(("reduce_learned", "reduce_cache"))]
+    opt = torch.optim.AdamW(own, 3e-3)
+    model.train()
+    for _ in range(steps):
+        inputs, labels = batches()
+        method.clear()
+        logits = model(inputs[0], **inputs[1])
+        loss = (F.cross_entropy(logits, labels, reduction="none") + method.extra_loss(logits, labels)).mean()
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def table(name, model, how, evals, speed_in, batches, args, methods=None, rs=None, clusters=()) -> None:
     methods, rs = methods or args.methods, rs or args.rs
     print(f"\n### {name} ({how}); batch {args.batch}, median of {args.repeat}, where={args.where}")
     print("| method | r | tokens per block | inputs/s | speed-up | GFLOPs | FLOPs saved | accuracy | change (pts) |")
@@ -149,10 +171,14 @@ def table(name, model, how, evals, speed_in, args, methods=None, rs=None, cluste
     print(f"| none | 0 | - | {base_ips:.0f} | 1.00x | {base_fl:.4f} | 0% | {base_acc:.3f} | 0.0 |")
     rows = {}
     runs = [(m, r, lambda m=m, r=r: reduce.apply(model, m, r, where=args.where)) for m in methods for r in rs if r]
-    at = min(args.cluster_at, len(model.stages[0]) - 1)
+    at = min(args.cluster_at, len(model.stages[0]) - 1) if hasattr(model, "stages") else 0
     runs += [("cluster", f"{c}x{c}", lambda c=c: reduce.cluster_apply(model, (c, c), at=at)) for c in clusters]
     for method, r, attach in runs:
         red = attach()
+        if method in TRAINABLE:  # trained once; apply keeps a trained instance's weights on re-attach
+            m = red.method
+            tune(model, m, batches, args.tune_steps)
+            attach = lambda m=m, r=r: reduce.apply(model, m, r, where=args.where)  # noqa: E731
         paired = (attach, lambda: reduce.remove(model))
         ips, speedup, fl, acc = measure(model, evals, speed_in, args.batch, args.repeat, paired)
         rows[method, r] = (speedup, 1 - fl / base_fl, (acc - base_acc) * 100)
@@ -176,7 +202,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default="runs/reduce_bench", help="folder for the trained models and ListOps data")
     ap.add_argument("--rs", type=int, nargs="+", default=[0, 2, 4, 8, 12, 16, 24])
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + TRAINABLE)
+    ap.add_argument("--tune-steps", type=int, default=100, help="steps of the trainable methods' own modules")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--image-steps", type=int, default=400)

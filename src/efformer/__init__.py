@@ -4,6 +4,7 @@
 import efformer.compress  # noqa: F401  (efformer.load reads quantized folders)
 import efformer.mixers  # noqa: F401
 import efformer.nn  # noqa: F401
+import efformer.reduce  # noqa: F401  (efformer.load reads folders saved with trainable token reduction)
 from efformer.errors import (
     CapabilityError,
     CheckpointError,

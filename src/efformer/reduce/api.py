@@ -105,20 +105,22 @@ def _check_blocks(stacks: list, method: Method, prop_attn: bool, where: str, win
 
 
 def apply(model: nn.Module, method: str | Method = "tome", schedule: Any = 8, *, prop_attn: bool = True,
-          where: Where = "mid", **options: Any) -> Reducer:
+          where: Where | None = None, **options: Any) -> Reducer:
     """Attach token reduction to ``model`` (in place) and return the hook; ``remove(model)`` undoes it.
 
     ``schedule``: int r per reduction point, a per-point list, or ``{'r': r, 'inflect': -1}`` /
     ``{'keep': 0.5}`` (see :class:`~efformer.reduce.hook.Schedule`); ``options`` go to the method.
     ``where``: ``"mid"`` merges inside every block between the mixer and the FFN (ToMe's placement: one
-    point per block), ``"between"`` after every block but the last of each stack. Swin stages merge r
+    point per block), ``"between"`` after every block but the last of each stack; None takes the method's
+    ``default_where`` (mid, except the trainable LTM / IA-RED², whose modules sit between blocks). Swin stages merge r
     tokens inside each window of every block (``"mid"`` only; see :mod:`efformer.reduce.windowed`).
     """
+    target, stacks, protected = _target(model)
+    m = get_method(method, **options)
+    where = m.default_where if where is None else where
     if where not in ("mid", "between"):
         raise ReduceError("where", where, "'mid' (between each block's mixer and FFN, as ToMe) or 'between' "
                           "(after every block but the last of each stack)")
-    target, stacks, protected = _target(model)
-    m = get_method(method, **options)
     sched = as_schedule(schedule)
     windowed = _windowed(stacks, m, where)
     _check_blocks(stacks, m, prop_attn, where, windowed)
@@ -132,6 +134,8 @@ def apply(model: nn.Module, method: str | Method = "tome", schedule: Any = 8, *,
                 blk.mixer.record_qk = True  # the metric (keys) and attention map of this block
             if where == "mid":
                 blk.reduce_mid = functools.partial(reducer.mid, blocks, j)
+    if hasattr(m, "attach"):  # trainable methods and plug-ins (reduce.learned, reduce.cache) add their modules
+        m.attach(model, stacks, reducer)
     target.reducer = reducer
     return reducer
 
@@ -174,4 +178,5 @@ def remove(model: nn.Module) -> None:
             blk.mixer.record_qk = False
             blk.mixer.last_qk = None
             blk.reduce_mid = None
+    getattr(getattr(target.reducer, "method", None), "detach", lambda _model: None)(model)
     target.reducer = None

@@ -81,6 +81,8 @@ class Method:
 
     name: ClassVar[str] = "?"
     needs_attention: ClassVar[bool] = False
+    # apply's placement when the caller names none: ToMe's (between each block's mixer and FFN)
+    default_where: ClassVar[str] = "mid"
 
     class Options(pydantic.BaseModel):
         model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
