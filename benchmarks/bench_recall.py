@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from efformer.data.recall import mqar
+from efformer.data.recall import first_asked, mqar, mqar_no_recall_baseline
 from efformer.models import create_model
 from efformer.registry import MIXERS as MIXER_REGISTRY
 from efformer.train.data import collate, compute_loss
@@ -112,14 +112,8 @@ def train_cell(mixer: str, seq_len: int, pairs: int, args) -> dict:
             hit = (pred == batch["targets"]) & asked
             correct += int(hit.sum())
             count += int(asked.sum())
-            first += int((hit & (asked.cumsum(1) == 1)).sum())  # each example's first query
+            first += int((hit & first_asked(batch["targets"])).sum())  # each example's first query
     return {"accuracy": correct / count, "first": first / len(test), "loss": loss, "seconds": seconds}
-
-
-def no_recall_baseline(pairs: int) -> float:
-    """Accuracy of guessing among the in-context values not yet answered (each query's value follows it in the
-    input): the j-th of D queries picks 1 of D - j + 1, so H_D / D on average; a model must beat it to recall."""
-    return sum(1 / j for j in range(1, pairs + 1)) / pairs
 
 
 def main() -> None:
@@ -146,7 +140,7 @@ def main() -> None:
           f"accuracy % (first-query accuracy %), positional {args.positional}")
     header = "| mixer | " + " | ".join(f"L={L} D={d}" for L, d in cols) + " | seconds |"
     floor = "| no-recall baseline (H_D/D; first query 1/D) | " + " | ".join(
-        f"{100 * no_recall_baseline(d):.1f} ({100 / d:.1f})" for _, d in cols) + " | |"
+        f"{100 * mqar_no_recall_baseline(d)[0]:.1f} ({100 / d:.1f})" for _, d in cols) + " | |"
     rows = []
     for mixer in args.mixers:
         cells, secs = [], 0.0
