@@ -13,17 +13,23 @@ The index (our choice; the paper uses Prioritized DCI, whose data-dependent trav
 vectorise): L random projections of the lifted keys, each a sorted list per block of ``index_block``
 keys. A query's candidates in a block are the ``probe`` keys on either side of its own projection in
 each sorted list (a binary search, as in DCI's simple indices); the candidates of all projections are
-pooled, scored exactly, and the top k kept. Bidirectional queries search every block; causal queries
-search the blocks before their own and take their own block's keys j <= i directly, so no index ever
-contains a later key and the pattern is causal. ``metric="cosine"`` searches by angle instead of the
-lift (exact top-k still ranks by q.k): 1-D projections find near neighbours only when they are near,
-and after the lift a query's best key is near it only if that key has the largest norm. With
-probe >= index_block / 2 every key is a candidate, and with k = N the result is softmax attention exactly.
+pooled, scored exactly, and the top k kept. Bidirectional queries search every block. Causal queries scan
+their own block of B = ``index_block`` keys directly (j <= i, one small matmul) and search a dyadic
+(Fenwick) set of earlier blocks: the index has levels of blocks of B 2^l keys, and a query whose level-l
+block number is odd searches the level-l block just before it, so the blocks a query searches tile
+[0, B floor(i / B)) exactly once, O(log(N / B)) of them, none containing a later key. Every block is
+indexed once per sequence and all queries' windows come from one batched binary search per level.
+``metric="cosine"`` searches by angle instead of the lift (exact top-k still ranks by q.k): 1-D
+projections find near neighbours only when they are near, and after the lift a query's best key is near
+it only if that key has the largest norm. With probe >= index_block / 2 (causal: >= N / 2) every key is a
+candidate, and with k = N the result is softmax attention exactly.
 
 The reference form writes the candidate set densely from the ranks (query window vs key rank) and
-takes a masked top-k of the full score matrix; the fast form gathers only candidates, one chunk of
-queries at a time: O(N (C d + L log index_block)) time with C = L * 2 probe * blocks searched
-(+ index_block when causal), O(chunk C d) memory.
+takes a masked top-k of the full score matrix; the fast form gathers only candidates (as whole rows, the
+cheap gather on CPU), one chunk of queries at a time: O(N (C d + L log N)) time with C = 2 L probe times
+the blocks searched (bidirectional N / B; causal log2(N / B), + B scanned), O(chunk C d) memory. On a CPU
+a gathered candidate costs about as much as tens of keys of a fused dense kernel (SDPA), so the fast form
+only wins when C is a small fraction of N (benchmarks/bench_iceformer.py).
 """
 
 from __future__ import annotations
@@ -84,7 +90,7 @@ class IceFormerAttention(SoftmaxAttention):
         padding_mask=True,
         decode=False,  # the index is built per call (prefill / encoding, the paper's CPU use); models recompute
         exact=False,
-        time="O(N (C d + L log B)), C = 2 L probe N/B (+ B causal)",
+        time="O(N (C d + L log N)), C = 2 L probe N/B (causal: 2 L probe log2(N/B) + B)",
         memory="O(chunk C d) fast, O(N^2) reference",
         forms=("reference", "fast"),
         rotary=True,
