@@ -85,16 +85,6 @@ def ice_options(a: argparse.Namespace, n: int) -> dict:
             "metric": a.metric, "form": "fast"}
 
 
-def timed(m, x: torch.Tensor, repeat: int) -> tuple[torch.Tensor, float]:
-    """m(x)'s output and its best wall time in ms over ``repeat`` calls."""
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        y, _ = m(x)
-        best = min(best, (time.perf_counter() - t0) * 1e3)
-    return y, best
-
-
 def synthetic(a: argparse.Namespace) -> None:
     """One sharp content-attention layer on copy-structured inputs: times and relative error per length."""
     torch.manual_seed(0)
@@ -114,7 +104,8 @@ def synthetic(a: argparse.Namespace) -> None:
         half = torch.randn(1, n // 2, a.d_model)
         x = torch.cat([half, half + 0.1 * torch.randn_like(half), torch.randn(1, n % 2, a.d_model)], 1)
         with torch.no_grad():
-            (y_sm, t_sm), (y_ice, t_ice) = timed(sm, x, a.repeat), timed(ice, x, a.repeat)
+            (y_sm, _), t_sm = timed_call(sm, (x,), {}, a.repeat)
+            (y_ice, _), t_ice = timed_call(ice, (x,), {}, a.repeat)
             err = ((y_sm - y_ice).norm() / y_sm.norm()).item()
         print(f"{n:>6} {opts['index_block']:>6} {t_sm:>9.1f} {t_ice:>8.1f} {t_sm / t_ice:>7.2f}x {err:>8.4f}")
 
