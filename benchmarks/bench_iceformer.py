@@ -7,13 +7,19 @@ Two sources of realistic attention (a fresh layer's near-uniform attention is no
   heads). Its weights load unchanged into the same model with ``mixer="iceformer"`` (training-free).
   Per attention layer: exact (SDPA) and IceFormer times on that layer's real inputs, relative output
   error; for the model: copy accuracy on the second half with each mixer, and prediction agreement.
+- ``--model DIR``: a saved efformer causal LM with softmax attention (e.g. a byte-level Shakespeare LM from
+  benchmarks/train_shakespeare_lm.py). It reads N bytes of held-out Shakespeare (``--text``; Othello then
+  Richard III) and runs the whole model at N with ``max_len`` raised to N (RoPE extends positions; no weight
+  changes), exact and with IceFormer (the same weights, strictly). Per layer: exact (SDPA) and IceFormer times
+  of the attention layer alone on that layer's real inputs (captured from the exact model) and its relative
+  output error; for the model: bits per byte with each mixer and their change. Beyond the model's training
+  length its perplexity is worse than in distribution; the change between the two mixers is the figure.
 - ``--steps 0`` (default, for busy machines): one layer whose query projection is a multiple of its key
   projection, on inputs whose second half repeats the first with noise, so each query's largest
   scores are on itself and its copy (an induction head's retrieval pattern). Times and output error.
 
-IceFormer's index block is N when bidirectional (one index) and sqrt(N * L * 2 probe) rounded to a power
-of two when causal (it balances a query's own-block scan against the earlier blocks' windows), unless
-``--index-block`` is given.
+IceFormer's index block is N when bidirectional (one index) and 128 when causal (a query scans its own
+block densely and searches one earlier block per dyadic level), unless ``--index-block`` is given.
 
     python benchmarks/bench_iceformer.py [--lengths 4096 8192 16384] [--steps 0] [--top-k 32] [--causal] ...
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -72,20 +79,10 @@ def copy_accuracy(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 def ice_options(a: argparse.Namespace, n: int) -> dict:
     """IceFormer's options at length n."""
-    causal = a.causal or a.steps > 0
-    block = a.index_block or (2 ** round(math.log2(math.sqrt(n * a.projections * 2 * a.probe))) if causal else n)
+    causal = a.causal or a.steps > 0 or a.model is not None
+    block = a.index_block or (128 if causal else n)
     return {"top_k": a.top_k, "probe": a.probe, "n_projections": a.projections, "index_block": block,
             "metric": a.metric, "form": "fast"}
-
-
-def timed(m, x: torch.Tensor, repeat: int) -> tuple[torch.Tensor, float]:
-    """m(x)'s output and its best wall time in ms over ``repeat`` calls."""
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        y, _ = m(x)
-        best = min(best, (time.perf_counter() - t0) * 1e3)
-    return y, best
 
 
 def synthetic(a: argparse.Namespace) -> None:
@@ -107,9 +104,71 @@ def synthetic(a: argparse.Namespace) -> None:
         half = torch.randn(1, n // 2, a.d_model)
         x = torch.cat([half, half + 0.1 * torch.randn_like(half), torch.randn(1, n % 2, a.d_model)], 1)
         with torch.no_grad():
-            (y_sm, t_sm), (y_ice, t_ice) = timed(sm, x, a.repeat), timed(ice, x, a.repeat)
+            (y_sm, _), t_sm = timed_call(sm, (x,), {}, a.repeat)
+            (y_ice, _), t_ice = timed_call(ice, (x,), {}, a.repeat)
             err = ((y_sm - y_ice).norm() / y_sm.norm()).item()
         print(f"{n:>6} {opts['index_block']:>6} {t_sm:>9.1f} {t_ice:>8.1f} {t_sm / t_ice:>7.2f}x {err:>8.4f}")
+
+
+def held_out_bytes(path: Path, n: int) -> torch.Tensor:
+    """The first n + 1 bytes of the validation plays under ``path`` (the split train_shakespeare_lm.py holds out)."""
+    data = b"\n".join((path / f).read_bytes() for f in ("othello_gut.txt", "richard_iii_gut.txt"))
+    if len(data) < n + 1:
+        raise SystemExit(f"--text {path}: {len(data)} bytes, fewer than N + 1 = {n + 1}")
+    return torch.frombuffer(bytearray(data[: n + 1]), dtype=torch.uint8).long()
+
+
+def trained_model(a: argparse.Namespace) -> None:
+    """The saved LM at each length: per-layer times and errors on real activations, and bits per byte."""
+    from efformer.models.io import load
+
+    ref = load(a.model).eval()
+    cfg = ref.cfg.model_dump()
+    if cfg["mixer"] != "softmax" or cfg["task"] != "lm":
+        raise SystemExit(f"--model {a.model}: needs a causal LM with softmax attention (has {cfg['task']}, "
+                         f"{cfg['mixer']})")
+    print(f"model {a.model}: d_model {cfg['d_model']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
+          f"trained max_len {cfg['max_len']}, positional {cfg['positional']}; threads={torch.get_num_threads()}")
+    print(f"iceformer options: {ice_options(a, a.lengths[0])}")
+    hdr = (f"{'N':>6} {'layer':>5} {'exact ms':>9} {'ice ms':>8} {'speed-up':>8} {'rel err':>8}"
+           f" | {'bpb exact':>9} {'bpb ice':>8} {'change':>7}")
+    print(hdr)
+    print("-" * len(hdr))
+    for n in a.lengths:
+        make = lambda mixer, opts, n=n: efformer.create_model({**cfg, "max_len": n, "mixer": mixer,  # noqa: E731
+                                                          "mixer_options": opts}).eval()
+        sm, ice = make("softmax", cfg["mixer_options"]), make("iceformer", {**cfg["mixer_options"],
+                                                                           **ice_options(a, n)})
+        sm.load_state_dict(ref.state_dict())
+        ice.load_state_dict(ref.state_dict())  # training-free: the same weights, strictly
+        text = held_out_bytes(Path(a.text), n)
+        ids, tgt = text[None, :-1], text[None, 1:]
+        calls: list[tuple[tuple, dict]] = []  # each mixer's real inputs: x and the positional context
+        hooks = [blk.mixer.register_forward_hook(lambda mod, args, kw, out, seen=calls: seen.append((args, kw)),
+                                                 with_kwargs=True) for blk in sm.backbone.blocks]
+        with torch.no_grad():
+            bpb_sm = F.cross_entropy(sm(ids)[0], tgt[0]).item() / math.log(2)
+            for h in hooks:
+                h.remove()
+            bpb_ice = F.cross_entropy(ice(ids)[0], tgt[0]).item() / math.log(2)
+            for layer, ((args, kw), b_sm, b_ice) in enumerate(zip(calls, sm.backbone.blocks, ice.backbone.blocks,
+                                                                  strict=True)):
+                (y_sm, _), t_sm = timed_call(b_sm.mixer, args, kw, a.repeat)
+                (y_ice, _), t_ice = timed_call(b_ice.mixer, args, kw, a.repeat)
+                err = ((y_sm - y_ice).norm() / y_sm.norm()).item()
+                tail = f" | {bpb_sm:>9.3f} {bpb_ice:>8.3f} {bpb_ice - bpb_sm:>+7.3f}" if layer == 0 else ""
+                print(f"{n:>6} {layer:>5} {t_sm:>9.1f} {t_ice:>8.1f} {t_sm / t_ice:>7.2f}x {err:>8.4f}{tail}",
+                      flush=True)
+
+
+def timed_call(m, args: tuple, kw: dict, repeat: int):
+    """m(*args, **kw)'s output and its best wall time in ms over ``repeat`` calls."""
+    best, out = math.inf, None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = m(*args, **kw)
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return out, best
 
 
 def main() -> None:
@@ -132,7 +191,13 @@ def main() -> None:
     p.add_argument("--metric", choices=["inner_product", "cosine"], default="cosine")
     p.add_argument("--causal", action="store_true", help="--steps 0 only: a causal layer (a trained LM is causal)")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--model", default=None, help="a saved efformer causal LM (softmax attention) folder")
+    p.add_argument("--text", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" /
+                                         "shakespeare"), help="--model: folder of the held-out plays")
     a = p.parse_args()
+    if a.model is not None:
+        trained_model(a)
+        return
     if a.steps == 0:
         synthetic(a)
         return

@@ -11,7 +11,7 @@ import efformer.arena.runner as runner
 from efformer.arena.leaderboard import render
 from efformer.arena.tasks import RECALL_NAMES, build_datasets, get_task
 from efformer.cli import main
-from efformer.data.recall import IGNORE
+from efformer.data.recall import IGNORE, first_asked, mqar_no_recall_baseline
 from efformer.errors import UnknownNameError
 from efformer.models.config import build_config
 from efformer.registry import MIXERS
@@ -58,6 +58,28 @@ def test_grid_trains_causal_mixers_and_marks_bidirectional_ones_unsupported(tmp_
     assert "causal language-model task" in res[1].error
     rows = runner.summary_rows(store, "tiny")
     assert [(r["task"], r["mixer"]) for r in rows] == [("mqar", "h3")] and 0 <= rows[0]["accuracy"] <= 1
+    # MQAR reports the no-recall baseline (8 pairs: H_8/8, first query 1/8) and the first-query accuracy
+    assert rows[0]["baseline"] == pytest.approx(mqar_no_recall_baseline(8)[0])
+    assert rows[0]["first_query_baseline"] == 1 / 8
+    assert 0 <= rows[0]["first_query"] <= 1
+    board = render(store, "tiny", tmp_path / "out").read_text()
+    assert "| mqar | h3 (seed 0) |" in board and f"| {100 * mqar_no_recall_baseline(8)[0]:.1f} | 12.5 |" in board
+
+
+def test_first_query_accuracy_counts_only_each_examples_first_query():
+    test = build_datasets(get_task("mqar", "quick"))[2][:8]
+
+    class Oracle(torch.nn.Module):  # answers only the first query of each example right
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, ids, mask=None):
+            t = torch.stack([e["targets"] for e in test])
+            right = torch.where(first_asked(t), t, 0).clamp_min(0)
+            return torch.nn.functional.one_hot(right, 100).float()
+
+    assert runner.first_query_accuracy(Oracle(), test) == 1.0
 
 
 @pytest.mark.slow  # a worker process per cell: about 90 s on a busy 2-core machine

@@ -10,8 +10,10 @@ from efformer.data.recall import (
     IGNORE,
     MQAROptions,
     NeedleOptions,
+    first_asked,
     induction_heads,
     mqar,
+    mqar_no_recall_baseline,
     mqar_vocab,
     needle,
     needle_by_length,
@@ -120,3 +122,43 @@ def test_needle_by_length_grows_and_keeps_the_vocabulary():
 def test_bad_settings_name_the_field(make, bad, field):
     with pytest.raises(ConfigError, match=field):
         make({**bad, "n_examples": 2})
+
+
+@pytest.mark.parametrize("order", ["random", "weighted"])
+def test_mqar_no_recall_baseline_is_what_guessing_by_elimination_scores(order):
+    """A guesser that never looks back at the pairs, only at which values are still unanswered, scores H_D/D
+    over all queries and 1/D on the first, whether it picks uniformly or the first-listed unanswered value,
+    when queries come in random order. In Zoology's weighted order queries tend to follow pair order, and the
+    first-listed guess beats both figures with no associative recall at all."""
+    d = 4
+    data = mqar({"seq_len": 32, "n_pairs": d, "n_keys": 8, "n_values": 8, "n_examples": 4000, "seed": 5,
+                 "query_order": order})
+    assert mqar_no_recall_baseline(d) == pytest.approx(((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4, 1 / 4))
+    assert data.baseline == mqar_no_recall_baseline(d)
+    rng = np.random.default_rng(0)
+    hits = ordered = ordered_first = 0
+    for x, t in zip(data.inputs, data.targets, strict=True):
+        values, answered = x[1 : 2 * d : 2].tolist(), set()
+        for pos in (t != IGNORE).nonzero()[:, 0].tolist():
+            left = [v for v in values if v not in answered]
+            right = int(t[pos])
+            hits += left[rng.integers(len(left))] == right
+            ordered += left[0] == right
+            ordered_first += (left[0] == right) and not answered
+            answered.add(right)
+    n = len(data)
+    assert abs(hits / (d * n) - data.baseline[0]) < 0.02  # 3 standard errors of 16000 queries
+    if order == "random":
+        assert abs(ordered / (d * n) - data.baseline[0]) < 0.02
+        assert abs(ordered_first / n - data.baseline[1]) < 0.025
+    else:  # measured 0.573 and 0.372 against 0.521 and 0.25
+        assert ordered / (d * n) > data.baseline[0] + 0.03 and ordered_first / n > data.baseline[1] + 0.08
+
+
+def test_first_asked_marks_one_position_per_example_the_first_query():
+    data = mqar({"seq_len": 32, "n_pairs": 4, "n_keys": 8, "n_values": 8, "n_examples": 50})
+    first = first_asked(data.targets)
+    assert torch.equal(first.sum(1), torch.ones(50, dtype=torch.long))
+    asked = data.targets != IGNORE
+    assert torch.equal(first.long().argmax(1), asked.long().argmax(1))
+    assert selective_copy({"n_examples": 3}).baseline == (1 / 16, 1 / 16)  # other tasks: 1 / answers

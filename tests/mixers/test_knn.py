@@ -8,7 +8,14 @@ import torch
 
 from efformer.errors import ConfigError
 from efformer.registry import MIXERS
-from tests.helpers import assert_equals_softmax_under_rope, make_mixer, rel_err, softmax_twin_of, with_form
+from tests.helpers import (
+    assert_equals_softmax_under_rope,
+    assert_forms_agree,
+    make_mixer,
+    rel_err,
+    softmax_twin_of,
+    with_form,
+)
 from tests.mixers.test_local import assert_no_dense_matrix
 
 DIRECTIONS = pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
@@ -64,8 +71,9 @@ def test_the_lift_ranks_keys_by_inner_product():
     nearest = torch.cdist(qx[0, 0], kx[0, 0]).argmin(-1)
     assert torch.equal(nearest, (q @ k.transpose(-1, -2))[0, 0].argmax(-1))
     # and the index uses the same lift: with one projection equal to the query direction, windows centre on it
-    sorted_pk, order, pq, bs = m._index(q, k, torch.ones(1, 40, dtype=torch.bool))
-    assert sorted_pk.shape == (1, 1, m.opts.n_projections, 1, 40) and pq.shape == (1, 1, m.opts.n_projections, 1, 5)
+    sorted_pk, order, qp, scale = m._index(q, k, torch.ones(1, 40, dtype=torch.bool), 40)
+    assert sorted_pk.shape == (1, 1, m.opts.n_projections, 1, 40) and qp.shape == (1, 1, m.opts.n_projections, 5)
+    assert torch.allclose(scale, kn2.max().sqrt())  # the block's lift radius M
 
 
 def test_softmax_checkpoint_loads_unchanged_and_nothing_extra_is_saved():
@@ -93,3 +101,32 @@ def test_fast_form_memory_is_bounded_by_the_query_chunk():
 def test_bad_options_name_the_field(options, field):
     with pytest.raises(ConfigError, match=rf"iceformer\.{field}="):
         MIXERS.get("iceformer")(32, 4, options=options, max_len=64)
+
+
+@pytest.mark.parametrize("n,block", [(67, 4), (40, 8), (9, 9), (1, 4)])
+def test_causal_levels_tile_each_prefix_once(n, block):
+    """Over the dyadic levels, query i searches blocks that cover [0, B (i // B)) exactly once (then scans
+    its own block), so every earlier key is reachable and none is searched twice or from the future."""
+    m = make_mixer("iceformer", True, max_len=128, index_block=block)
+    bs, levels = m._levels(n)
+    i = torch.arange(n)
+    cover = torch.zeros(n, n, dtype=torch.long)
+    for size in levels:
+        ok = m._block_ok(i, -(-n // size), size)  # (n, blocks)
+        cover += ok[:, torch.arange(n) // size].long()
+    want = (torch.arange(n)[None] < (i // bs * bs)[:, None]).long()
+    assert torch.equal(cover, want)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("metric", ["inner_product", "cosine"])
+def test_fast_equals_reference_over_many_levels(causal, metric):
+    """67 tokens in blocks of 4: five dyadic levels when causal, 17 searched blocks when bidirectional."""
+    m = make_mixer("iceformer", causal, max_len=128, top_k=5, probe=2, n_projections=3, index_block=4,
+                   query_chunk=3, metric=metric)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 67, m.d_model, generator=gen)
+    keep = torch.rand(2, 67, generator=gen) > 0.2
+    keep[:, -1] = True
+    for mask in (None, keep):
+        assert_forms_agree(m, ("reference", "fast"), x, mask)

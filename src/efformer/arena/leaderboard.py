@@ -114,12 +114,28 @@ def render(store: ResultsStore, preset: str, out_dir: str | Path) -> Path:
                                             _fmt(t["steps_per_s"], "{:.2f}"), _fmt(t["peak_mem_mb"], "{:.0f}"),
                                             str(t["seeds"]), preset]) + " |")
         avg_chance = sum(chance[k] for k in tasks) / len(tasks) if all(k in chance for k in tasks) else None
+        lines += _recall_baselines(rows)
         lines += ["", f"![bubble plot]({plot(table, preset, out / 'leaderboard.png', avg_chance).name})", ""]
         lines += _notes(preset, rows, tasks)
         lines += _paper_table(table, tasks, preset)
     path = out / "leaderboard.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _recall_baselines(rows: list[dict[str, Any]]) -> list[str]:
+    """MQAR-style tasks: the accuracy reached without recall (all queries, first query) beside each mixer's."""
+    got = [r for r in rows if r.get("baseline") is not None and r.get("first_query") is not None]
+    if not got:
+        return []
+    lines = ["", "Recall tasks against the no-recall baseline (guessing among the context's unanswered values), "
+             "test accuracy % over all queries / on each example's first query:", "",
+             "| task | mixer | all queries | first query | no-recall all | no-recall first |", "|" + "---|" * 6]
+    for r in sorted(got, key=lambda r: (r["task"], -r["accuracy"], r["mixer"], r["seed"])):
+        cells = [r["accuracy"], r["first_query"], r["baseline"], r["first_query_baseline"]]
+        lines.append(f"| {r['task']} | {r['mixer']} (seed {r['seed']}) | " + " | ".join(f"{100 * c:.1f}" for c in cells)
+                     + " |")
+    return lines
 
 
 def _fmt(v, spec: str) -> str:

@@ -22,7 +22,7 @@ from efformer.arena.tasks import TaskSpec, build_datasets, get_task
 from efformer.bench.perf import reset_peak_rss, rss_kb
 from efformer.bench.runner import measure_in_worker
 from efformer.data.images import token_images
-from efformer.data.recall import IGNORE
+from efformer.data.recall import IGNORE, first_asked
 from efformer.errors import CapabilityError, ConfigError, DataError, EfformerError
 from efformer.models import create_model
 from efformer.models.config import build_config
@@ -30,6 +30,7 @@ from efformer.models.vision import build_vision_config
 from efformer.registry import MIXERS
 from efformer.results import ResultsStore
 from efformer.train.config import TrainConfig
+from efformer.train.data import collate
 from efformer.train.trainer import Trainer
 
 # The default grid's synthetic tasks. Quick Pathfinder (1024 tokens) takes minutes per mixer on 2 CPU
@@ -75,6 +76,19 @@ def chance_accuracy(data) -> float:
         label = int(data[i]["label"])
         counts[label] = counts.get(label, 0) + 1
     return max(counts.values()) / max(1, len(data))
+
+
+@torch.no_grad()
+def first_query_accuracy(model, data, batch_size: int = 256) -> float:
+    """Accuracy of a recall LM at each example's first asked position (guessing by elimination cannot help)."""
+    model.eval()
+    device = next(model.parameters()).device
+    hits = 0
+    for i in range(0, len(data), batch_size):
+        batch = collate(data[i : i + batch_size])
+        pred = model(batch["input_ids"].to(device), mask=batch["mask"].to(device)).argmax(-1).cpu()
+        hits += int(((pred == batch["targets"]) & first_asked(batch["targets"])).sum())
+    return hits / max(1, len(data))
 
 
 class CellProgress:
@@ -205,6 +219,10 @@ def run_cell(spec: TaskSpec, mixer: str, seed: int, store: ResultsStore, out_roo
                                     "train_seconds": train_s}, step=tcfg.steps)
     store.log_eval(run_id, "test", {"accuracy": test_m["accuracy"], "loss": test_m["loss"]}, step=tcfg.steps)
     store.log_eval(run_id, "chance", {"accuracy": chance_accuracy(test)}, step=tcfg.steps)  # majority class
+    if hasattr(test, "baseline"):  # recall tasks: what no recall reaches, and the first query, where it cannot help
+        store.log_eval(run_id, "baseline", {"accuracy": test.baseline[0], "first_query": test.baseline[1]},
+                       step=tcfg.steps)
+        store.log_eval(run_id, "test_first_query", {"accuracy": first_query_accuracy(model, test)}, step=tcfg.steps)
     return CellResult(run_id, "done", accuracy=test_m["accuracy"], seconds=time.perf_counter() - t0)
 
 
@@ -328,6 +346,9 @@ def summary_rows(store: ResultsStore, preset: str) -> list[dict[str, Any]]:
         out.append({"task": cfg["task"], "mixer": cfg["mixer"], "seed": cfg["seed"], "preset": preset,
                     "accuracy": ev[("test", "accuracy")], "params": ev.get(("cost", "params")),
                     "steps_per_s": ev.get(("cost", "steps_per_s")), "peak_mem_mb": ev.get(("cost", "peak_mem_mb")),
-                    "chance": ev.get(("chance", "accuracy")), "train_seconds": ev.get(("cost", "train_seconds")),
+                    "chance": ev.get(("chance", "accuracy")), "baseline": ev.get(("baseline", "accuracy")),
+                    "first_query": ev.get(("test_first_query", "accuracy")),
+                    "first_query_baseline": ev.get(("baseline", "first_query")),
+                    "train_seconds": ev.get(("cost", "train_seconds")),
                     "steps": run_steps(run)})
     return out

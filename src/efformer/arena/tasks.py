@@ -167,7 +167,9 @@ RECALL: dict[str, dict[str, TaskSpec]] = {
     "quick": {
         "mqar": _recall("mqar", "quick", {"seq_len": 64, "n_pairs": 8, "n_keys": 32, "n_values": 32, **_SPLITS},
                         _RECALL_MODEL, _optim(3e-3, 0.1, 30, 400, 32, "cosine"),
-                        notes="64 tokens, 8 pairs, 32 keys and 32 values; chance 1/32"),
+                        notes="64 tokens, 8 pairs, 32 keys and 32 values; chance 1/32, but guessing among the "
+                              "context's unanswered values scores H_8/8 = 34% with no recall (1/8 on the first "
+                              "query): read the cells against that baseline and the first-query accuracy"),
         "selective_copy": _recall("selective_copy", "quick", {"seq_len": 48, "n_tokens": 8, "n_symbols": 16,
                                                               **_SPLITS},
                                   _RECALL_MODEL, _optim(3e-3, 0.1, 30, 400, 32, "cosine")),

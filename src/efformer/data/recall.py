@@ -24,6 +24,7 @@ models' pad id).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import pydantic
@@ -39,12 +40,15 @@ IGNORE = -100  # the target of a position nothing is asked at (torch's cross-ent
 class RecallDataset(Sequence):
     """Fixed-length examples with per-position targets: items {"input_ids": (L,), "targets": (L,)}."""
 
-    def __init__(self, inputs: Tensor, targets: Tensor, vocab_size: int, answers: int):
+    def __init__(self, inputs: Tensor, targets: Tensor, vocab_size: int, answers: int,
+                 baseline: tuple[float, float] | None = None):
         if inputs.shape != targets.shape or inputs.dim() != 2:
             raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must be equal (n, L)")
         self.inputs, self.targets = inputs.long(), targets.long()
         self.vocab_size = vocab_size
         self.answers = answers  # how many distinct answers a target is drawn from (uniformly): chance = 1/answers
+        # (all asked positions, each example's first) accuracy reachable without recall; None: 1/answers both
+        self.baseline = baseline or (1 / answers, 1 / answers)
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -71,11 +75,29 @@ class MQAROptions(StrictModel):
     power_a: float = pydantic.Field(0.01, gt=0, le=1, description="query gaps g = 1.. have weight g^(a - 1)")
     n_examples: int = pydantic.Field(1000, ge=1)
     seed: int = pydantic.Field(0, ge=0)
+    query_order: Literal["random", "weighted"] = pydantic.Field(
+        "random", description="random: the D queries come in a random order of the pairs; weighted: the pair "
+        "listed first takes the heaviest slot drawn (Zoology's draw), so queries tend to follow pair order and "
+        "a guess of the first-listed unanswered value beats the no-recall baseline without any recall")
 
 
 def mqar_vocab(o: MQAROptions) -> tuple[int, int, int]:
     """(first key token, first value token, vocab size): 0 pad, 1 filler, then keys, then values."""
     return 2, 2 + o.n_keys, 2 + o.n_keys + o.n_values
+
+
+def first_asked(targets: Tensor) -> Tensor:
+    """Bool (n, L): each example's first asked position (the one query a guess by elimination cannot help)."""
+    asked = targets != IGNORE
+    return asked & (asked.cumsum(1) == 1)
+
+
+def mqar_no_recall_baseline(n_pairs: int) -> tuple[float, float]:
+    """(all queries, first query) accuracy of guessing among the context's values not yet answered. Each
+    query's value follows it in the input, so the j-th of D queries picks 1 of D - j + 1 without recalling
+    anything: H_D / D on average, 1 / D on the first; a model must beat these, not 1 / n_values, to recall.
+    Exact for ``query_order="random"``; with "weighted" the pair order leaks and both can be beaten."""
+    return sum(1 / j for j in range(1, n_pairs + 1)) / n_pairs, 1 / n_pairs
 
 
 def _distinct(rng: np.random.Generator, n: int, pool: int, k: int) -> np.ndarray:
@@ -106,10 +128,13 @@ def mqar(options: MQAROptions | dict | None = None) -> RecallDataset:
     # probabilities proportional to w (as numpy's choice(replace=False, p=w) draws them), for all rows at once.
     noisy = np.log(weight) - np.log(-np.log(rng.random((o.n_examples, space))))
     slots = 2 * d + 2 * np.argsort(-noisy, axis=1)[:, :d]
+    if o.query_order == "random":  # the k-th heaviest slot goes to a random pair, not to pair k
+        slots = np.take_along_axis(slots, np.argsort(rng.random((o.n_examples, d)), axis=1), axis=1)
     rows = np.arange(o.n_examples)[:, None]
     inputs[rows, slots], inputs[rows, slots + 1] = keys, values
     targets[rows, slots] = values
-    return RecallDataset(torch.from_numpy(inputs), torch.from_numpy(targets), vocab, o.n_values)
+    return RecallDataset(torch.from_numpy(inputs), torch.from_numpy(targets), vocab, o.n_values,
+                         baseline=mqar_no_recall_baseline(d))
 
 
 # ---- selective copying ---------------------------------------------------------------------------
@@ -221,4 +246,5 @@ GENERATORS = {"mqar": (MQAROptions, mqar), "selective_copy": (SelectiveCopyOptio
               "induction": (InductionOptions, induction_heads), "needle": (NeedleOptions, needle)}
 
 __all__ = ["GENERATORS", "IGNORE", "InductionOptions", "MQAROptions", "NeedleOptions", "RecallDataset",
-           "SelectiveCopyOptions", "induction_heads", "mqar", "needle", "needle_by_length", "selective_copy"]
+           "SelectiveCopyOptions", "first_asked", "induction_heads", "mqar", "mqar_no_recall_baseline", "needle",
+           "needle_by_length", "selective_copy"]
