@@ -179,7 +179,7 @@ def check_logits(ef, peers: dict, vocab: int) -> None:
 def _time_cells(per_round: dict[str, list[float]], names: list[str]) -> list[str]:
     """Best ms of each library, then efformer's time over each peer's (median of per-round ratios)."""
     cells = [f"{min(per_round['efformer']) * 1e3:.0f} ms"] + [f"{min(per_round[k]) * 1e3:.0f} ms" for k in names]
-    return cells + [f"**{1 / median_ratio(per_round, 'efformer', k):.2f}** (time)" for k in names]
+    return cells + [f"**{median_ratio(per_round, k, 'efformer'):.2f}** (time)" for k in names]
 
 
 def main(argv=None) -> int:
