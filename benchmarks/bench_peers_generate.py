@@ -3,21 +3,23 @@
 The same architecture (RMSNorm, RoPE, SwiGLU, untied head) is built in each library and efformer's
 weights are copied over; the script asserts the logits agree within 1e-4 before timing anything.
 Timed: greedy ``generate`` (tokens/s) at several batch x prompt shapes, a long-prompt prefill, and a
-train step (forward, cross-entropy, backward). Rows are measured interleaved in one process and the
-min over rounds of each round's median is kept, so machine load hits both sides alike.
+train step (forward, cross-entropy, backward). Rows are measured interleaved in one process; each ratio is
+the median over rounds of that round's ratio, so machine load hits both sides alike.
 
 Install the peers without letting pip replace torch::
 
     echo "torch==$(python -c 'import torch; print(torch.__version__.split("+")[0])')" > /tmp/c.txt
     pip install -c /tmp/c.txt -e '.[peers]'
 
-Run: ``python benchmarks/bench_peers_generate.py`` (``--quick`` for a short check, ``--threads N``).
+Run: ``python benchmarks/bench_peers_generate.py`` (``--quick`` for a short check, ``--threads N``;
+``--shapes 8x32 --no-prefill --rounds 7 --reps 1`` for the batch-8 decode row alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -140,11 +142,12 @@ def _xt_generate(wrapper, ids: torch.Tensor, new: int) -> torch.Tensor:
     return torch.cat([ids, out], 1)
 
 
-def measure(fns: dict, rounds: int, reps: int) -> dict[str, float]:
-    """Seconds per call of each fn: calls interleaved, the min over rounds of each round's median."""
+def measure(fns: dict, rounds: int, reps: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn in each round (the round's median over ``reps``): calls interleaved,
+    so load changes hit every library alike within a round."""
     for f in fns.values():
         f()  # warm-up
-    best = {k: float("inf") for k in fns}
+    per_round = {k: [] for k in fns}
     for _ in range(rounds):
         times = {k: [] for k in fns}
         for _ in range(reps):
@@ -153,8 +156,13 @@ def measure(fns: dict, rounds: int, reps: int) -> dict[str, float]:
                 f()
                 times[k].append(time.perf_counter() - t0)
         for k, ts in times.items():
-            best[k] = min(best[k], statistics.median(ts))
-    return best
+            per_round[k].append(statistics.median(ts))
+    return per_round
+
+
+def median_ratio(per_round: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of time(b) / time(a): > 1 when ``a`` is faster (each round under the same load)."""
+    return statistics.median(tb / ta for ta, tb in zip(per_round[a], per_round[b], strict=True))
 
 
 def check_logits(ef, peers: dict, vocab: int) -> None:
@@ -168,6 +176,12 @@ def check_logits(ef, peers: dict, vocab: int) -> None:
             print(f"logits match {name}: max abs diff {err:.1e}")
 
 
+def _time_cells(per_round: dict[str, list[float]], names: list[str]) -> list[str]:
+    """Best ms of each library, then efformer's time over each peer's (median of per-round ratios)."""
+    cells = [f"{min(per_round['efformer']) * 1e3:.0f} ms"] + [f"{min(per_round[k]) * 1e3:.0f} ms" for k in names]
+    return cells + [f"**{median_ratio(per_round, k, 'efformer'):.2f}** (time)" for k in names]
+
+
 def main(argv=None) -> int:
     """Run the comparison and print a markdown table of ratios."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -177,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed calls of each library per round")
     ap.add_argument("--quick", action="store_true", help="small shapes, one round")
     ap.add_argument("--no-xt", action="store_true", help="skip x-transformers")
+    ap.add_argument("--shapes", nargs="+", metavar="BxN", help="generate shapes, e.g. 8x32 1x512 (default: all four)")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prefill and train-step rows")
     args = ap.parse_args(argv)
     if importlib.util.find_spec("transformers") is None:
         print(f"transformers is not installed; install the peers with: {INSTALL}")
@@ -197,6 +213,8 @@ def main(argv=None) -> int:
     check_logits(ef, peers, vocab)
 
     shapes = [(1, 32), (8, 32)] if args.quick else [(1, 32), (8, 32), (1, 512), (8, 512)]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     new = 16 if args.quick else args.new_tokens
     rounds, reps = (1, 1) if args.quick else (args.rounds, args.reps)
     names = list(peers)
@@ -210,18 +228,19 @@ def main(argv=None) -> int:
             ids = torch.randint(1, vocab, (b, n), generator=gen)
             fns = {"efformer": lambda ids=ids: ef.generate(ids, new)}
             fns.update({k: (lambda ids=ids, g=g: g(ids, new)) for k, (_, g) in peers.items()})
-            secs = measure(fns, rounds, reps)
-            tps = {k: b * new / s for k, s in secs.items()}
+            per_round = measure(fns, rounds, reps)
+            tps = {k: b * new / min(s) for k, s in per_round.items()}
             cells = [f"{tps['efformer']:.0f} tok/s"] + [f"{tps[k]:.0f} tok/s" for k in names]
-            cells += [f"**{tps['efformer'] / tps[k]:.2f}**" for k in names]
+            cells += [f"**{median_ratio(per_round, 'efformer', k):.2f}**" for k in names]
             print(f"| generate b{b} prompt {n} +{new} (tokens/s) | " + " | ".join(cells) + " |", flush=True)
+        if args.no_prefill:
+            return _footer(args.threads)
         n = 256 if args.quick else 2048
         ids = torch.randint(1, vocab, (1, n), generator=gen)
         fns = {"efformer": lambda: ef.generate(ids, 1)}
         fns.update({k: (lambda g=g: g(ids, 1)) for k, (_, g) in peers.items()})
-        secs = measure(fns, rounds, max(1, reps - 1))
-        cells = [f"{secs['efformer'] * 1e3:.0f} ms"] + [f"{secs[k] * 1e3:.0f} ms" for k in names]
-        cells += [f"**{secs['efformer'] / secs[k]:.2f}** (time)" for k in names]
+        per_round = measure(fns, rounds, max(1, reps - 1))
+        cells = _time_cells(per_round, names)
         print(f"| prefill b1 prompt {n} via generate (time) | " + " | ".join(cells) + " |", flush=True)
 
     b, n = (2, 128) if args.quick else (8, 512)
@@ -236,12 +255,16 @@ def main(argv=None) -> int:
         m.train()
     fns = {"efformer": lambda: step(ef)}
     fns.update({k: (lambda f=f: step(f)) for k, (f, _) in peers.items()})
-    secs = measure(fns, rounds, max(1, reps - 1))
-    cells = [f"{secs['efformer'] * 1e3:.0f} ms"] + [f"{secs[k] * 1e3:.0f} ms" for k in names]
-    cells += [f"**{secs['efformer'] / secs[k]:.2f}** (time)" for k in names]
+    per_round = measure(fns, rounds, max(1, reps - 1))
+    cells = _time_cells(per_round, names)
     print(f"| train step b{b} seq {n} fwd+bwd (time) | " + " | ".join(cells) + " |")
-    print(f"\nfp32, {args.threads} threads, torch {torch.__version__}; ratios > 1 mean efformer is faster for "
-          "tokens/s and slower for time rows.")
+    return _footer(args.threads)
+
+
+def _footer(threads: int) -> int:
+    print(f"\nfp32, {threads} threads, torch {torch.__version__}; load average {os.getloadavg()[0]:.1f} at the end. "
+          "Ratios are medians of per-round ratios (> 1: efformer faster for tokens/s, slower for time rows); "
+          "absolute figures are the best round.")
     return 0
 
 

@@ -166,3 +166,29 @@ def test_rope_llama3_bands_must_be_ordered():
     with pytest.raises(ConfigError, match="high_freq_factor"):
         build_positional("rope", D, H, 128, True, {"scaling": "llama3", "low_freq_factor": 4.0,
                                                     "high_freq_factor": 2.0})
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+@pytest.mark.parametrize("name", ["rope", "xpos"])
+def test_rotation_equals_the_pairwise_formula_bit_for_bit(layout, fraction, name):
+    """The swap-and-signed-sin rotation (tables shared by every layer) is the textbook pair formula exactly,
+    on queries and keys, including partial rotary and xPos's different q/k scales."""
+    scheme = build_positional(name, 24, 2, 64, True, {"layout": layout, "rotary_fraction": fraction})
+    pos = torch.tensor([[0, 3, 7, 50, 11], [2, 2, 9, 63, 1]])
+    rot = scheme.context(pos, torch.float32).rotation
+    x = torch.randn(2, 3, 5, 12, generator=torch.Generator().manual_seed(0))
+    r = rot.rot_dim
+
+    def formula(x, cos, sin):
+        if layout == "half":
+            x1, x2 = x[..., : r // 2], x[..., r // 2 : r]
+            out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+        else:
+            x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
+            out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+        return torch.cat([out, x[..., r:]], -1)
+
+    assert torch.equal(rot.queries(x), formula(x, rot.q_cos, rot.q_sin))
+    assert torch.equal(rot.keys(x), formula(x, rot.k_cos, rot.k_sin))
+    assert torch.equal(rot.queries(x.double()), formula(x.double(), rot.q_cos.double(), rot.q_sin.double()))

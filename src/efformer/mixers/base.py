@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 
 import pydantic
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from efformer.errors import CapabilityError, ConfigError, ShapeError
@@ -365,12 +364,13 @@ class Mixer(nn.Module):
 
     def split_heads(self, t: Tensor, heads: int | None = None) -> Tensor:
         """(batch, seq, heads*dim) -> (batch, heads, seq, dim)."""
-        return rearrange(t, "b n (h d) -> b h n d", h=heads or self.n_heads)
+        # the same view as einops' rearrange, without its per-call pattern parsing (decode runs this per layer)
+        return t.unflatten(2, (heads or self.n_heads, -1)).transpose(1, 2)
 
     @staticmethod
     def merge_heads(t: Tensor) -> Tensor:
         """(batch, heads, seq, dim) -> (batch, seq, heads*dim)."""
-        return rearrange(t, "b h n d -> b n (h d)")
+        return t.transpose(1, 2).flatten(2)
 
 
 # Log-decay that resets a recurrent state at a packed segment's first token: e^-30 ~ 1e-13 of the

@@ -80,6 +80,10 @@ class KVState(MixerState):
         """Keep-mask of the cached keys (batch, t): False where the key is padding."""
         return self.keep_buf[:, : self.length]
 
+    def batch_size(self) -> int:
+        """Rows the cache holds (the key buffer's first dim; checked on every decode step, so no field scan)."""
+        return self.k_buf.shape[0]
+
     @property
     def capacity(self) -> int:
         """Tokens the buffers hold before they must grow."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar, Literal
 
 import pydantic
@@ -42,21 +43,40 @@ class Rotation:
 
     def queries(self, q: Tensor) -> Tensor:
         """q (b, h, n, d) rotated (and scaled, for xPos)."""
-        return self._apply(q, self.q_cos, self.q_sin)
+        cos, sin = self._tables[:2]
+        return self._apply(q, cos, sin)
 
     def keys(self, k: Tensor) -> Tensor:
         """k (b, h, n, d) rotated (and scaled down, for xPos)."""
-        return self._apply(k, self.k_cos, self.k_sin)
+        cos, sin = self._tables[2:]
+        return self._apply(k, cos, sin)
+
+    @cached_property
+    def _tables(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q cos, q signed sin, k cos, k signed sin (b, 1, n, rot_dim), laid out like the dims they multiply.
+
+        Built once per forward and shared by every layer, so a rotation is x*cos + swap(x)*sin: one copy
+        (the pair swap) and three elementwise ops instead of seven. The sign sits on sin, so each output
+        is the same two products summed as in the textbook formula (a + (-b) == a - b in IEEE), bit for bit.
+        """
+        out = []
+        for cos, sin in ((self.q_cos, self.q_sin), (self.k_cos, self.k_sin)):
+            if self.layout == "half":  # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+                out += [torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)]
+            else:  # pairs (2i, 2i+1) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+                out += [cos.repeat_interleave(2, -1), torch.stack([-sin, sin], -1).flatten(-2)]
+        return tuple(out)
 
     def _apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         r = self.rot_dim
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        xr = x if r == x.shape[-1] else x[..., :r]
         if self.layout == "half":  # dim i pairs with dim i + r/2 (Hugging Face's rotate_half)
-            x1, x2 = x[..., : r // 2], x[..., r // 2 : r]
-            out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+            swapped = torch.cat([xr[..., r // 2 :], xr[..., : r // 2]], dim=-1)
         else:
-            x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
-            out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+            swapped = xr.unflatten(-1, (r // 2, 2)).flip(-1).flatten(-2)
+        out = xr * cos + swapped * sin
         return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)
 
 
