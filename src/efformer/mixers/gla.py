@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from efformer.errors import ConfigError
 from efformer.kernels.chunk_gla import chunk_gla, gla_parallel, gla_recurrent
@@ -107,19 +108,29 @@ class GatedLinearMixer(Mixer):
             g = g.masked_fill(segment_starts(pos.segments)[:, None, :, None], RESET_LOG_DECAY)
         return q, k, v, g
 
-    def _finish(self, x: Tensor, o: Tensor) -> Tensor:
-        """Group norm over each head's output (one group per head), swish gate, output projection."""
+    def _gated_norm(self, x: Tensor, o: Tensor) -> Tensor:
+        """swish(W_r x) * group_norm(o) (b, n, h*v): group norm over each head's output, one group per head."""
         b, n = x.shape[:2]
         o = rearrange(o, "b h n v -> (b n) (h v)")
         dt = torch.promote_types(self.norm_weight.dtype, torch.float32)  # normalise in at least fp32
         w, bias = self.norm_weight.to(dt), self.norm_bias.to(dt)
         o = F.group_norm(o.to(dt), self.n_heads, w, bias, self.opts.norm_eps)
-        o = o.view(b, n, -1).to(x.dtype)
-        return self.out_proj(F.silu(self.gate_proj(x)) * o)
+        return F.silu(self.gate_proj(x)) * o.view(b, n, -1).to(x.dtype)
+
+    def _finish(self, x: Tensor, o: Tensor) -> Tensor:
+        """Gated group norm, then the output projection.
+
+        In training the gated norm is recomputed in backward from x and o (saved anyway): keeping its
+        four (b, n, h*v) intermediates would double the layer's activation memory.
+        """
+        if torch.is_grad_enabled() and (o.requires_grad or x.requires_grad):
+            y = checkpoint(self._gated_norm, x, o, use_reentrant=False, preserve_rng_state=False)
+        else:
+            y = self._gated_norm(x, o)
+        return self.out_proj(y)
 
     def _run(self, fn, x, mask, state, pos):
-        q, k, v, g = self._inputs(x, mask, pos)
-        o, s = fn(q, k, v, g, state.s if state is not None else None)
+        o, s = fn(*self._inputs(x, mask, pos), state.s if state is not None else None)
         if state is not None:
             state.s = s.to(state.s.dtype)
         return self._finish(x, o), state
