@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - triton is an optional extra
     triton = None
 
 from efformer.errors import CapabilityError, ConfigError, ShapeError
+from efformer.kernels.chunk_scalar import chunk_scalar_gate
 
 TRITON_CHUNK = 16  # the kernel's chunk: its intra-chunk pairwise tensor is (16, 16, K) per program
 TRITON_MAX_DIM = 128  # one program holds a whole (K, V) state
@@ -178,7 +179,7 @@ def chunk_gla_torch(
     return o.to(dtype), s
 
 
-CHUNKS_PER_GROUP = 16  # chunks recomputed together in the recomputing form's backward
+CHUNKS_PER_GROUP = 4  # chunks recomputed together in the recomputing form's backward
 
 
 class ChunkGLARecompute(torch.autograd.Function):
@@ -253,7 +254,10 @@ def chunk_gla_recompute(
         raise ConfigError("chunks_per_group", chunks_per_group, "a positive integer")
     dtype, t = v.dtype, q.shape[2]
     q, k, v, g = _chunks(q, k, v, g, chunk_size)
-    o, s = ChunkGLARecompute.apply(q, k, v, g, _init(q, v, initial_state), sub_chunk, chunks_per_group)
+    if g.shape[-1] == 1:  # one gate per head: closed-form backward, no recorded graph
+        o, s = chunk_scalar_gate(q, k, v, g, _init(q, v, initial_state), chunks_per_group)
+    else:
+        o, s = ChunkGLARecompute.apply(q, k, v, g, _init(q, v, initial_state), sub_chunk, chunks_per_group)
     return o.flatten(2, 3)[:, :, :t].to(dtype), s
 
 

@@ -107,27 +107,34 @@ class GatedLinearMixer(Mixer):
             g = g.masked_fill(segment_starts(pos.segments)[:, None, :, None], RESET_LOG_DECAY)
         return q, k, v, g
 
-    def _finish(self, x: Tensor, o: Tensor) -> Tensor:
-        """Group norm over each head's output (one group per head), swish gate, output projection."""
+    def _gated_norm(self, x: Tensor, o: Tensor) -> Tensor:
+        """swish(W_r x) * group_norm(o) (b, n, h*v) by plain autograd: group norm over each head's output."""
         b, n = x.shape[:2]
         o = rearrange(o, "b h n v -> (b n) (h v)")
         dt = torch.promote_types(self.norm_weight.dtype, torch.float32)  # normalise in at least fp32
         w, bias = self.norm_weight.to(dt), self.norm_bias.to(dt)
         o = F.group_norm(o.to(dt), self.n_heads, w, bias, self.opts.norm_eps)
-        o = o.view(b, n, -1).to(x.dtype)
-        return self.out_proj(F.silu(self.gate_proj(x)) * o)
+        return F.silu(self.gate_proj(x)) * o.view(b, n, -1).to(x.dtype)
 
-    def _run(self, fn, x, mask, state, pos):
-        q, k, v, g = self._inputs(x, mask, pos)
-        o, s = fn(q, k, v, g, state.s if state is not None else None)
+    def _finish(self, x: Tensor, o: Tensor, lean: bool = True) -> Tensor:
+        """Gated group norm, then the output projection; ``lean``: the norm by :class:`GatedGroupNorm`."""
+        if lean and torch.is_grad_enabled():
+            w = self.gate_proj.weight
+            y = GatedGroupNorm.apply(x, w, o, self.norm_weight, self.norm_bias, self.opts.norm_eps)
+        else:
+            y = self._gated_norm(x, o)
+        return self.out_proj(y)
+
+    def _run(self, fn, x, mask, state, pos, lean=True):
+        o, s = fn(*self._inputs(x, mask, pos), state.s if state is not None else None)
         if state is not None:
             state.s = s.to(state.s.dtype)
-        return self._finish(x, o), state
+        return self._finish(x, o, lean), state
 
     # ---- forms ----------------------------------------------------------------------------
     def forward_reference(self, x, *, mask, state, pos):
         """Parallel quadratic form: scores (q k^T) * D, D[t, s] = exp(G_t - G_s) for s <= t."""
-        return self._run(gla_parallel, x, mask, state, pos)
+        return self._run(gla_parallel, x, mask, state, pos, lean=False)
 
     def forward_chunked(self, x, *, mask, state, pos):
         """Chunked torch form: O(N C d) time, O(N d) memory beyond the (C, C) chunk scores."""
@@ -141,6 +148,55 @@ class GatedLinearMixer(Mixer):
     def forward_triton(self, x, *, mask, state, pos):
         """The chunkwise Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
         return self._run(partial(chunk_gla, backend="triton"), x, mask, state, pos)
+
+
+def _normalised(o: Tensor, eps: float, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """o (b, h, n, v) normalised over each head's v values, as (b, n, h, v) in ``dt``, and 1/std (b, n, h, 1)."""
+    on = o.transpose(1, 2).to(dt)
+    var, mean = torch.var_mean(on, -1, correction=0, keepdim=True)
+    rstd = (var + eps).rsqrt()
+    return (on - mean).mul_(rstd), rstd
+
+
+class GatedGroupNorm(torch.autograd.Function):
+    """swish(x W_r^T) * group_norm(o) -> (b, n, h*v), for x (b, n, d), W_r (h*v, d), o (b, h, n, v).
+
+    Keeps only its inputs for backward (x and o are kept by the layer anyway) and rebuilds the gate
+    and the normalised o there, in place where it can: autograd would keep four (b, n, h*v)
+    intermediates, as much as the whole chunked recurrence keeps.
+    """
+
+    @staticmethod
+    def forward(ctx, x, wr, o, w, bias, eps):
+        dt = torch.promote_types(torch.promote_types(o.dtype, w.dtype), torch.float32)
+        xhat, _ = _normalised(o, eps, dt)
+        y = xhat.flatten(-2).mul_(w.to(dt)).add_(bias.to(dt)).mul_(F.silu(F.linear(x, wr).to(dt)))
+        ctx.save_for_backward(x, wr, o, w, bias)
+        ctx.eps, ctx.dt = eps, dt
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, wr, o, w, bias = ctx.saved_tensors
+        dt = ctx.dt
+        dy = dy.to(dt)
+        z = F.linear(x, wr).to(dt)
+        sig = torch.sigmoid(z)
+        # The gate's side first, so that at most five (b, n, h*v) buffers are alive at once.
+        dz = _normalised(o, ctx.eps, dt)[0].flatten(-2).mul_(w.to(dt)).add_(bias.to(dt)).mul_(dy).mul_(sig)
+        dz.mul_(torch.sub(1, sig).mul_(z).add_(1))  # swish'(z) = sig (1 + z (1 - sig))
+        dz = dz.to(x.dtype)
+        dx = dz @ wr.to(dz.dtype) if ctx.needs_input_grad[0] else None
+        dwr = dz.flatten(0, -2).transpose(0, 1) @ x.flatten(0, -2) if ctx.needs_input_grad[1] else None
+        del dz
+        dn = z.mul_(sig).mul_(dy)  # d(norm output) = dy * swish(z)
+        del sig
+        xhat, rstd = _normalised(o, ctx.eps, dt)
+        dw, dbias = (dn * xhat.flatten(-2)).sum((0, 1)), dn.sum((0, 1))
+        dxh = dn.mul_(w.to(dt)).view_as(xhat)
+        proj = (dxh * xhat).mean(-1, keepdim=True)
+        do = dxh.sub_(dxh.mean(-1, keepdim=True)).sub_(xhat.mul_(proj)).mul_(rstd)
+        return dx, dwr, do.transpose(1, 2).to(o.dtype), dw.to(w.dtype), dbias.to(bias.dtype), None
 
 
 _FORMS = ("reference", "chunked", "recurrent", "triton")

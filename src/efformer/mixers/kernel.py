@@ -23,11 +23,11 @@ from typing import ClassVar
 import pydantic
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from efformer.errors import ShapeError
-from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState, causal_keep, pad_to_multiple
+from efformer.kernels.chunk_gla import chunk_gla_recompute
+from efformer.mixers.base import Capabilities, Mixer, MixerOptions, MixerState, causal_keep
 from efformer.nn.positional import PositionalContext
 from efformer.registry import register_mixer
 
@@ -64,23 +64,18 @@ class PerformerOptions(KernelOptions):
 
 
 def _chunked_causal(fq: Tensor, fk: Tensor, v: Tensor, s: Tensor, z: Tensor, chunk: int):
-    """Causal sums by chunks: (num (b,h,n,d), den (b,h,n), final s, final z); no N x N matrix."""
-    n = fq.shape[2]
-    chunk = min(chunk, n)
-    fq, fk, v = (
-        rearrange(pad_to_multiple(t, chunk, dim=2)[0], "b h (c l) e -> b h c l e", l=chunk) for t in (fq, fk, v)
-    )
-    kv = fk.transpose(-1, -2) @ v  # (b, h, c, m, d): each chunk's contribution to s
-    ks = fk.sum(3)  # (b, h, c, m): each chunk's contribution to z
-    # The sums seen by each chunk: the carried-in state plus every earlier chunk (exclusive prefix sum).
-    s_before = s[:, :, None] + torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], 2).cumsum(2)
-    z_before = z[:, :, None] + torch.cat([torch.zeros_like(ks[:, :, :1]), ks[:, :, :-1]], 2).cumsum(2)
-    a = (fq @ fk.transpose(-1, -2)).masked_fill(~causal_keep(chunk, chunk, fq.device), 0.0)
-    num = fq @ s_before + a @ v
-    den = (fq @ z_before[..., None]).squeeze(-1) + a.sum(-1)
-    num = rearrange(num, "b h c l d -> b h (c l) d")[:, :, :n]
-    den = rearrange(den, "b h c l -> b h (c l)")[:, :, :n]
-    return num, den, s + kv.sum(2), z + ks.sum(2)
+    """Causal sums by chunks: (num (b,h,n,d), den (b,h,n), final s, final z); no N x N matrix.
+
+    The sums are gated linear attention with gate 1, and the normaliser is one more value column of
+    ones (z is the state's last column), so this is one call of the lean chunked form: its backward
+    keeps only phi(q), phi(k), v and a few states, recomputing each group of chunks.
+    """
+    ones = v.new_ones(*v.shape[:-1], 1)
+    g = v.new_zeros(*v.shape[:-1], 1)  # log-gate 0: no decay
+    state = torch.cat([s, z[..., None]], -1)
+    o, state = chunk_gla_recompute(fq, fk, torch.cat([v, ones], -1), g, state, chunk_size=chunk, sub_chunk=chunk)
+    state = state.to(s.dtype)
+    return o[..., :-1], o[..., -1], state[..., :-1], state[..., -1]
 
 
 class KernelAttention(Mixer):
