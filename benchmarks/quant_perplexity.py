@@ -61,7 +61,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="/tmp/shakespeare-lm")
     p.add_argument("--data", default=str(DATA))
-    p.add_argument("--window", type=int, default=256)
+    # the training window of train_shakespeare_lm.py (--seq 128): longer windows measure RoPE extrapolation
+    p.add_argument("--window", type=int, default=128)
     p.add_argument("--max-windows", type=int, default=200)
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--only", nargs="*", default=None, help="run only rows whose name contains one of these")
