@@ -37,7 +37,7 @@ _ACT = {"gelu": F.gelu, "gelu_tanh": _gelu_new, "relu": F.relu, "relu2": lambda 
         "reglu": F.relu}
 
 
-OWN_TESTS = ("moe", "matformer", "acm", "mixffn")  # FFNs with test files of their own
+OWN_TESTS = ("moe", "matformer", "acm", "mixffn", "mohd", "monet")  # FFNs with test files of their own
 
 
 @pytest.mark.parametrize("name", [n for n in FFNS.names() if n not in OWN_TESTS])
