@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from efformer.nn.aux import collect_aux_losses
 from efformer.nn.positional import PositionalContext, Rope
 from efformer.registry import MIXERS
 
@@ -162,3 +163,17 @@ def assert_equals_softmax_under_rope(m, n: int, extra: set[str] = frozenset(), s
         for form in ("reference", "fast"):
             got, _ = with_form(mr, form)(x, mask=mask)
             assert rel_err(want, got) < 1e-5, (form, mask is not None)
+
+
+def aux_loss_under_router_sgd(module, x: Tensor, key: str, steps: int, lr: float = 1.0) -> tuple[float, float]:
+    """Aux loss ``key`` of a routed FFN on x (b, n, d) before and after ``steps`` SGD steps on its router alone."""
+    opt = torch.optim.SGD(module.router.parameters(), lr=lr)
+    module(x)
+    before = module.aux_losses[key].item()
+    for _ in range(steps):
+        module(x)
+        opt.zero_grad()
+        collect_aux_losses(module)[key].backward()
+        opt.step()
+    module(x)
+    return before, module.aux_losses[key].item()

@@ -13,6 +13,7 @@ import efformer
 from efformer.errors import CapabilityError, ConfigError
 from efformer.nn.aux import collect_aux_losses
 from efformer.nn.moe import MoE, load_balance
+from tests.helpers import aux_loss_under_router_sgd
 
 
 def make(d=16, causal=False, seed=0, **opts):
@@ -154,16 +155,8 @@ def test_balance_loss_gradient_pushes_the_router_toward_balance():
         moe.router.weight.zero_()
         moe.router.weight[0] = 1.0  # everything prefers expert 0
     x = torch.rand(1, 32, 16)
-    opt = torch.optim.SGD(moe.router.parameters(), lr=1.0)
-    moe(x)
-    before = moe.aux_losses["moe_balance"].item()
-    for _ in range(8):
-        moe(x)
-        opt.zero_grad()
-        collect_aux_losses(moe)["moe_balance"].backward()
-        opt.step()
-    moe(x)
-    assert moe.aux_losses["moe_balance"].item() < before
+    before, after = aux_loss_under_router_sgd(moe, x, "moe_balance", steps=8)
+    assert after < before
 
 
 def test_shared_experts_are_always_on_and_active_params_match_dense():

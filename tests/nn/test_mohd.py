@@ -13,6 +13,7 @@ from efformer.errors import ConfigError
 from efformer.nn.aux import collect_aux_losses
 from efformer.nn.ffn import GLU
 from efformer.nn.mohd import MoHD
+from tests.helpers import aux_loss_under_router_sgd
 
 D = 16
 
@@ -131,16 +132,8 @@ def test_balance_loss_is_present_one_at_uniform_routing_and_pushes_toward_balanc
     with torch.no_grad():
         m.router.weight[0] = 1.0  # everything prefers routed group 0
     x = torch.rand(1, 32, D)
-    opt = torch.optim.SGD(m.router.parameters(), lr=1.0)
-    m(x)
-    before = m.aux_losses["moe_balance"].item()
-    for _ in range(8):
-        m(x)
-        opt.zero_grad()
-        collect_aux_losses(m)["moe_balance"].backward()
-        opt.step()
-    m(x)
-    assert m.aux_losses["moe_balance"].item() < before
+    before, after = aux_loss_under_router_sgd(m, x, "moe_balance", steps=8)
+    assert after < before
 
 
 def test_padding_takes_no_sub_dimension_and_changes_nothing_real():

@@ -12,8 +12,8 @@ import torch
 
 import efformer
 from efformer.errors import ConfigError
-from efformer.nn.aux import collect_aux_losses
 from efformer.nn.monet import Monet
+from tests.helpers import aux_loss_under_router_sgd
 
 D = 15  # odd: the vertical halves of d_model (8 and 7) and of the expert width differ
 
@@ -181,16 +181,8 @@ def test_uniformity_loss_gradient_spreads_the_routing():
         m.router.weight.zero_()
         m.router.weight[0] = 1.0  # group 1 prefers piece 0
     x = torch.rand(1, 32, D)
-    opt = torch.optim.SGD(m.router.parameters(), lr=1.0)
-    m(x)
-    before = m.aux_losses["monet_uniformity"].item()
-    for _ in range(10):
-        m(x)
-        opt.zero_grad()
-        collect_aux_losses(m)["monet_uniformity"].backward()
-        opt.step()
-    m(x)
-    assert m.aux_losses["monet_uniformity"].item() < before
+    before, after = aux_loss_under_router_sgd(m, x, "monet_uniformity", steps=10)
+    assert after < before
 
 
 @pytest.mark.parametrize("routing", ["topk", "batchnorm"])
