@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+import efformer
 from efformer.nn.aux import collect_aux_losses
 from efformer.nn.positional import PositionalContext, Rope
 from efformer.registry import MIXERS
@@ -177,3 +178,18 @@ def aux_loss_under_router_sgd(module, x: Tensor, key: str, steps: int, lr: float
         opt.step()
     module(x)
     return before, module.aux_losses[key].item()
+
+
+def assert_decode_and_save_round_trip(model, ids: Tensor, tmp_path, prefix: int = 4) -> None:
+    """An eval LM on ids (b, n): cached decode (prefix, then one token at a time) == the full forward,
+    cached generate == uncached, and save -> load gives identical logits."""
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(ids.shape[0])
+        steps = [model(ids[:, :prefix], cache=cache)]
+        steps += [model(ids[:, t : t + 1], cache=cache) for t in range(prefix, ids.shape[1])]
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.generate(ids[:, :3], max_new_tokens=5),
+                       model.generate(ids[:, :3], max_new_tokens=5, use_cache=False))
+    efformer.save(model, tmp_path / "m")
+    assert torch.equal(efformer.load(tmp_path / "m").eval()(ids), model(ids))

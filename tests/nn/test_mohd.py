@@ -13,7 +13,7 @@ from efformer.errors import ConfigError
 from efformer.nn.aux import collect_aux_losses
 from efformer.nn.ffn import GLU
 from efformer.nn.mohd import MoHD
-from tests.helpers import aux_loss_under_router_sgd
+from tests.helpers import assert_decode_and_save_round_trip, aux_loss_under_router_sgd
 
 D = 16
 
@@ -160,16 +160,7 @@ def test_cached_decode_equals_the_full_forward_and_aux_losses_reach_the_model(tm
     model(torch.randint(0, 50, (2, 6)))
     assert set(collect_aux_losses(model)) == {"moe_balance"}
     model.eval()
-    ids = torch.randint(0, 50, (2, 9))
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.new_cache(2)
-        steps = [model(ids[:, :4], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(4, 9)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
-    assert torch.equal(model.generate(ids[:, :3], max_new_tokens=5),
-                       model.generate(ids[:, :3], max_new_tokens=5, use_cache=False))
-    efformer.save(model, tmp_path / "m")
-    assert torch.equal(efformer.load(tmp_path / "m").eval()(ids), model(ids))
+    assert_decode_and_save_round_trip(model, torch.randint(0, 50, (2, 9)), tmp_path)
 
 
 @pytest.mark.parametrize("opts, match", [

@@ -13,7 +13,7 @@ import torch
 import efformer
 from efformer.errors import ConfigError
 from efformer.nn.monet import Monet
-from tests.helpers import aux_loss_under_router_sgd
+from tests.helpers import assert_decode_and_save_round_trip, aux_loss_under_router_sgd
 
 D = 15  # odd: the vertical halves of d_model (8 and 7) and of the expert width differ
 
@@ -216,17 +216,7 @@ def test_cached_decode_equals_the_full_forward_and_saves_and_loads(opts, tmp_pat
     model.train()
     model(torch.randint(0, 50, (4, 16)))  # batchnorm routing: move the running statistics off their start
     model.eval()
-    ids = torch.randint(0, 50, (2, 9))
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.new_cache(2)
-        steps = [model(ids[:, :4], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(4, 9)]
-        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
-    assert torch.equal(model.generate(ids[:, :3], max_new_tokens=5),
-                       model.generate(ids[:, :3], max_new_tokens=5, use_cache=False))
-    efformer.save(model, tmp_path / "m")
-    back = efformer.load(tmp_path / "m").eval()
-    assert torch.equal(back(ids), model(ids))
+    assert_decode_and_save_round_trip(model, torch.randint(0, 50, (2, 9)), tmp_path)
 
 
 @pytest.mark.parametrize("opts, match", [
