@@ -193,3 +193,18 @@ def assert_decode_and_save_round_trip(model, ids: Tensor, tmp_path, prefix: int 
                        model.generate(ids[:, :3], max_new_tokens=5, use_cache=False))
     efformer.save(model, tmp_path / "m")
     assert torch.equal(efformer.load(tmp_path / "m").eval()(ids), model(ids))
+
+
+def outputs_and_grads(fn, x: Tensor, params) -> tuple[Tensor, list[Tensor]]:
+    """fn(x) and the gradients of a fixed random loss of it w.r.t. x and each of ``params``."""
+    x = x.clone().requires_grad_(True)
+    y = fn(x)
+    loss = (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)).sum()
+    return y.detach(), list(torch.autograd.grad(loss, [x, *params]))
+
+
+def assert_outputs_and_grads_close(got, ref, tol: float = 1e-5) -> None:
+    """Two :func:`outputs_and_grads` results agree on the output and on every gradient."""
+    torch.testing.assert_close(got[0], ref[0], atol=tol, rtol=tol)
+    for a, b in zip(got[1], ref[1], strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)

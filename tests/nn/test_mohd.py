@@ -13,7 +13,12 @@ from efformer.errors import ConfigError
 from efformer.nn.aux import collect_aux_losses
 from efformer.nn.ffn import GLU
 from efformer.nn.mohd import MoHD
-from tests.helpers import assert_decode_and_save_round_trip, aux_loss_under_router_sgd
+from tests.helpers import (
+    assert_decode_and_save_round_trip,
+    assert_outputs_and_grads_close,
+    aux_loss_under_router_sgd,
+    outputs_and_grads,
+)
 
 D = 16
 
@@ -40,18 +45,14 @@ CASES = [
 def test_grouped_and_masked_equal_the_per_token_reference_outputs_and_grads(opts, shape):
     m = make(fuse_noise=0.3, **opts).train()
     x = torch.randn(*shape, D)
-    results = []
-    for form in ("grouped", "masked", "reference"):
+
+    def run(form):
         m.opts = m.opts.model_copy(update={"form": form})
-        xi = x.clone().requires_grad_(True)
-        y = m(xi)
-        (y * torch.randn_like(y, generator=torch.Generator().manual_seed(1))).sum().backward()
-        results.append((y.detach(), [xi.grad] + [p.grad.clone() for p in m.parameters()]))
-        m.zero_grad()
-    for y, grads in results[:2]:
-        torch.testing.assert_close(y, results[2][0], atol=1e-5, rtol=1e-5)
-        for a, b in zip(grads, results[2][1], strict=True):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        return outputs_and_grads(m, x, list(m.parameters()))
+
+    ref = run("reference")
+    for form in ("grouped", "masked"):
+        assert_outputs_and_grads_close(run(form), ref)
 
 
 @pytest.mark.parametrize("opts", [dict(n_groups=4, n_shared=1, top_k=3), dict(n_groups=8, n_shared=0, top_k=8),
