@@ -91,7 +91,9 @@ class Backbone(nn.Module):
                 positions = positions + cache.next_position[:, None]
         if self.pos.kind == "embedding":
             h = h + self.pos.embed(positions).to(h.dtype)
-        h = self.drop(self.embed_norm(h))
+        h = self.embed_norm(h)
+        if self.training and self.drop.p > 0:  # nn.Dropout returns h itself at p = 0 or in eval
+            h = self.drop(h)
         mask_all_true = mask is not None and bool(mask.all())
         layer_mask = None if mask_all_true else mask
         # Once per forward: rotary tables or the bias scheme, shared by every layer.
@@ -112,7 +114,7 @@ class Backbone(nn.Module):
         if red is not None:
             h = red.end(h)  # the full length again (each token gets the merged token it went into)
         if cache is not None:
-            step = mask.sum(1) if mask is not None else torch.full((b,), n, device=h.device)
+            step = mask.sum(1) if mask is not None else n  # (an int: no tensor made per decode step)
             cache.next_position = cache.next_position + step
         return self.final_norm(h)
 

@@ -81,23 +81,29 @@ class Block(nn.Module):
                 h, mask = self.reduce_mid(h, mask)
             return h
 
+        drop = self.drop if self.training and self.drop.p > 0 else _unchanged  # p=0 / eval: no module call
         p = self.placement
         if p == "pre":
             y, state = mix(self.norm1(x))
-            x = mid(x + self.drop(scaled(y, 1)))
-            return x + self.drop(scaled(ffn(self.norm2(x)), 2)), state
+            x = mid(x + drop(scaled(y, 1)))
+            return x + drop(scaled(ffn(self.norm2(x)), 2)), state
         if p == "res_post":  # Swin V2: the branch output is normalised before the residual sum
             y, state = mix(x)
-            x = mid(x + self.drop(scaled(self.norm1(y), 1)))
-            return x + self.drop(scaled(self.norm2(ffn(x)), 2)), state
+            x = mid(x + drop(scaled(self.norm1(y), 1)))
+            return x + drop(scaled(self.norm2(ffn(x)), 2)), state
         if p in ("peri", "sandwich"):
             y, state = mix(self.norm1(x))
-            x = mid(x + self.drop(self.out_norm1(y)))
-            return x + self.drop(self.out_norm2(ffn(self.norm2(x)))), state
+            x = mid(x + drop(self.out_norm1(y)))
+            return x + drop(self.out_norm2(ffn(self.norm2(x)))), state
         # post-LN and DeepNorm: normalise after the residual sum (DeepNorm up-weights the residual)
         y, state = mix(x)
-        x = mid(self.norm1(self.alpha * x + self.drop(y)))
-        return self.norm2(self.alpha * x + self.drop(ffn(x))), state
+        x = mid(self.norm1(self.alpha * x + drop(y)))
+        return self.norm2(self.alpha * x + drop(ffn(x))), state
+
+
+def _unchanged(h: Tensor) -> Tensor:
+    """Dropout at p = 0 or in eval: the input itself (what nn.Dropout returns there), without a module call."""
+    return h
 
 
 def build_ffn(cfg: ModelConfig, layer: int | None = None) -> nn.Module:
