@@ -17,6 +17,7 @@ from efformer.compress.formats import (
     int_encode,
     int_fake_quant,
     int_qparams,
+    int_qparams_clipped,
     mx_scale,
     nv_scales,
 )
@@ -160,3 +161,35 @@ def test_log2_quantizer_round_trips_and_rounds_in_log_space():
 def test_unknown_float_format_is_named():
     with pytest.raises(UnknownNameError, match="fp8_e4m4"):
         float_format("fp8_e4m4")
+
+
+def _clip_err(x, scale, zero, fmt):
+    """sum |fake_quant(x) - x|^2.4 per row (x (rows, d), per-channel scale/zero (rows, 1))."""
+    return (int_decode(int_encode(x, scale, zero, fmt), scale, zero, fmt) - x).abs().pow(2.4).sum(-1)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clipped_qparams_are_the_best_shrink_of_the_min_max_range(symmetric):
+    fmt = IntFormat(3, signed=symmetric, symmetric=symmetric, granularity="channel")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, generator=g)
+    x[:3, 0] = 12.0  # rows with an outlier: clipping it pays
+    x[5] = 0  # an all-zero row: any scale is exact
+    s0, z0 = int_qparams(x, fmt)
+    s, z = int_qparams_clipped(x, fmt)
+    assert s.shape == s0.shape and torch.equal(z, z0)
+    e0, e = _clip_err(x, s0, z0, fmt), _clip_err(x, s, z, fmt)
+    assert (e <= e0).all() and (e[:3] < e0[:3]).all()
+    # oracle: every shrink factor of the grid tried one by one, the best kept
+    for row in range(5):
+        errs = [_clip_err(x[row:row + 1], s0[row:row + 1] * (1 - i / 100), z0[row:row + 1], fmt).item()
+                for i in range(80)]
+        assert e[row].item() == pytest.approx(min(errs), rel=1e-6)
+
+
+def test_clipped_qparams_per_group_keep_the_group_layout():
+    fmt = IntFormat(4, signed=False, symmetric=False, granularity="group", group_size=32)
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(1))
+    s, z = int_qparams_clipped(x, fmt)
+    s0, _ = int_qparams(x, fmt)
+    assert s.shape == s0.shape == (4, 4) and (s <= s0).all() and (s >= 0.2 * s0).all()

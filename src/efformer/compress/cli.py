@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,9 @@ def register(sub) -> None:
     q.add_argument("--bits", type=int, default=4, help="bits per weight, 2..8 (rtn, gptq)")
     q.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = one per row (rtn, gptq)")
     q.add_argument("--symmetric", action="store_true", help="signed codes without zero point (rtn, gptq)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: columns by decreasing Hessian diagonal (default on)")
+    q.add_argument("--mse-clip", action="store_true", help="rtn, gptq: search a clipped range per row/group")
     q.add_argument("--static-groups", action="store_true", help="GPTQ: group grids from the original weights")
     q.add_argument("--smoothing", default="none", help="w8a8: none, smoothquant or osplus")
     q.add_argument("--alpha", type=float, default=0.5, help="w8a8 smoothquant: migration strength")
@@ -57,7 +60,7 @@ def register(sub) -> None:
 def _method_config(args):
     if args.method not in METHODS:
         raise ConfigError("--method", args.method, f"one of {', '.join(METHODS)}")
-    opts = {"rtn": dict(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric),
+    opts = {"rtn": dict(bits=args.bits, group_size=args.group_size, symmetric=args.symmetric, mse_clip=args.mse_clip),
             "w8a8": dict(smoothing=args.smoothing, alpha=args.alpha, prob_bits=args.prob_bits),
             "float": dict(format=args.format, scaling=args.scaling)}
     opts["gptq"] = {**opts["rtn"], "act_order": args.act_order, "static_groups": args.static_groups}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from efformer.compress.formats import IntFormat, int_qparams, quantize_column
+from efformer.compress.formats import IntFormat, int_qparams, int_qparams_clipped, quantize_column
 from efformer.compress.rtn import QuantizedWeight
 from efformer.errors import EfformerError
 
@@ -57,11 +57,6 @@ def _prepare(w: Tensor, h: Tensor, act_order: bool) -> tuple[Tensor, Tensor, Ten
     return w, h, perm
 
 
-def _static_params(w: Tensor, fmt: IntFormat) -> tuple[Tensor, Tensor]:
-    """Per-group scales/zeros (out, n_groups) of the original weight, for static groups."""
-    return int_qparams(w, fmt)
-
-
 def _finish(codes: Tensor, scales: list[Tensor], zeros: list[Tensor], col_group: Tensor, perm: Tensor | None,
             fmt: IntFormat) -> QuantizedWeight:
     """Undo act-order and pack per-column codes with their groups' scales."""
@@ -76,13 +71,16 @@ def _finish(codes: Tensor, scales: list[Tensor], zeros: list[Tensor], col_group:
 
 @torch.no_grad()
 def gptq_quantize(w: Tensor, h: Tensor, fmt: IntFormat, *, act_order: bool = False, static_groups: bool = False,
-                  percdamp: float = 0.01, block_size: int = 128) -> QuantizedWeight:
-    """GPTQ of a weight (out, in) given the Hessian H (in, in) of its inputs, in ``fmt`` (per channel or group)."""
+                  percdamp: float = 0.01, block_size: int = 128, mse_clip: bool = False) -> QuantizedWeight:
+    """GPTQ of a weight (out, in) given the Hessian H (in, in) of its inputs, in ``fmt`` (per channel or group);
+    ``mse_clip`` picks each grid by the clipping search of ``int_qparams_clipped`` instead of min/max."""
+    qparams = int_qparams_clipped if mse_clip else int_qparams
     w, h, perm = _prepare(w, h, act_order)
     u, _ = inverse_hessian_factor(h, percdamp)
     out_f, n = w.shape
     g = fmt.group_size if fmt.granularity == "group" else n
-    static = _static_params(w if perm is None else w[:, torch.argsort(perm)], fmt) if static_groups else None
+    # static groups: every group's grid from the original weight, up front
+    static = qparams(w if perm is None else w[:, torch.argsort(perm)], fmt) if static_groups else None
     orig_col = perm if perm is not None else torch.arange(n)
     row_fmt = fmt.with_grain("channel")
     codes = torch.zeros(out_f, n, dtype=torch.int32)
@@ -100,7 +98,7 @@ def gptq_quantize(w: Tensor, h: Tensor, fmt: IntFormat, *, act_order: bool = Fal
                     scales, zeros = list(static[0].unbind(1)), list(static[1].unbind(1))
             elif col % g == 0:  # a new group: its grid from the weights as updated so far
                 span = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :g]
-                s, z = int_qparams(span, row_fmt)
+                s, z = qparams(span, row_fmt)
                 scale, zero = s[:, 0], z[:, 0]
                 scales.append(scale)
                 zeros.append(zero)
@@ -117,10 +115,10 @@ def gptq_quantize(w: Tensor, h: Tensor, fmt: IntFormat, *, act_order: bool = Fal
 
 @torch.no_grad()
 def gptq_reference(w: Tensor, h: Tensor, fmt: IntFormat, *, act_order: bool = False, static_groups: bool = False,
-                   percdamp: float = 0.01) -> QuantizedWeight:
+                   percdamp: float = 0.01, mse_clip: bool = False) -> QuantizedWeight:
     """GPTQ one column at a time with immediate rank-1 updates (the fast form with a block of one column)."""
     return gptq_quantize(w, h, fmt, act_order=act_order, static_groups=static_groups, percdamp=percdamp,
-                         block_size=1)
+                         block_size=1, mse_clip=mse_clip)
 
 
 def layer_error(w: Tensor, q: Tensor, x: Tensor) -> float:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from efformer.compress.formats import IntFormat, int_decode, int_encode, int_qparams
+from efformer.compress.formats import IntFormat, int_decode, int_encode, int_qparams, int_qparams_clipped
 
 
 @dataclass
@@ -51,8 +51,8 @@ def weight_format(bits: int, group_size: int, symmetric: bool) -> IntFormat:
 
 
 @torch.no_grad()
-def rtn_quantize(w: Tensor, fmt: IntFormat) -> QuantizedWeight:
-    """RTN of a weight (out, in) in ``fmt``."""
+def rtn_quantize(w: Tensor, fmt: IntFormat, mse_clip: bool = False) -> QuantizedWeight:
+    """RTN of a weight (out, in) in ``fmt``; ``mse_clip`` searches a clipped range per row/group."""
     w = w.detach().float()
-    scale, zero = int_qparams(w, fmt)
+    scale, zero = (int_qparams_clipped if mse_clip else int_qparams)(w, fmt)
     return QuantizedWeight(int_encode(w, scale, zero, fmt), scale, zero, fmt)
