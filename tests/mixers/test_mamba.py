@@ -40,7 +40,8 @@ def _run(m, form, x, mask, init):
 
 
 @pytest.mark.parametrize("name,opts", [(n, {"chunk_size": c}) for n in NAMES for c in (3, 4)]
-                         + [("mamba", {"checkpoint_every": 5})])  # the segmented fast scan (nn/selective_scan.py)
+                         # the segmented fast scan: several segments, and one (None)
+                         + [("mamba", {"checkpoint_every": k}) for k in (5, None)])
 def test_forms_agree_on_outputs_states_and_gradients(name, opts):
     m = make_mixer(name, True, **opts)
     gen = torch.Generator().manual_seed(0)

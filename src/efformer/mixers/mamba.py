@@ -11,6 +11,9 @@ the Euler rule ``dt B``, as in the papers' code), gated by the other half of the
 Forms: "reference" runs the recurrence one step at a time; "chunked" computes each chunk as masked
 matrix products of cumulative log-decays (segment sums) and carries the state from chunk to chunk;
 "recurrent" is the one-token decode step (a rolling convolution window) applied token by token.
+Mamba's "fast" form, its CPU training form, is the segmented scan of ``nn/selective_scan.py``: one
+fused update per step inside a cache-sized segment, a state checkpoint per segment, and a backward
+that rebuilds each segment and runs the adjoint recurrence.
 
 Padding: a padded step has ``dt = 0`` (so ``exp(dt A) = 1`` and ``dt B x = 0``) and a zero
 convolution input, so a LEFT-padded row computes exactly what the unpadded row computes and padded
@@ -38,8 +41,8 @@ from efformer.mixers.base import (
     causal_recurrent,
     segment_starts,
 )
-from efformer.nn.recurrent import ShortConv, inverse_softplus_dt, linear_scan, log_decay_rates
-from efformer.nn.selective_scan import selective_scan
+from efformer.nn.recurrent import ShortConv, inverse_softplus_dt, log_decay_rates
+from efformer.nn.selective_scan import SEGMENT, selective_scan
 from efformer.registry import register_mixer
 
 
@@ -105,22 +108,6 @@ def s6_scan_chunked(u, delta, A, B, C, h, chunk: int, reset=None):
         ys.append(y + torch.einsum("btdn,bdn,btn->btd", cum.exp(), h, cc))
         h = cum[:, -1].exp() * h + ((cum[:, -1:] - cum).exp() * bx).sum(1)
     return torch.cat(ys, 1), h
-
-
-def s6_scan_fast(u, delta, A, B, C, h, reset=None):
-    """S6 as one exact linear scan over materialised (seq, b, d, n) decays and writes (same shapes).
-
-    The chunked form needs a (c, c, d, n) decay block per chunk; here each step is one fused update
-    and the backward is the adjoint scan (``linear_scan``), so nothing grows with a chunk size.
-    ``reset`` (b, l): the decay is exactly 0 at packed segment starts.
-    """
-    delta_t = delta.transpose(0, 1)  # (l, b, d): time-major, so each step reads contiguous memory
-    decay = torch.exp(delta_t[..., None] * A)  # (l, b, d, n)
-    if reset is not None:
-        decay = decay * (~reset.transpose(0, 1)).to(decay.dtype)[..., None, None]
-    write = (delta_t * u.transpose(0, 1))[..., None] * B.transpose(0, 1)[:, :, None]
-    states = linear_scan(decay, write, h)
-    return torch.einsum("lbdn,bln->bld", states, C), states[-1]
 
 
 def ssd_scan_reference(x, dt, A, B, C, h, reset=None):
@@ -233,7 +220,7 @@ class Mamba(_Selective):
         paper="Mamba: Linear-Time Sequence Modeling with Selective State Spaces",
         family="ssm",
         time="O(N d_inner d_state); chunked O(N c d_inner d_state) for chunk c",
-        memory="O(N d_inner d_state) fast (training), O(d_inner d_state) decode state",
+        memory="O(N d_inner + N / K d_inner d_state) fast, for checkpoint_every K; O(d_inner d_state) decode state",
         forms=("reference", "fast", "chunked", "recurrent"),
         packing=True,  # the state is forgotten at segment starts; the short conv is segment-masked
     )
@@ -243,8 +230,8 @@ class Mamba(_Selective):
 
         dt_rank: int | None = Field(None, ge=1, description="rank of the dt projection; None = ceil(d_model / 16)")
         checkpoint_every: int | None = Field(
-            None, ge=1, description="fast form: keep the state only every this many steps and rebuild the rest "
-            "in backward (nn/selective_scan.py: O(N/K d n) memory, not O(N d n)); None keeps every state")
+            SEGMENT, ge=1, description="fast form: steps per scan segment; the state is kept once per segment and "
+            "the rest rebuilt in backward (nn/selective_scan.py: O(N/K d n) memory); None = one segment")
 
     test_options = {"d_state": 4, "chunk_size": 4, "dt_rank": 2}
 
@@ -286,13 +273,12 @@ class Mamba(_Selective):
         return s6_scan_reference(u, delta, -torch.exp(self.A_log), B, C, h, reset)
 
     def forward_fast(self, x, *, mask, state, pos):
-        """One exact linear scan per layer with a hand-written backward (``s6_scan_fast``)."""
+        """The segmented scan with a recomputing hand-written backward (``nn/selective_scan.py``)."""
         return self._forward(x, mask, state, self._scan_fast, segments=pos.segments)
 
     def _scan_fast(self, u, delta, B, C, h, reset=None):
-        if self.opts.checkpoint_every is not None:
-            return selective_scan(u, delta, -torch.exp(self.A_log), B, C, h, reset, self.opts.checkpoint_every)
-        return s6_scan_fast(u, delta, -torch.exp(self.A_log), B, C, h, reset)
+        segment = self.opts.checkpoint_every or max(1, u.shape[1])
+        return selective_scan(u, delta, -torch.exp(self.A_log), B, C, h, reset, segment)
 
     def _scan_chunked(self, u, delta, B, C, h, reset=None):
         return s6_scan_chunked(u, delta, -torch.exp(self.A_log), B, C, h, self.opts.chunk_size, reset)
