@@ -104,8 +104,8 @@ def pixel_task(args):
     the LRA image task itself on the user's CIFAR-10 files."""
     side = args.pixel_side
     if args.cifar:  # LRA's grey CIFAR-10 (read_cifar10's split: train, val, test_batch), 32 x 32
-        train, _, test = read_cifar10(args.cifar)
-        tr, te, side, name = token_images(train, 32), token_images(test, 32), 32, "pixels-cifar"
+        cifar_train, _, cifar_test = read_cifar10(args.cifar)
+        tr, te, side, name = token_images(cifar_train, 32), token_images(cifar_test, 32), 32, "pixels-cifar"
     else:
         (tr, te), name = digits(side).split(0.8, seed=0), f"pixels-digits{side}"
     # back to the 8-bit intensities the tokens are (exact for CIFAR's uint8 pixels)
