@@ -2,7 +2,10 @@
 
 Trains (once, cached under ``--cache``) a ``vit-tiny`` on scikit-learn's digits (32 x 32, one channel:
 64 patches + class token, 4 blocks) and a text ``SequenceClassifier`` on a longer ListOps than the
-arena's quick preset (``--listops-len`` tokens at most, 4 blocks), then for every method and r in
+arena's quick preset (``--listops-len`` tokens at most, 4 blocks) or, with ``--text-task pixels``, on
+the LRA image task's input format (one grey intensity token per pixel: digits resized to
+``--pixel-side``, 24 giving 576 tokens, or CIFAR-10 with ``--cifar DIR``; 4 blocks of width 32, mean
+pooling, ``--text-steps`` of batch 16 at lr 1e-3), then for every method and r in
 ``--rs`` attaches :func:`efformer.reduce.apply`, and measures images (sequences) per second on
 ``--batch`` inputs (median of ``--repeat``; the speed-up is the median ratio of plain and reduced runs
 timed back to back), forward FLOPs per input (``torch.utils.flop_counter``: the
@@ -18,6 +21,8 @@ table with windowed merging (r per window of 4 x 4 tokens); ``--clusters`` adds 
 (token clustering into an s x s grid after block ``--cluster-at``, reconstructed after the last).
 
     PYTHONPATH=src python benchmarks/reduce_throughput.py --cache runs/reduce_bench --rs 0 4 8 16
+    PYTHONPATH=src python benchmarks/reduce_throughput.py --skip image --text-task pixels --pixel-side 24 \
+        --text-steps 440 --rs 0 32 64 96 128 --batch 64
     PYTHONPATH=src python benchmarks/reduce_throughput.py --depth 12 --width 96 --skip text --swin \
         --swin-rs 1 2 4 6 --clusters 4 6
 """
@@ -38,7 +43,8 @@ import efformer
 from efformer import reduce
 from efformer.arena.tasks import build_datasets, get_task
 from efformer.bench.perf import time_ms
-from efformer.data.images import digits
+from efformer.data.images import digits, token_images
+from efformer.data.loaders import read_cifar10
 from efformer.train.data import collate
 
 METHODS = ["tome", "pitome", "zero_tprune", "mctf", "token_transforming"]
@@ -91,7 +97,40 @@ def image_task(args, preset: str = "vit-tiny"):
     return model, how, [((test_set.images,), {}, test_set.labels)], ((x_speed,), {}), batches
 
 
+def pixel_task(args):
+    """The LRA image task's input format (one grey 8-bit intensity token per pixel, row-major, as
+    ``efformer arena``'s image cells and ``vision_accuracy.py --patch 1`` read them) for the text
+    SequenceClassifier: digits resized to ``--pixel-side`` (32: LRA's 1024 tokens), or with ``--cifar DIR``
+    the LRA image task itself on the user's CIFAR-10 files."""
+    side = args.pixel_side
+    if args.cifar:  # LRA's grey CIFAR-10 (read_cifar10's split: train, val, test_batch), 32 x 32
+        cifar_train, _, cifar_test = read_cifar10(args.cifar)
+        tr, te, side, name = token_images(cifar_train, 32), token_images(cifar_test, 32), 32, "pixels-cifar"
+    else:
+        (tr, te), name = digits(side).split(0.8, seed=0), f"pixels-digits{side}"
+    # back to the 8-bit intensities the tokens are (exact for CIFAR's uint8 pixels)
+    train_x, train_y = (tr.images * 255).round().long().flatten(1), tr.labels
+    test_x, test_y = (te.images * 255).round().long().flatten(1), te.labels
+    spec = get_task("image", "quick")
+    # the piloted recipe: 4 blocks (reduction points) of width 32, 2 heads, mean pooling, learned positions
+    cfg = spec.model_config(max_len=side * side + 1, n_layers=4, d_model=32, n_heads=2, ffn_mult=2.0, dropout=0.0,
+                            pooling="mean")
+    gen = torch.Generator().manual_seed(0)
+
+    def batches():
+        idx = torch.randint(0, len(train_y), (16,), generator=gen)
+        return (train_x[idx], {}), train_y[idx]
+    model, how = cached(Path(args.cache) / name, lambda: efformer.create_model(cfg),
+                        lambda m: train(m, batches, args.text_steps, 1e-3))
+    evals = [((test_x[s:s + 100],), {}, test_y[s:s + 100]) for s in range(0, len(test_y), 100)]
+    majority = torch.bincount(test_y).max().item() / len(test_y)
+    how += f"; {len(test_y)} test sequences of {side * side} tokens, majority class {majority:.3f}"
+    return model, how, evals, ((test_x[torch.arange(args.batch) % len(test_y)],), {}), batches
+
+
 def text_task(args):
+    if args.text_task == "pixels":
+        return pixel_task(args)
     base = get_task("listops", "quick")
     n = args.listops_len
     data = dict(base.data, min_len=n // 2, max_len=n, max_depth=6, n_train=3000, n_val=200, n_test=500)
@@ -209,6 +248,10 @@ def main() -> None:
     ap.add_argument("--image-steps", type=int, default=400)
     ap.add_argument("--text-steps", type=int, default=300)
     ap.add_argument("--listops-len", type=int, default=256)
+    ap.add_argument("--text-task", default="listops", choices=["listops", "pixels"],
+                    help="the text classifier's task: ListOps, or the LRA image format (pixel tokens)")
+    ap.add_argument("--pixel-side", type=int, default=32, help="digits resized to side x side pixel tokens")
+    ap.add_argument("--cifar", type=Path, default=None, help="with --text-task pixels: DIR/cifar-10-batches-bin")
     ap.add_argument("--skip", nargs="*", default=[], choices=["image", "text"])
     ap.add_argument("--where", default="mid", choices=["mid", "between"], help="where the tokens are merged")
     ap.add_argument("--depth", type=int, default=4, help="blocks of the image ViT (vit-tiny: 4)")
@@ -228,7 +271,9 @@ def main() -> None:
             table("swin-tiny on digits (windowed ToMe, r per window)", *image_task(args, "swin-tiny"), args,
                   methods=["tome"], rs=args.swin_rs)
     if "text" not in args.skip:
-        table(f"SequenceClassifier on ListOps (up to {args.listops_len} tokens)", *text_task(args), args)
+        what = (f"ListOps (up to {args.listops_len} tokens)" if args.text_task == "listops" else
+                "pixel tokens (LRA image format)")
+        table(f"SequenceClassifier on {what}", *text_task(args), args)
 
 
 if __name__ == "__main__":
