@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from efformer.errors import CapabilityError, ShapeError
-from efformer.models.block import norm_factory
+from efformer.models.block import live_dropout, norm_factory
 from efformer.models.cache import Cache
 from efformer.models.config import ModelConfig
 from efformer.models.depth import MoDBlock, make_block
@@ -91,9 +91,7 @@ class Backbone(nn.Module):
                 positions = positions + cache.next_position[:, None]
         if self.pos.kind == "embedding":
             h = h + self.pos.embed(positions).to(h.dtype)
-        h = self.embed_norm(h)
-        if self.training and self.drop.p > 0:  # nn.Dropout returns h itself at p = 0 or in eval
-            h = self.drop(h)
+        h = live_dropout(self.drop)(self.embed_norm(h))
         mask_all_true = mask is not None and bool(mask.all())
         layer_mask = None if mask_all_true else mask
         # Once per forward: rotary tables or the bias scheme, shared by every layer.
