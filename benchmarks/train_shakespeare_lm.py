@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout after the mixer and in the FFN")
     p.add_argument("--mixer-options", default="{}", help="JSON options of the softmax mixer (e.g. clipped softmax)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--init", default=None, help="continue training the model saved in this folder")
@@ -66,7 +67,7 @@ def main() -> None:
     train, val = split(Path(args.data))
     # ffn_mult 3 makes the SwiGLU hidden width 2/3*3*d = 2d, so groups of 128 divide every linear's input.
     model = efformer.create_model("lm-small", d_model=args.d_model, n_layers=args.layers, n_heads=4, ffn_mult=3.0,
-                                  max_len=1024, mixer_options=json.loads(args.mixer_options))
+                                  max_len=1024, dropout=args.dropout, mixer_options=json.loads(args.mixer_options))
     if args.init:
         model = efformer.load(args.init)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
