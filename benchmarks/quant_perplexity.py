@@ -12,6 +12,10 @@ next-byte distribution from the float model's on the same windows: the fidelity 
 which a perplexity gap can hide when the float model is mis-calibrated (a perturbation that flattens
 an over-confident model's predictions lowers its perplexity). The float model's perplexity at a few
 softmax temperatures is printed so that calibration can be read before the perplexity orderings are.
+The "calibrated PPL" column removes that confound the same way for every row, float included
+(temperature scaling, Guo et al., 2017): each model's logits are divided by the temperature that
+minimises its NLL on the even-numbered evaluation windows, and the perplexity is taken on the
+odd-numbered ones.
 """
 
 from __future__ import annotations
@@ -59,6 +63,34 @@ def nll_at(logp: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) 
     return -torch.log_softmax(logp / temperature, -1).gather(-1, targets[..., None]).mean().item()
 
 
+def fitted_temperature(logp: torch.Tensor, targets: torch.Tensor, lo: float = 0.25, hi: float = 4.0) -> float:
+    """The temperature in [lo, hi] minimising ``nll_at`` (golden-section search; NLL is unimodal in it)."""
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(40):
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        if nll_at(logp, targets, a) < nll_at(logp, targets, b):
+            hi = b
+        else:
+            lo = a
+    return (lo + hi) / 2
+
+
+def calibrated_ppl(logp: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """(perplexity on the odd windows at the temperature fitted on the even ones, that temperature)."""
+    t = fitted_temperature(logp[0::2], targets[0::2])
+    return math.exp(nll_at(logp[1::2], targets[1::2], t)), t
+
+
+def window_nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(n,) mean NLL of each evaluation window."""
+    return -logp.gather(-1, targets[..., None])[..., 0].mean(-1)
+
+
+def _paired(per_window: dict, name: str) -> str:
+    d = per_window[name] - per_window["float"]
+    return f"{d.mean().item():+.5f} +- {2 * d.std().item() / math.sqrt(len(d)):.5f}"
+
+
 def kl_from(reference: torch.Tensor, logp: torch.Tensor) -> float:
     """Mean over positions of KL(reference || logp), both (n, t, vocab) log-probabilities."""
     return (reference.exp() * (reference - logp)).sum(-1).mean().item()
@@ -101,6 +133,9 @@ def main() -> None:
     targets = windows[:, 1:]
     ref = log_probs(base, windows)
     ppl, kl = {"float": math.exp(nll_at(ref, targets))}, {"float": 0.0}
+    per_window = {"float": window_nll(ref, targets)}
+    cal, temp = {}, {}
+    cal["float"], temp["float"] = calibrated_ppl(ref, targets)
     # the library's protocol (efformer.compress.evaluate.perplexity) scores the same tokens: a cross-check
     assert math.isclose(ppl["float"], perplexity(base, val, args.window, max_windows=n), rel_tol=1e-4)
     print(f"model {args.model}: {sum(p.numel() for p in base.parameters())} params; eval {n} windows "
@@ -109,8 +144,8 @@ def main() -> None:
     temps = (0.9, 1.0, 1.1, 1.2)
     print("float val PPL at softmax temperature " +
           ", ".join(f"{t}: {math.exp(nll_at(ref, targets, t)):.3f}" for t in temps) + "\n")
-    print("| method | val PPL | KL(float || q) x 1e3 | quantize s |\n|---|---|---|---|")
-    print(f"| float | {ppl['float']:.3f} | 0 | - |", flush=True)
+    print("| method | val PPL | calibrated PPL (T) | KL(float || q) x 1e3 | quantize s |\n|---|---|---|---|---|")
+    print(f"| float | {ppl['float']:.3f} | {cal['float']:.3f} ({temp['float']:.2f}) | 0 | - |", flush=True)
     for name, cfg in configs():
         if args.only and not any(o in name for o in args.only):
             continue
@@ -119,14 +154,22 @@ def main() -> None:
         secs = time.perf_counter() - t0
         logp = log_probs(q, windows)
         ppl[name], kl[name] = math.exp(nll_at(logp, targets)), kl_from(ref, logp)
-        print(f"| {name} | {ppl[name]:.3f} | {1e3 * kl[name]:.3f} | {secs:.1f} |", flush=True)
+        per_window[name] = window_nll(logp, targets)
+        cal[name], temp[name] = calibrated_ppl(logp, targets)
+        print(f"| {name} | {ppl[name]:.3f} | {cal[name]:.3f} ({temp[name]:.2f}) | {1e3 * kl[name]:.3f} | {secs:.1f} |",
+              flush=True)
     for g in ("g128", "per-channel"):
-        for label, m in (("val PPL", ppl), ("KL", kl)):
+        for label, m in (("val PPL", ppl), ("calibrated PPL", cal), ("KL", kl)):
             r4, g4, r3, g3 = (m.get(f"{q} int{b} {g}") for q, b in (("RTN", 4), ("GPTQ", 4), ("RTN", 3), ("GPTQ", 3)))
             if None not in (r4, g4, r3, g3):
-                print(f"{'' if label == 'KL' else chr(10)}{g}, {label}: float < GPTQ4 < RTN4: {m['float'] < g4 < r4}; "
+                lead = "\n" if label == "val PPL" else ""
+                print(f"{lead}{g}, {label}: float < GPTQ4 < RTN4: {m['float'] < g4 < r4}; "
                       f"GPTQ3 << RTN3 (gap GPTQ3-float at most half of RTN3-float): "
                       f"{g3 - m['float'] <= 0.5 * (r3 - m['float'])}")
+        for b in (4, 3):  # how far apart the perplexities are, beside the evaluation's own resolution
+            rows = [f"{q} int{b} {g}" for q in ("RTN", "GPTQ") if f"{q} int{b} {g}" in per_window]
+            print(f"{g} int{b}, NLL minus float's, mean +- 2 paired standard errors over the windows: "
+                  + "; ".join(f"{r.split()[0]} {_paired(per_window, r)}" for r in rows))
 
 if __name__ == "__main__":
     main()
