@@ -29,9 +29,9 @@ table with windowed merging (r per window of 4 x 4 tokens); ``--clusters`` adds 
 
 The pixel-token recipe above (24 x 24 digits, width 32, learned positions, 1000 steps at 2e-3) reaches
 0.808 test accuracy (majority class 0.117; one test sequence = 0.28 points) in 22 minutes on a busy
-core. At 32 x 32 (LRA's 1024 tokens) the loss stayed at ln 10 for 300 steps at 1e-3 (learned or
-sinusoidal positions) and for 120 steps at 3e-3, at 1-3.5 s a step: not learnable in a session here.
-Its text table, one run, 2 cores at load 5.6-6.2 (three other trainings); speed-up / FLOPs saved /
+core. At 32 x 32 (LRA's 1024 tokens) the loss stayed at ln 10 for 300 steps at 1e-3 (sinusoidal
+positions) and for 120 steps at 3e-3 (learned), at 1-3.5 s a step: not learnable in a session here.
+Its text table, one run, 2 cores at load 5.4-6.8 (other trainings); speed-up / FLOPs saved /
 change in points:
 
     | method             | r=96               | r=144              | r=192              |
