@@ -1,5 +1,5 @@
-"""Model-level bench cells and the LRA-efficiency and recurrent-scaling scripts: complete, plausible
-rows through fresh workers, recorded failures, tables that agree with their rows, runs end to end."""
+"""Model-level bench cells and the LRA-efficiency, recurrent-scaling and token-reduction scripts: complete,
+plausible rows through fresh workers, recorded failures, tables that agree with their rows, runs end to end."""
 
 from __future__ import annotations
 
@@ -123,3 +123,24 @@ def test_recurrent_script_runs_end_to_end_in_workers(tmp_path, capsys):
     assert "| linear | chunked |" in out
     lin = {r["seq_len"]: r for r in rows if r["mixer"] == "linear" and r["mode"] == "decode"}
     assert f"| {lin[64]['time_ms'] / lin[16]['time_ms']:.2f} |" in out
+
+
+def test_reduce_script_pixel_text_task_trains_caches_and_reduces(tmp_path, capsys):
+    """``--text-task pixels`` end to end on 8 x 8 digits: the script's own training loop, its cache, the table."""
+    script = _script("reduce_throughput")
+    argv = ["--cache", str(tmp_path), "--skip", "image", "--text-task", "pixels", "--pixel-side", "8",
+            "--text-steps", "2", "--methods", "tome", "--batch", "4", "--repeat", "1"]
+    script.main(argv + ["--rs", "0", "4"])
+    first = capsys.readouterr().out
+    assert "trained in" in first and "359 test sequences of 64 tokens" in first and "step 2/2: loss" in first
+    rows = [line.split(" | ") for line in first.splitlines() if line.startswith(("| none |", "| tome |"))]
+    assert [r[0:2] for r in rows] == [["| none", "0"], ["| tome", "4"]]
+    none, tome = rows
+    assert none[4] == "1.00x" and none[6] == "0%" and none[8] == "0.0 |"
+    # mid placement, no class token: 4 tokens merged inside each of the 4 blocks
+    assert tome[2] == "64>60>56>52>48" and 0 < int(tome[6][:-1]) < 100
+    # the cached model is the trained one: same accuracy without training, and what the table printed
+    script.main(argv + ["--rs", "0"])
+    again = capsys.readouterr().out
+    assert "cached" in again and "trained in" not in again
+    assert next(x for x in again.splitlines() if x.startswith("| none |")).split(" | ")[7] == none[7]
