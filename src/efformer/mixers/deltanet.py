@@ -36,6 +36,7 @@ from efformer.mixers.base import (
     causal_recurrent,
     pad_to_multiple,
     segment_starts,
+    seq_rows,
 )
 from efformer.nn.recurrent import ShortConv, causal_taps, inverse_softplus_dt, log_decay_rates
 from efformer.registry import register_mixer
@@ -240,11 +241,6 @@ def normed_heads(u: Tensor, heads: int, dtype: torch.dtype) -> tuple[Tensor, Ten
     return q.to(dtype), F.normalize(k, dim=-1).to(dtype), v.to(dtype)
 
 
-def _rows(t: Tensor | None, a: int, b: int) -> Tensor | None:
-    """Rows a:b of the sequence axis (dim 1) of t, or None."""
-    return t[:, a:b] if t is not None else None
-
-
 def _group_qkv(xs, w, keep, conv_w, seg, pad: int, heads: int, dtype):
     """q, k, v (b, h, n, d) of one group from its input rows xs (b, w-1+n-pad, d_model), which begin with
     the conv's w-1 rows of history, ``pad`` of them before the sequence start (zeros, segment id -2)."""
@@ -281,7 +277,7 @@ class DeltaLayerRecompute(torch.autograd.Function):
         o = entry = S = None
         for i, lo in enumerate(starts):
             hi, a = min(lo + span, n), max(lo - hist, 0)
-            rows = x[:, a:hi], w, _rows(keep, a, hi), conv_w, _rows(seg, a, hi), a - (lo - hist)
+            rows = x[:, a:hi], w, seq_rows(keep, a, hi), conv_w, seq_rows(seg, a, hi), a - (lo - hist)
             q, k, v = _group_qkv(*rows, heads, dt)
             if o is None:
                 o = v.new_empty(*v.shape[:2], n, v.shape[-1])
@@ -316,7 +312,8 @@ class DeltaLayerRecompute(torch.autograd.Function):
             ins = [t.detach().requires_grad_(r) if t is not None else None for t, r in zip(ins, wants, strict=True)]
             xs, wl, cl, bl, gl = ins
             with torch.enable_grad():
-                q, k, v = _group_qkv(xs, wl, _rows(keep, a, hi), cl, _rows(seg, a, hi), a - (lo - hist), heads, dt)
+                rows = xs, wl, seq_rows(keep, a, hi), cl, seq_rows(seg, a, hi), a - (lo - hist)
+                q, k, v = _group_qkv(*rows, heads, dt)
                 terms = _delta_terms(*_delta_chunks(q, k, v, bl, gl, chunk))
             plain = [t.detach() for t in terms]
             h = _delta_scan(entry[:, :, i], plain[0], plain[1], plain[4], plain[5])[0]

@@ -40,6 +40,7 @@ from efformer.mixers.base import (
     MixerState,
     causal_recurrent,
     segment_starts,
+    seq_rows,
 )
 from efformer.nn.recurrent import ShortConv, causal_taps, inverse_softplus_dt, log_decay_rates
 from efformer.nn.selective_scan import SEGMENT, selective_scan
@@ -163,11 +164,6 @@ def ssd_output(y, xs, z, D, norm_weight, groups: int, eps: float):
     return rearrange(g, "b l g e -> b l (g e)") * norm_weight
 
 
-def _rows(t: Tensor | None, a: int, b: int) -> Tensor | None:
-    """Rows a:b of the sequence axis (dim 1) of t, or None."""
-    return t[:, a:b] if t is not None else None
-
-
 def _mamba2_group(cfg, xs, keep, seg, reset, pad, h, w_in, conv_w, conv_b, dt_bias, A_log, D, norm_w):
     """One group of a Mamba-2 layer from its input rows xs (b, w-1+n-pad, d_model), the conv's w-1 rows of
     history first, ``pad`` of them before the sequence start: (normed output (b, n, d_inner), state leaving)."""
@@ -208,7 +204,7 @@ class Mamba2Recompute(torch.autograd.Function):
         for i, lo in enumerate(starts):
             hi, a = min(lo + span, n), max(lo - hist, 0)
             entry[i] = h
-            rows = _rows(keep, a, hi), _rows(seg, a, hi), _rows(reset, lo, hi), a - (lo - hist)
+            rows = seq_rows(keep, a, hi), seq_rows(seg, a, hi), seq_rows(reset, lo, hi), a - (lo - hist)
             out[:, lo:hi], h = _mamba2_group(cfg, x[:, a:hi], *rows, h, *params)
         ctx.save_for_backward(x, keep, seg, reset, entry, *params)
         ctx.cfg, ctx.span = cfg, span
@@ -225,7 +221,7 @@ class Mamba2Recompute(torch.autograd.Function):
             hi, a = min(lo + span, n), max(lo - hist, 0)
             xs, h0 = x[:, a:hi].detach().requires_grad_(), entry[i].detach().requires_grad_(i > 0)
             leaves = [p.detach().requires_grad_() for p in params]
-            rows = _rows(keep, a, hi), _rows(seg, a, hi), _rows(reset, lo, hi), a - (lo - hist)
+            rows = seq_rows(keep, a, hi), seq_rows(seg, a, hi), seq_rows(reset, lo, hi), a - (lo - hist)
             with torch.enable_grad():
                 out, h = _mamba2_group(ctx.cfg, xs, *rows, h0, *leaves)
             wrt = [xs, *leaves, h0] if i > 0 else [xs, *leaves]  # the first group starts from constant zeros
