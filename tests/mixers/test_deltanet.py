@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from efformer.mixers.deltanet import (
+    DeltaLayerRecompute,
     DeltaNet,
     GatedDeltaNet,
+    HeadNormGate,
     delta_rule_chunked,
     delta_rule_recompute,
     delta_rule_recurrent,
@@ -240,3 +242,99 @@ def test_recompute_gradcheck(gated):
         return delta_rule_recompute(q, k, v, beta, la[0] if la else None, s0, chunk_size=4, chunks_per_group=1)
 
     assert torch.autograd.gradcheck(fn, ins)
+
+
+def _layer_case(name: str, t: int, kind: str, conv: int = 3):
+    """A layer with its test options, input x (2, t, D), and a padding mask or packed segment ids (or neither)."""
+    m = make_mixer(name, True, conv_size=conv)
+    gen = torch.Generator().manual_seed(t)
+    x = torch.randn(2, t, D, generator=gen)
+    mask = segments = None
+    if kind == "padded":  # row 1 left-padded by up to 3 steps
+        mask = torch.arange(t)[None] >= torch.tensor([[0], [min(3, t - 1)]])
+    if kind == "packed":  # two segments per row, split at different places
+        segments = (torch.arange(t)[None] >= torch.tensor([[t // 2], [t // 3]])).long()
+    return m, x, mask, segments
+
+
+def _layer_grads(m, x, run):
+    """[y or o, dx, d every parameter] of loss = <run(x), fixed cotangent>."""
+    m.zero_grad()
+    xs = x.clone().requires_grad_(True)
+    y = run(xs)
+    (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    return [y.detach(), xs.grad] + [p.grad.clone() if p.grad is not None else torch.zeros(()) for p in m.parameters()]
+
+
+def _assert_same(ref, got, what):
+    # Max abs error within 1e-5 of max(|ref|, 1), not a relative error: at t = 1 beta's gradient is ~0
+    # in exact arithmetic (the per-head RMS norm removes the scale a single write puts on o), so its
+    # relative error would be fp32 noise over noise.
+    for i, (a, b) in enumerate(zip(ref, got, strict=True)):
+        err, scale = (b - a).abs().max().item(), max(a.abs().max().item(), 1.0)
+        assert err <= 1e-5 * scale, f"{what}, tensor {i}: max error {err:.2e} at scale {scale:.2e}"
+    assert ref[0].abs().max() > 0 and ref[1].abs().max() > 0, "vacuous comparison"
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("conv", [3, 0])
+@pytest.mark.parametrize("kind", ["plain", "padded", "packed"])
+@pytest.mark.parametrize("t", [1, 7, 13, 67])
+def test_lean_layer_function_equals_autograd_of_the_chunked_form(name, conv, kind, t):
+    """DeltaLayerRecompute (projection, conv, norms and delta rule rebuilt per group in backward) gives the
+    same o and the same gradients for x and every parameter as autograd through _project and the chunked
+    form, with groups of 1 and 2 chunks of 4 (so the conv's history crosses group boundaries)."""
+    m, x, mask, seg = _layer_case(name, t, kind, conv)
+
+    def plain(xs):
+        return delta_rule_chunked(*m._project(xs, mask, None, seg, torch.float32), chunk_size=min(4, t))[0]
+
+    ref = _layer_grads(m, x, plain)
+    for group in (1, 2):
+        got = _layer_grads(m, x, lambda xs, g=group: m._lean(xs, mask, seg, torch.float32, 4, g))
+        _assert_same(ref, got, f"chunks_per_group={group}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("kind", ["plain", "padded", "packed"])
+@pytest.mark.parametrize("t", [1, 7, 13, 67])
+def test_lean_chunked_layer_equals_the_autograd_layer(name, kind, t):
+    """The chunked form as trained (lean Function and HeadNormGate) == the same form by plain autograd."""
+    m, x, mask, seg = _layer_case(name, t, kind)
+    runs = [lambda xs, lean=lean: m._run("chunked", xs, mask, None, seg, lean=lean, chunk_size=4)[0]
+            for lean in (False, True)]
+    _assert_same(_layer_grads(m, x, runs[0]), _layer_grads(m, x, runs[1]), "lean layer")
+
+
+def test_lean_layer_gradcheck():
+    """float64 gradcheck of DeltaLayerRecompute on a tiny packed, padded case: groups of one chunk of 2,
+    the last chunk padded, the conv's history crossing every group boundary."""
+    gen = torch.Generator().manual_seed(0)
+    b, t, d, h = 1, 5, 4, 2
+    x = torch.randn(b, t, d, dtype=torch.float64, generator=gen)
+    w = torch.randn(3 * d, d, dtype=torch.float64, generator=gen) / d**0.5
+    conv = torch.randn(3 * d, 1, 3, dtype=torch.float64, generator=gen)
+    beta = torch.rand(b, h, t, dtype=torch.float64, generator=gen)
+    g = -0.5 * torch.rand(b, h, t, dtype=torch.float64, generator=gen)
+    keep = (torch.arange(t) >= 1).to(torch.float64)[None, :, None]
+    seg = (torch.arange(t) >= 3).long()[None]
+    ins = [x.requires_grad_(), w.requires_grad_(), conv.requires_grad_(), beta.requires_grad_(), g.requires_grad_()]
+
+    def fn(x, w, conv, beta, g):
+        return DeltaLayerRecompute.apply(x, w, keep, conv, seg, beta, g, h, 2, 1)
+
+    assert torch.autograd.gradcheck(fn, ins)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_head_norm_gate_gradcheck(gated):
+    """float64 gradcheck of the lean per-head RMS norm (and output gate)."""
+    gen = torch.Generator().manual_seed(0)
+    o = torch.randn(1, 2, 5, 3, dtype=torch.float64, generator=gen).requires_grad_()
+    w = torch.randn(3, dtype=torch.float64, generator=gen).requires_grad_()
+    x = torch.randn(1, 5, 4, dtype=torch.float64, generator=gen).requires_grad_()
+    wg = torch.randn(6, 4, dtype=torch.float64, generator=gen).requires_grad_()
+    if gated:
+        assert torch.autograd.gradcheck(lambda o, w, x, wg: HeadNormGate.apply(o, w, 1e-6, x, wg), [o, w, x, wg])
+    else:
+        assert torch.autograd.gradcheck(lambda o, w: HeadNormGate.apply(o, w, 1e-6, None, None), [o, w])

@@ -392,6 +392,11 @@ def causal_keep(n_q: int, n_k: int, device: torch.device | str | None = None) ->
     return torch.arange(n_k, device=device)[None, :] <= i
 
 
+def seq_rows(t: Tensor | None, a: int, b: int) -> Tensor | None:
+    """Rows a:b of the sequence axis (dim 1) of t (batch, seq, ...), or None for None."""
+    return t[:, a:b] if t is not None else None
+
+
 def pad_to_multiple(x: Tensor, multiple: int, dim: int = 1, value: float = 0.0) -> tuple[Tensor, int]:
     """Right-pad ``x`` along ``dim`` to a multiple of ``multiple``; returns (padded, pad_amount)."""
     n = x.shape[dim]

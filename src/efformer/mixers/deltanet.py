@@ -36,8 +36,9 @@ from efformer.mixers.base import (
     causal_recurrent,
     pad_to_multiple,
     segment_starts,
+    seq_rows,
 )
-from efformer.nn.recurrent import ShortConv, inverse_softplus_dt, log_decay_rates
+from efformer.nn.recurrent import ShortConv, causal_taps, inverse_softplus_dt, log_decay_rates
 from efformer.registry import register_mixer
 
 # ---- the delta rule on (batch, heads, seq, dim) tensors -------------------------------------------
@@ -148,6 +149,35 @@ def delta_rule_chunked(
     return o[:, :, :t], S
 
 
+def _chunk_cotangents(terms, h: Tensor, do: Tensor, dS: Tensor):
+    """Cotangents of a group's chunk terms (the six of :func:`_delta_terms`) and dL/d(state entering it).
+
+    ``h`` (b, h, n, K, V) the states entering the group's chunks, ``do`` (b, h, n, c, V) dL/dO, ``dS``
+    dL/d(state leaving the group). dS is carried across chunks by hand (U_j = U0_j - W_j S_j,
+    O_j = Qd_j S_j + QK_j U_j, S_{j+1} = a_j S_j + Kd_j^T U_j), so autograd only sees chunk-local terms.
+    """
+    u0, w, qk, q_dec, k_dec_t, decay = terms
+    u = u0 - w @ h
+    from_o = qk.transpose(-1, -2) @ do  # dL/dU through the chunk's own outputs
+    read = q_dec.transpose(-1, -2) @ do  # dL/dS_j through the chunk's own outputs
+    du, ds_next = [], []
+    for j in reversed(range(h.shape[2])):
+        ds_next.append(dS)
+        du_j = from_o[:, :, j] + k_dec_t[:, :, j].transpose(-1, -2) @ dS
+        du.append(du_j)
+        dS = read[:, :, j] - w[:, :, j].transpose(-1, -2) @ du_j + decay[:, :, j] * dS
+    du, ds_next = torch.stack(du[::-1], 2), torch.stack(ds_next[::-1], 2)
+    cot = (
+        du,  # U0
+        -du @ h.transpose(-1, -2),  # W
+        do @ u.transpose(-1, -2),  # QK
+        do @ h.transpose(-1, -2),  # Qd
+        ds_next @ u.transpose(-1, -2),  # Kd^T
+        (h * ds_next).sum((-1, -2), keepdim=True),  # a
+    )
+    return cot, dS
+
+
 CHUNKS_PER_GROUP = 16  # chunks recomputed together in the recomputing form's backward
 
 
@@ -157,8 +187,8 @@ class DeltaRuleRecompute(torch.autograd.Function):
     Inputs are chunked (see :func:`_delta_chunks`), S0 (b, h, K, V) and the group size. Forward runs
     groups of chunks without a graph and saves the inputs and the state entering each chunk;
     backward walks the groups in reverse, recomputes each group's chunk-local terms under autograd,
-    carries dS across chunks by hand (U_j = U0_j - W_j S_j, O_j = Qd_j S_j + QK_j U_j,
-    S_{j+1} = a_j S_j + Kd_j^T U_j) and lets autograd take the chunk-local terms back to the inputs.
+    carries dS across chunks by hand (:func:`_chunk_cotangents`) and lets autograd take the
+    chunk-local terms back to the inputs.
     """
 
     @staticmethod
@@ -186,25 +216,7 @@ class DeltaRuleRecompute(torch.autograd.Function):
             h, do_n = states[:, :, part], do[:, :, part]
             with torch.enable_grad():
                 terms = _delta_terms(*ins)
-            u0, w, qk, q_dec, k_dec_t, decay = (x.detach() for x in terms)
-            u = u0 - w @ h
-            from_o = qk.transpose(-1, -2) @ do_n  # dL/dU through the chunk's own outputs
-            read = q_dec.transpose(-1, -2) @ do_n  # dL/dS_j through the chunk's own outputs
-            du, ds_next = [], []
-            for j in reversed(range(h.shape[2])):
-                ds_next.append(dS)
-                du_j = from_o[:, :, j] + k_dec_t[:, :, j].transpose(-1, -2) @ dS
-                du.append(du_j)
-                dS = read[:, :, j] - w[:, :, j].transpose(-1, -2) @ du_j + decay[:, :, j] * dS
-            du, ds_next = torch.stack(du[::-1], 2), torch.stack(ds_next[::-1], 2)
-            cot = (
-                du,  # U0
-                -du @ h.transpose(-1, -2),  # W
-                do_n @ u.transpose(-1, -2),  # QK
-                do_n @ h.transpose(-1, -2),  # Qd
-                ds_next @ u.transpose(-1, -2),  # Kd^T
-                (h * ds_next).sum((-1, -2), keepdim=True),  # a
-            )
+            cot, dS = _chunk_cotangents([x.detach() for x in terms], h, do_n, dS)
             got = torch.autograd.grad(terms, ins, cot)
             for buf, gr in zip(grads, got, strict=True):
                 buf[:, :, part] = gr
@@ -220,6 +232,159 @@ def delta_rule_recompute(
     chunks = _delta_chunks(q, k, v, beta, log_alpha, min(chunk_size, t))
     o, S = DeltaRuleRecompute.apply(*chunks, S, chunks_per_group)
     return rearrange(o, "b h n c d -> b h (n c) d")[:, :, :t], S
+
+
+def normed_heads(u: Tensor, heads: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k (b, h, n, d) unit-norm (q scaled by d^-1/2) and v (b, h, n, d) in ``dtype``, from u (b, n, 3*h*d)."""
+    q, k, v = (t.unflatten(2, (heads, -1)).transpose(1, 2) for t in u.chunk(3, dim=-1))
+    q = F.normalize(q, dim=-1) * q.shape[-1] ** -0.5
+    return q.to(dtype), F.normalize(k, dim=-1).to(dtype), v.to(dtype)
+
+
+def _group_qkv(xs, w, keep, conv_w, seg, pad: int, heads: int, dtype):
+    """q, k, v (b, h, n, d) of one group from its input rows xs (b, w-1+n-pad, d_model), which begin with
+    the conv's w-1 rows of history, ``pad`` of them before the sequence start (zeros, segment id -2)."""
+    u = F.linear(xs, w)
+    if keep is not None:
+        u = u * keep
+    if conv_w is not None:
+        u = F.pad(u, (0, 0, pad, 0))
+        seg = F.pad(seg, (pad, 0), value=-2) if seg is not None else None
+        u = F.silu(causal_taps(u, conv_w, None, seg))
+    return normed_heads(u, heads, dtype)
+
+
+class DeltaLayerRecompute(torch.autograd.Function):
+    """A DeltaNet layer's path from x to the delta rule's output, from a zero state, keeping almost nothing.
+
+    x (b, n, d_model), the fused q|k|v weight (3*d_model, d_model), keep (b, n, 1) or None (padding),
+    the conv weight (3*d_model, 1, w) or None, segment ids (b, n) or None, beta and log alpha
+    (b, h, n), then heads, chunk size and chunks per group -> o (b, h, n, V) in float32 or wider.
+    Forward runs groups of chunks without a graph and keeps x, the per-token gates and the state
+    entering each group. Backward walks the groups in reverse and re-runs each group's projection,
+    conv, norms and chunk terms under autograd (so the layer never holds the (b, n, 3*d_model)
+    projections, conv outputs and normed q, k of the whole sequence), carries dS by hand
+    (:func:`_chunk_cotangents`) and adds the group's input rows' gradient into dx (the conv's w-1
+    rows of history overlap the group before).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, keep, conv_w, seg, beta, g, heads, chunk, group):
+        dt = torch.promote_types(x.dtype, torch.float32)
+        n, span = x.shape[1], chunk * group
+        hist = conv_w.shape[-1] - 1 if conv_w is not None else 0
+        starts = range(0, n, span)
+        o = entry = S = None
+        for i, lo in enumerate(starts):
+            hi, a = min(lo + span, n), max(lo - hist, 0)
+            rows = x[:, a:hi], w, seq_rows(keep, a, hi), conv_w, seq_rows(seg, a, hi), a - (lo - hist)
+            q, k, v = _group_qkv(*rows, heads, dt)
+            if o is None:
+                o = v.new_empty(*v.shape[:2], n, v.shape[-1])
+                S = v.new_zeros(*v.shape[:2], q.shape[-1], v.shape[-1])
+                entry = v.new_empty(*v.shape[:2], len(starts), *S.shape[2:])
+            entry[:, :, i] = S
+            chunks = _delta_chunks(q, k, v, beta[..., lo:hi], g[..., lo:hi], chunk)
+            u0, wy, qk, q_dec, k_dec_t, decay = _delta_terms(*chunks)
+            h, u, S = _delta_scan(S, u0, wy, k_dec_t, decay)
+            o[:, :, lo:hi] = rearrange(q_dec @ h + qk @ u, "b h n c d -> b h (n c) d")[:, :, : hi - lo]
+        ctx.save_for_backward(x, w, keep, conv_w, seg, beta, g, entry)
+        ctx.meta = heads, chunk, group
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        x, w, keep, conv_w, seg, beta, g, entry = ctx.saved_tensors
+        heads, chunk, group = ctx.meta
+        dt, n, span = entry.dtype, x.shape[1], chunk * group
+        hist = conv_w.shape[-1] - 1 if conv_w is not None else 0
+        need = ctx.needs_input_grad
+        dx = torch.zeros_like(x) if need[0] else None  # zeros: neighbouring groups' rows overlap
+        dw = torch.zeros_like(w) if need[1] else None
+        dconv = torch.zeros_like(conv_w) if conv_w is not None and need[3] else None
+        dbeta = torch.empty_like(beta) if need[5] else None
+        dg = torch.empty_like(g) if need[6] else None
+        dS = torch.zeros_like(entry[:, :, 0])
+        for i, lo in reversed(list(enumerate(range(0, n, span)))):
+            hi, a = min(lo + span, n), max(lo - hist, 0)
+            ins = [x[:, a:hi], w, conv_w, beta[..., lo:hi], g[..., lo:hi]]
+            wants = need[:2] + need[3:4] + need[5:7]
+            ins = [t.detach().requires_grad_(r) if t is not None else None for t, r in zip(ins, wants, strict=True)]
+            xs, wl, cl, bl, gl = ins
+            with torch.enable_grad():
+                rows = xs, wl, seq_rows(keep, a, hi), cl, seq_rows(seg, a, hi), a - (lo - hist)
+                q, k, v = _group_qkv(*rows, heads, dt)
+                terms = _delta_terms(*_delta_chunks(q, k, v, bl, gl, chunk))
+            plain = [t.detach() for t in terms]
+            h = _delta_scan(entry[:, :, i], plain[0], plain[1], plain[4], plain[5])[0]
+            do_n = F.pad(do[:, :, lo:hi], (0, 0, 0, h.shape[2] * chunk - (hi - lo)))
+            do_n = rearrange(do_n, "b h (n c) d -> b h n c d", c=chunk)
+            cot, dS = _chunk_cotangents(plain, h, do_n, dS)
+            live = [(t, c) for t, c in zip(terms, cot, strict=True) if t.requires_grad]  # the decay needs g's grad
+            leaves = [t for t in ins if t is not None and t.requires_grad]
+            got = iter(torch.autograd.grad([t for t, _ in live], leaves, [c for _, c in live]))
+            if need[0]:
+                dx[:, a:hi] += next(got)
+            if need[1]:
+                dw += next(got)
+            if dconv is not None:
+                dconv += next(got)
+            if need[5]:
+                dbeta[..., lo:hi] = next(got)
+            if need[6]:
+                dg[..., lo:hi] = next(got)
+        return dx, dw, None, dconv, None, dbeta, dg, None, None, None
+
+
+def _rms(o: Tensor, eps: float, dt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """o (b, h, n, d) RMS-normalised over d, as (b, n, h, d) in ``dt``, and 1/rms (b, n, h, 1)."""
+    on = o.transpose(1, 2).to(dt)
+    rstd = on.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+    return on * rstd, rstd
+
+
+class HeadNormGate(torch.autograd.Function):
+    """rms_norm(o) * w per head, merged, times swish(x W_g^T) if W_g is given -> (b, n, h*d).
+
+    o (b, h, n, d), w (d,), eps, x (b, n, d_model) and W_g (h*d, d_model), or None and None. Keeps
+    only its inputs (o and x are kept by the layer anyway) and rebuilds the norm and the gate in
+    backward: autograd would keep the normed o, its merged copy, the gate's pre-activation and its
+    swish, four (b, n, h*d) tensors, as much as the whole recomputing delta rule keeps.
+    """
+
+    @staticmethod
+    def forward(ctx, o, w, eps, x, wg):
+        dt = torch.promote_types(o.dtype, torch.float32)
+        y = _rms(o, eps, dt)[0].mul_(w.to(dt)).flatten(-2)
+        if wg is not None:
+            y = y.mul_(F.silu(F.linear(x, wg).to(dt)))
+        ctx.save_for_backward(o, w, x, wg)
+        ctx.eps, ctx.dt = eps, dt
+        return y.to(o.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        o, w, x, wg = ctx.saved_tensors
+        dt = ctx.dt
+        dy = dy.to(dt)
+        xhat, rstd = _rms(o, ctx.eps, dt)
+        dx = dwg = None
+        if wg is not None:
+            z = F.linear(x, wg).to(dt)
+            sig = torch.sigmoid(z)
+            dz = (xhat * w.to(dt)).flatten(-2).mul_(dy).mul_(sig)
+            dz.mul_(torch.sub(1, sig).mul_(z).add_(1))  # swish'(z) = sig (1 + z (1 - sig))
+            dz = dz.to(x.dtype)
+            dx = dz @ wg if ctx.needs_input_grad[3] else None
+            dwg = dz.flatten(0, -2).transpose(0, 1) @ x.flatten(0, -2) if ctx.needs_input_grad[4] else None
+            del dz
+            dy = z.mul_(sig).mul_(dy)  # d(normed o) = dy * swish(z)
+            del sig
+        dn = dy.view_as(xhat)
+        dw = (dn * xhat).sum((0, 1, 2))
+        dxh = dn.mul_(w.to(dt))
+        do = dxh.sub_(xhat.mul_((dxh * xhat).mean(-1, keepdim=True))).mul_(rstd)
+        return do.transpose(1, 2).to(o.dtype), dw.to(w.dtype), None, dx, dwg
 
 
 # ---- the layers -------------------------------------------------------------------------------------
@@ -313,43 +478,71 @@ class DeltaNet(Mixer):
             state.conv = window
         return F.silu(y)
 
-    def _project(self, x: Tensor, mask: Tensor | None, state: DeltaState | None, segments: Tensor | None = None):
-        """q, k (b, h, n, d) unit-norm (q scaled by d^-1/2), v (b, h, n, d), beta and log alpha (b, h, n)."""
-        qkv = self.qkv_proj(x)
+    def _gates(self, x: Tensor, mask: Tensor | None, segments: Tensor | None):
+        """beta (b, h, n) and log alpha (b, h, n) or None, with padded steps and segment starts applied."""
         beta = self.beta_proj(x).sigmoid()
         log_alpha = self._log_decay(x)
         if mask is not None:  # a padded step writes nothing and decays nothing
             keep = mask[..., None].to(x.dtype)
-            qkv, beta = qkv * keep, beta * keep
+            beta = beta * keep
             log_alpha = log_alpha * keep if log_alpha is not None else None
         if segments is not None:  # packed rows: a segment's first token forgets the state before it
             start = segment_starts(segments)[..., None]
             base = log_alpha if log_alpha is not None else x.new_zeros(*x.shape[:2], self.n_heads)
             log_alpha = base.masked_fill(start, RESET_LOG_DECAY)
+        beta = rearrange(beta, "b n h -> b h n")
+        return beta, rearrange(log_alpha, "b n h -> b h n") if log_alpha is not None else None
+
+    def _project(self, x: Tensor, mask: Tensor | None, state: DeltaState | None, segments: Tensor | None, ct):
+        """q, k (b, h, n, d) unit-norm (q scaled by d^-1/2), v (b, h, n, d), beta and log alpha (b, h, n) in ``ct``."""
+        qkv = self.qkv_proj(x)
+        if mask is not None:
+            qkv = qkv * mask[..., None].to(x.dtype)
         if self.opts.conv_size:
             qkv = self._conv(qkv, state, segments)
-        q, k, v = (self.split_heads(t) for t in qkv.chunk(3, dim=-1))
-        q = F.normalize(q, dim=-1) * self.head_dim**-0.5
-        k = F.normalize(k, dim=-1)
-        beta = rearrange(beta, "b n h -> b h n")
-        log_alpha = rearrange(log_alpha, "b n h -> b h n") if log_alpha is not None else None
-        return q, k, v, beta, log_alpha
+        beta, log_alpha = self._gates(x, mask, segments)
+        return *normed_heads(qkv, self.n_heads, ct), beta.to(ct), log_alpha.to(ct) if log_alpha is not None else None
+
+    def _lean(self, x: Tensor, mask: Tensor | None, segments: Tensor | None, ct, chunk_size: int,
+              chunks_per_group: int = CHUNKS_PER_GROUP) -> Tensor:
+        """The chunked form's o (b, h, n, V) by :class:`DeltaLayerRecompute` (training from a zero state)."""
+        beta, log_alpha = self._gates(x, mask, segments)
+        log_alpha = log_alpha if log_alpha is not None else torch.zeros_like(beta)
+        keep = mask[..., None].to(x.dtype) if mask is not None else None
+        conv_w = self.conv.weight if self.opts.conv_size else None
+        chunk = min(chunk_size, x.shape[1])
+        return DeltaLayerRecompute.apply(x, self.qkv_proj.weight, keep, conv_w, segments, beta.to(ct),
+                                         log_alpha.to(ct), self.n_heads, chunk, chunks_per_group)
 
     def _run(self, form: str, x: Tensor, mask: Tensor | None, state: DeltaState | None,
-             segments: Tensor | None = None, **kw):
-        q, k, v, beta, log_alpha = self._project(x, mask, state, segments)
+             segments: Tensor | None = None, lean: bool = False, **kw):
         # The recurrence accumulates over the whole sequence: run it in at least fp32.
         ct = torch.promote_types(x.dtype, torch.float32)
-        q, k, v, beta = q.to(ct), k.to(ct), v.to(ct), beta.to(ct)
-        log_alpha = log_alpha.to(ct) if log_alpha is not None else None
-        s0 = state.S.to(ct) if state is not None else None
-        o, S = _FORMS[form](q, k, v, beta, log_alpha, s0, **kw)
-        if state is not None:
-            state.S = S.to(state.S.dtype)
-        o = self.merge_heads(self.out_norm(o.to(x.dtype)))
-        if self.opts.output_gate:
-            o = o * F.silu(self.gate_proj(x))
-        return self.out_proj(o), state
+        # The lean path re-runs the q|k|v matmul itself, so only for a plain bias-free linear (not one
+        # that compression swapped for a quantized or LoRA-wrapped module), and only for training.
+        plain = type(self.qkv_proj) is nn.Linear and self.qkv_proj.bias is None
+        if lean and plain and state is None and torch.is_grad_enabled():
+            o = self._lean(x, mask, segments, ct, **kw)
+        else:
+            q, k, v, beta, log_alpha = self._project(x, mask, state, segments, ct)
+            s0 = state.S.to(ct) if state is not None else None
+            o, S = _FORMS[form](q, k, v, beta, log_alpha, s0, **kw)
+            if state is not None:
+                state.S = S.to(state.S.dtype)
+        return self.out_proj(self._norm_gate(x, o.to(x.dtype), lean)), state
+
+    def _norm_gate(self, x: Tensor, o: Tensor, lean: bool) -> Tensor:
+        """RMS-norm per head of o (b, h, n, d), merged to (b, n, h*d), times silu(W_g x) with the output gate;
+        ``lean`` (in training): by :class:`HeadNormGate`, if the gate is a plain bias-free linear."""
+        gate = self.gate_proj if self.opts.output_gate else None
+        if lean and torch.is_grad_enabled() and (gate is None or (type(gate) is nn.Linear and gate.bias is None)):
+            # rms_norm's default eps is that of the dtype it computes in (at least fp32), not the input's
+            wide = torch.promote_types(o.dtype, torch.float32)
+            eps = self.out_norm.eps if self.out_norm.eps is not None else torch.finfo(wide).eps
+            wg = gate.weight if gate is not None else None
+            return HeadNormGate.apply(o, self.out_norm.weight, eps, x if gate is not None else None, wg)
+        o = self.merge_heads(self.out_norm(o))
+        return o * F.silu(gate(x)) if gate is not None else o
 
     # ---- forms --------------------------------------------------------------------------------
     def forward_reference(self, x, *, mask, state, pos):
@@ -358,7 +551,7 @@ class DeltaNet(Mixer):
 
     def forward_chunked(self, x, *, mask, state, pos):
         """Chunkwise parallel training / prefill form (WY representation, triangular solve per chunk)."""
-        return self._run("chunked", x, mask, state, pos.segments, chunk_size=self.opts.chunk_size)
+        return self._run("chunked", x, mask, state, pos.segments, lean=True, chunk_size=self.opts.chunk_size)
 
     def forward_recurrent(self, x, *, mask, state, pos):
         """O(d^2) per token recurrence; ``auto`` uses it for single-token decode steps."""

@@ -40,8 +40,9 @@ from efformer.mixers.base import (
     MixerState,
     causal_recurrent,
     segment_starts,
+    seq_rows,
 )
-from efformer.nn.recurrent import ShortConv, inverse_softplus_dt, log_decay_rates
+from efformer.nn.recurrent import ShortConv, causal_taps, inverse_softplus_dt, log_decay_rates
 from efformer.nn.selective_scan import SEGMENT, selective_scan
 from efformer.registry import register_mixer
 
@@ -139,6 +140,100 @@ def ssd_scan_chunked(x, dt, A, B, C, h, chunk: int, reset=None):
         to_end = (cum[:, -1:] - cum).exp()  # (b, c, H): decay from each step to the chunk end
         h = cum[:, -1].exp()[..., None, None] * h + torch.einsum("bshn,bsh,bshp->bhpn", bc, to_end, xdt)
     return torch.cat(ys, 1), h
+
+
+def ssd_inputs(xbc, dt, keep, dt_bias, heads: int, groups: int, d_state: int):
+    """Mamba-2's scan inputs from the activated conv output xbc (b, l, d_inner + 2 G N) and raw dt (b, l, H):
+    x (b, l, H, P), dt (b, l, H) (0 at padded steps, ``keep`` (b, l, 1) or None), B, C (b, l, H, N)."""
+    gn = groups * d_state
+    xs, B, C = xbc.split([xbc.shape[-1] - 2 * gn, gn, gn], dim=-1)
+    dt = F.softplus(dt + dt_bias)
+    if keep is not None:
+        dt = dt * keep  # dt = 0: the state passes a padded step unchanged
+    xs = rearrange(xs, "b l (h p) -> b l h p", h=heads)
+    # Each group's B and C are shared by heads / groups consecutive heads.
+    B, C = (rearrange(t, "b l (g n) -> b l g n", g=groups) for t in (B, C))
+    return xs, dt, B.repeat_interleave(heads // groups, dim=2), C.repeat_interleave(heads // groups, dim=2)
+
+
+def ssd_output(y, xs, z, D, norm_weight, groups: int, eps: float):
+    """(y + D x) gated by silu(z) (b, l, d_inner), RMS-normed per B/C group (norm after gate), times the weight."""
+    y = rearrange(y + xs * D[:, None], "b l h p -> b l (h p)")
+    g = rearrange(y * F.silu(z), "b l (g e) -> b l g e", g=groups)
+    g = g * torch.rsqrt(g.square().mean(-1, keepdim=True) + eps)
+    return rearrange(g, "b l g e -> b l (g e)") * norm_weight
+
+
+def _mamba2_group(cfg, xs, keep, seg, reset, pad, h, w_in, conv_w, conv_b, dt_bias, A_log, D, norm_w):
+    """One group of a Mamba-2 layer from its input rows xs (b, w-1+n-pad, d_model), the conv's w-1 rows of
+    history first, ``pad`` of them before the sequence start: (normed output (b, n, d_inner), state leaving)."""
+    d_inner, channels, heads, groups, d_state, chunk, eps = cfg
+    own = conv_w.shape[-1] - 1 - pad  # rows of history in xs; the group's own rows follow
+    z, xbc, dt = F.linear(xs, w_in).split([d_inner, channels, heads], dim=-1)
+    if keep is not None:
+        xbc = xbc * keep  # padded steps feed zeros to the convolution
+    xbc = F.pad(xbc, (0, 0, pad, 0))
+    seg = F.pad(seg, (pad, 0), value=-2) if seg is not None else None
+    xbc = F.silu(causal_taps(xbc, conv_w, conv_b, seg))
+    keep = keep[:, own:] if keep is not None else None
+    x_, dt_, B, C = ssd_inputs(xbc, dt[:, own:], keep, dt_bias, heads, groups, d_state)
+    y, h = ssd_scan_chunked(x_, dt_, -torch.exp(A_log), B, C, h, chunk, reset)
+    return ssd_output(y, x_, z[:, own:], D, norm_w, groups, eps), h
+
+
+class Mamba2Recompute(torch.autograd.Function):
+    """A Mamba-2 layer from x (b, n, d_model) to its normed output (b, n, d_inner), from a zero state, that
+    keeps only x, its masks and the state entering each group of chunks.
+
+    Inputs: cfg (d_inner, conv channels, heads, groups, d_state, chunk, eps), tokens per group, x,
+    keep (b, n, 1) or None, segment ids (b, n) or None, resets (b, n) or None, then the parameters
+    (in_proj weight, conv weight and bias, dt_bias, A_log, D, norm weight). Backward re-runs each
+    group (projection, conv, scan, gated norm) under autograd in reverse order, with the state
+    gradient from the group after as the cotangent of its final state, so the layer never holds the
+    whole sequence's (b, n, 2 d_inner + 2 G N + H) projections, conv outputs and scan intermediates.
+    """
+
+    @staticmethod
+    def forward(ctx, cfg, span, x, keep, seg, reset, *params):
+        n, hist = x.shape[1], params[1].shape[-1] - 1
+        d_inner, heads = cfg[0], cfg[2]
+        starts = range(0, n, span)
+        out = x.new_empty(*x.shape[:2], d_inner)
+        h = x.new_zeros(x.shape[0], heads, d_inner // heads, cfg[4])
+        entry = x.new_empty(len(starts), *h.shape)
+        for i, lo in enumerate(starts):
+            hi, a = min(lo + span, n), max(lo - hist, 0)
+            entry[i] = h
+            rows = seq_rows(keep, a, hi), seq_rows(seg, a, hi), seq_rows(reset, lo, hi), a - (lo - hist)
+            out[:, lo:hi], h = _mamba2_group(cfg, x[:, a:hi], *rows, h, *params)
+        ctx.save_for_backward(x, keep, seg, reset, entry, *params)
+        ctx.cfg, ctx.span = cfg, span
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, keep, seg, reset, entry, *params = ctx.saved_tensors
+        n, hist, span = x.shape[1], params[1].shape[-1] - 1, ctx.span
+        dx = torch.zeros_like(x)  # zeros: neighbouring groups' rows overlap
+        dparams = [torch.zeros_like(p) for p in params]
+        dh = torch.zeros_like(entry[0])
+        for i, lo in reversed(list(enumerate(range(0, n, span)))):
+            hi, a = min(lo + span, n), max(lo - hist, 0)
+            xs, h0 = x[:, a:hi].detach().requires_grad_(), entry[i].detach().requires_grad_(i > 0)
+            leaves = [p.detach().requires_grad_() for p in params]
+            rows = seq_rows(keep, a, hi), seq_rows(seg, a, hi), seq_rows(reset, lo, hi), a - (lo - hist)
+            with torch.enable_grad():
+                out, h = _mamba2_group(ctx.cfg, xs, *rows, h0, *leaves)
+            wrt = [xs, *leaves, h0] if i > 0 else [xs, *leaves]  # the first group starts from constant zeros
+            got = torch.autograd.grad([out, h], wrt, [dout[:, lo:hi], dh])
+            dx[:, a:hi] += got[0]
+            for buf, g in zip(dparams, got[1 : 1 + len(params)], strict=True):
+                buf += g
+            dh = got[-1] if i > 0 else dh
+        return None, None, dx, None, None, None, *dparams
+
+
+CHUNKS_PER_GROUP = 16  # Mamba-2's chunks re-run together in the recomputing backward
 
 
 class SelectiveOptions(MixerOptions):
@@ -343,16 +438,8 @@ class Mamba2(_Selective):
         return xbc, z, dt
 
     def _ssm_inputs(self, xbc, dt, keep):
-        gn, h = self.opts.n_groups * self.opts.d_state, self.ssd_heads
-        xs, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
-        dt = F.softplus(dt + self.dt_bias)
-        if keep is not None:
-            dt = dt * keep  # dt = 0: the state passes a padded step unchanged
-        xs = rearrange(xs, "b l (h p) -> b l h p", h=h)
-        # Each group's B and C are shared by h / n_groups consecutive heads.
-        B, C = (rearrange(t, "b l (g n) -> b l g n", g=self.opts.n_groups) for t in (B, C))
-        rep = h // self.opts.n_groups
-        return xs, dt, B.repeat_interleave(rep, dim=2), C.repeat_interleave(rep, dim=2)
+        o = self.opts
+        return ssd_inputs(xbc, dt, keep, self.dt_bias, self.ssd_heads, o.n_groups, o.d_state)
 
     def _scan_reference(self, xs, dt, B, C, h, reset=None):
         return ssd_scan_reference(xs, dt, -torch.exp(self.A_log), B, C, h, reset)
@@ -361,8 +448,20 @@ class Mamba2(_Selective):
         return ssd_scan_chunked(xs, dt, -torch.exp(self.A_log), B, C, h, self.opts.chunk_size, reset)
 
     def _output(self, y, inputs, z):
-        y = rearrange(y + inputs[0] * self.D[:, None], "b l h p -> b l (h p)")
-        # Gated RMSNorm (norm after gate), one normalisation group per B/C group.
-        g = rearrange(y * F.silu(z), "b l (g e) -> b l g e", g=self.opts.n_groups)
-        g = g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.opts.norm_eps)
-        return self.out_proj(rearrange(g, "b l g e -> b l (g e)") * self.norm_weight)
+        o = self.opts
+        return self.out_proj(ssd_output(y, inputs[0], z, self.D, self.norm_weight, o.n_groups, o.norm_eps))
+
+    def forward_chunked(self, x, *, mask, state, pos):
+        """Chunk-parallel scan; in training from a zero state, by :class:`Mamba2Recompute` (recomputing backward)."""
+        # The lean path re-runs the input projection itself: only for a plain bias-free linear.
+        plain = type(self.in_proj) is nn.Linear and self.in_proj.bias is None
+        if state is not None or not torch.is_grad_enabled() or not plain:
+            return super().forward_chunked(x, mask=mask, state=state, pos=pos)
+        o = self.opts
+        keep = None if mask is None else mask[..., None].to(x.dtype)
+        reset = segment_starts(pos.segments) if pos.segments is not None else None
+        cfg = (self.d_inner, self.conv_channels, self.ssd_heads, o.n_groups, o.d_state, o.chunk_size, o.norm_eps)
+        params = (self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
+                  self.norm_weight)
+        y = Mamba2Recompute.apply(cfg, o.chunk_size * CHUNKS_PER_GROUP, x, keep, pos.segments, reset, *params)
+        return self.out_proj(y), state

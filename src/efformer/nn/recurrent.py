@@ -30,19 +30,9 @@ class ShortConv(nn.Conv1d):
         if prev is None or segments is not None:
             prev = u.new_zeros(u.shape[0], u.shape[-1], k)
         full = torch.cat([prev.to(u.dtype).transpose(1, 2), u], dim=1)  # (batch, width-1+seq, ch)
-        # A width-w depthwise convolution is w shifted multiply-adds. Written so, it runs in the
-        # (batch, seq, ch) layout with no transposes, its backward is elementwise too (oneDNN's
-        # depthwise conv1d backward took a third of a Mamba layer's fwd+bwd time at 1K tokens), and
-        # packed rows mask each shifted term so no input crosses a segment boundary.
-        n, w = u.shape[1], self.weight[:, 0].to(u.dtype)
-        y = torch.zeros_like(u) if self.bias is None else self.bias.to(u.dtype).expand_as(u)
-        for j in range(k + 1):  # tap j reads u_{t-(k-j)}
-            term = full[:, j : j + n]
-            if segments is not None and j < k:
-                same = F.pad(segments, (k - j, 0), value=-2)[:, :n] == segments
-                term = term * same[..., None].to(u.dtype)
-            y = torch.addcmul(y, term, w[:, j])
-        return y, full[:, n:].transpose(1, 2) if segments is None else prev
+        seg = F.pad(segments, (k, 0), value=-2) if segments is not None else None
+        y = causal_taps(full, self.weight, self.bias, seg)
+        return y, full[:, u.shape[1]:].transpose(1, 2) if segments is None else prev
 
     def step(self, u: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
         """One token u (batch, ch) through the rolling window ``prev`` (batch, ch, width-1); returns (y, new prev)."""
@@ -51,6 +41,26 @@ class ShortConv(nn.Conv1d):
         if self.bias is not None:
             y = y + self.bias
         return y, window[..., 1:]
+
+
+def causal_taps(full: Tensor, weight: Tensor, bias: Tensor | None, segments: Tensor | None = None) -> Tensor:
+    """Depthwise causal conv outputs (batch, n, ch) of ``full`` (batch, width-1+n, ch): the width-1 inputs
+    before the n outputs come first. ``weight`` (ch, 1, width), ``bias`` (ch,) or None; ``segments``
+    (batch, width-1+n) ids of those rows (-2 for rows before the sequence): no tap crosses a segment."""
+    k = weight.shape[-1] - 1
+    n, w = full.shape[1] - k, weight[:, 0].to(full.dtype)
+    # A width-w depthwise convolution is w shifted multiply-adds. Written so, it runs in the
+    # (batch, seq, ch) layout with no transposes, its backward is elementwise too (oneDNN's
+    # depthwise conv1d backward took a third of a Mamba layer's fwd+bwd time at 1K tokens), and
+    # packed rows mask each shifted term so no input crosses a segment boundary.
+    y = full.new_zeros(full.shape[0], n, full.shape[2]) if bias is None else bias.to(full.dtype).expand(
+        full.shape[0], n, full.shape[2])
+    for j in range(k + 1):  # tap j reads u_{t-(k-j)}
+        term = full[:, j : j + n]
+        if segments is not None and j < k:
+            term = term * (segments[:, j : j + n] == segments[:, k:])[..., None].to(full.dtype)
+        y = torch.addcmul(y, term, w[:, j])
+    return y
 
 
 def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, floor: float = 1e-4) -> Tensor:
