@@ -23,6 +23,10 @@ block densely and searches one earlier block per dyadic level), unless ``--index
 
     python benchmarks/bench_iceformer.py [--lengths 4096 8192 16384] [--steps 0] [--top-k 32] [--causal] ...
 
+``--top-k 32 128 512 --probe 4 16 64`` sweeps (k, probe) pairs. A causal query scores its own block plus
+2 x projections x probe candidates per earlier dyadic block, so a larger k without a larger probe only
+keeps more of the same few candidates. Exact attention is timed again beside each setting.
+
 Timings are single runs of a shared machine unless ``--repeat`` says otherwise; quote ratios.
 """
 
@@ -77,11 +81,23 @@ def copy_accuracy(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return (logits[:, half:-1].argmax(-1) == ids[:, half + 1 :]).float().mean().item()
 
 
-def ice_options(a: argparse.Namespace, n: int) -> dict:
-    """IceFormer's options at length n."""
+def sweep(a: argparse.Namespace) -> list[tuple[int, int]]:
+    """The (top_k, probe) settings to run: ``--top-k`` and ``--probe`` paired in order (one value repeats)."""
+    ks, probes = a.top_k, a.probe
+    if len(probes) == 1:
+        probes = probes * len(ks)
+    if len(ks) == 1:
+        ks = ks * len(probes)
+    if len(ks) != len(probes):
+        raise SystemExit(f"--top-k {a.top_k} and --probe {a.probe}: give one value or as many as the other")
+    return list(zip(ks, probes, strict=True))
+
+
+def ice_options(a: argparse.Namespace, n: int, top_k: int, probe: int) -> dict:
+    """IceFormer's options at length n with k = top_k and ``probe`` candidates a side per projection."""
     causal = a.causal or a.steps > 0 or a.model is not None
     block = a.index_block or (128 if causal else n)
-    return {"top_k": a.top_k, "probe": a.probe, "n_projections": a.projections, "index_block": block,
+    return {"top_k": top_k, "probe": probe, "n_projections": a.projections, "index_block": block,
             "metric": a.metric, "form": "fast"}
 
 
@@ -90,7 +106,8 @@ def synthetic(a: argparse.Namespace) -> None:
     torch.manual_seed(0)
     print(f"synthetic sharp layer (q = {a.sharpness} W_k x), d_model={a.d_model} heads={a.heads} causal={a.causal} "
           f"threads={torch.get_num_threads()}")
-    hdr = f"{'N':>6} {'block':>6} {'exact ms':>9} {'ice ms':>8} {'speed-up':>8} {'rel err':>8}"
+    hdr = (f"{'N':>6} {'top_k':>5} {'probe':>5} {'block':>6} {'exact ms':>9} {'ice ms':>8} {'speed-up':>8}"
+           f" {'rel err':>8}")
     print(hdr)
     print("-" * len(hdr))
     for n in a.lengths:
@@ -98,16 +115,18 @@ def synthetic(a: argparse.Namespace) -> None:
                                                      max_len=n)
         with torch.no_grad():
             sm.q_proj.weight.copy_(a.sharpness * sm.kv_proj.weight[: a.d_model])
-        opts = ice_options(a, n)
-        ice = MIXERS.get("iceformer")(a.d_model, a.heads, causal=a.causal, options=opts, max_len=n)
-        ice.load_state_dict(sm.state_dict())
         half = torch.randn(1, n // 2, a.d_model)
         x = torch.cat([half, half + 0.1 * torch.randn_like(half), torch.randn(1, n % 2, a.d_model)], 1)
-        with torch.no_grad():
-            (y_sm, _), t_sm = timed_call(sm, (x,), {}, a.repeat)
-            (y_ice, _), t_ice = timed_call(ice, (x,), {}, a.repeat)
-            err = ((y_sm - y_ice).norm() / y_sm.norm()).item()
-        print(f"{n:>6} {opts['index_block']:>6} {t_sm:>9.1f} {t_ice:>8.1f} {t_sm / t_ice:>7.2f}x {err:>8.4f}")
+        for k, probe in sweep(a):
+            opts = ice_options(a, n, k, probe)
+            ice = MIXERS.get("iceformer")(a.d_model, a.heads, causal=a.causal, options=opts, max_len=n)
+            ice.load_state_dict(sm.state_dict())
+            with torch.no_grad():  # exact timed again beside each setting: a ratio of one moment's load
+                (y_sm, _), t_sm = timed_call(sm, (x,), {}, a.repeat)
+                (y_ice, _), t_ice = timed_call(ice, (x,), {}, a.repeat)
+                err = ((y_sm - y_ice).norm() / y_sm.norm()).item()
+            print(f"{n:>6} {k:>5} {probe:>5} {opts['index_block']:>6} {t_sm:>9.1f} {t_ice:>8.1f} "
+                  f"{t_sm / t_ice:>7.2f}x {err:>8.4f}", flush=True)
 
 
 def held_out_bytes(path: Path, n: int) -> torch.Tensor:
@@ -129,18 +148,16 @@ def trained_model(a: argparse.Namespace) -> None:
                          f"{cfg['mixer']})")
     print(f"model {a.model}: d_model {cfg['d_model']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
           f"trained max_len {cfg['max_len']}, positional {cfg['positional']}; threads={torch.get_num_threads()}")
-    print(f"iceformer options: {ice_options(a, a.lengths[0])}")
-    hdr = (f"{'N':>6} {'layer':>5} {'exact ms':>9} {'ice ms':>8} {'speed-up':>8} {'rel err':>8}"
-           f" | {'bpb exact':>9} {'bpb ice':>8} {'change':>7}")
+    print(f"iceformer options (top_k, probe swept): {ice_options(a, a.lengths[0], *sweep(a)[0])}")
+    hdr = (f"{'N':>6} {'top_k':>5} {'probe':>5} {'layer':>5} {'exact ms':>9} {'ice ms':>8} {'speed-up':>8}"
+           f" {'rel err':>8} | {'bpb exact':>9} {'bpb ice':>8} {'change':>7}")
     print(hdr)
     print("-" * len(hdr))
     for n in a.lengths:
         make = lambda mixer, opts, n=n: efformer.create_model({**cfg, "max_len": n, "mixer": mixer,  # noqa: E731
                                                           "mixer_options": opts}).eval()
-        sm, ice = make("softmax", cfg["mixer_options"]), make("iceformer", {**cfg["mixer_options"],
-                                                                           **ice_options(a, n)})
+        sm = make("softmax", cfg["mixer_options"])
         sm.load_state_dict(ref.state_dict())
-        ice.load_state_dict(ref.state_dict())  # training-free: the same weights, strictly
         text = held_out_bytes(Path(a.text), n)
         ids, tgt = text[None, :-1], text[None, 1:]
         calls: list[tuple[tuple, dict]] = []  # each mixer's real inputs: x and the positional context
@@ -148,17 +165,22 @@ def trained_model(a: argparse.Namespace) -> None:
                                                  with_kwargs=True) for blk in sm.backbone.blocks]
         with torch.no_grad():
             bpb_sm = F.cross_entropy(sm(ids)[0], tgt[0]).item() / math.log(2)
-            for h in hooks:
-                h.remove()
-            bpb_ice = F.cross_entropy(ice(ids)[0], tgt[0]).item() / math.log(2)
-            for layer, ((args, kw), b_sm, b_ice) in enumerate(zip(calls, sm.backbone.blocks, ice.backbone.blocks,
-                                                                  strict=True)):
-                (y_sm, _), t_sm = timed_call(b_sm.mixer, args, kw, a.repeat)
-                (y_ice, _), t_ice = timed_call(b_ice.mixer, args, kw, a.repeat)
-                err = ((y_sm - y_ice).norm() / y_sm.norm()).item()
-                tail = f" | {bpb_sm:>9.3f} {bpb_ice:>8.3f} {bpb_ice - bpb_sm:>+7.3f}" if layer == 0 else ""
-                print(f"{n:>6} {layer:>5} {t_sm:>9.1f} {t_ice:>8.1f} {t_sm / t_ice:>7.2f}x {err:>8.4f}{tail}",
-                      flush=True)
+        for h in hooks:
+            h.remove()
+        for k, probe in sweep(a):
+            ice = make("iceformer", {**cfg["mixer_options"], **ice_options(a, n, k, probe)})
+            ice.load_state_dict(ref.state_dict())  # training-free: the same weights, strictly
+            with torch.no_grad():
+                bpb_ice = F.cross_entropy(ice(ids)[0], tgt[0]).item() / math.log(2)
+                for layer, ((args, kw), b_sm, b_ice) in enumerate(zip(calls, sm.backbone.blocks,
+                                                                      ice.backbone.blocks, strict=True)):
+                    # exact timed again beside each setting, so every speed-up is a ratio of one moment's load
+                    (y_sm, _), t_sm = timed_call(b_sm.mixer, args, kw, a.repeat)
+                    (y_ice, _), t_ice = timed_call(b_ice.mixer, args, kw, a.repeat)
+                    err = ((y_sm - y_ice).norm() / y_sm.norm()).item()
+                    tail = f" | {bpb_sm:>9.3f} {bpb_ice:>8.3f} {bpb_ice - bpb_sm:>+7.3f}" if layer == 0 else ""
+                    print(f"{n:>6} {k:>5} {probe:>5} {layer:>5} {t_sm:>9.1f} {t_ice:>8.1f} {t_sm / t_ice:>7.2f}x "
+                          f"{err:>8.4f}{tail}", flush=True)
 
 
 def timed_call(m, args: tuple, kw: dict, repeat: int):
@@ -182,8 +204,10 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--top-k", type=int, default=32)
-    p.add_argument("--probe", type=int, default=8)
+    p.add_argument("--top-k", type=int, nargs="+", default=[32],
+                   help="k, one run per value (a sweep), paired in order with --probe")
+    p.add_argument("--probe", type=int, nargs="+", default=[8],
+                   help="candidates each side per projection and block; one value, or one per --top-k")
     p.add_argument("--projections", type=int, default=2)
     p.add_argument("--index-block", type=int, default=0,
                    help="0: causal sqrt(N * L * 2 probe) as a power of two, bidirectional N (one index)")
@@ -205,16 +229,17 @@ def main() -> None:
     exact, loss = train(a)
     print(f"trained softmax LM: {a.steps} steps at length {a.train_len}, last loss {loss:.3f} "
           f"({time.perf_counter() - t0:.0f} s); threads={torch.get_num_threads()}")
-    print(f"iceformer options: {ice_options(a, a.lengths[0])} (index_block per N)")
-    hdr = (f"{'N':>6} {'layer':>5} {'exact ms':>9} {'ice ms':>8} {'speed-up':>8} {'rel err':>8}"
-           f" | {'acc exact':>9} {'acc ice':>8} {'agree':>6}")
+    print(f"iceformer options (top_k, probe swept): {ice_options(a, a.lengths[0], *sweep(a)[0])} (index_block "
+          "per N)")
+    hdr = (f"{'N':>6} {'top_k':>5} {'probe':>5} {'layer':>5} {'exact ms':>9} {'ice ms':>8} {'speed-up':>8}"
+           f" {'rel err':>8} | {'acc exact':>9} {'acc ice':>8} {'agree':>6}")
     print(hdr)
     print("-" * len(hdr))
     gen = torch.Generator().manual_seed(2)
-    for n in a.lengths:
+    for n, (k, probe) in [(n, kp) for n in a.lengths for kp in sweep(a)]:
         sm = build("softmax", a, n)
         sm.load_state_dict(exact.state_dict())
-        ice = build("iceformer", a, n, ice_options(a, n))
+        ice = build("iceformer", a, n, ice_options(a, n, k, probe))
         ice.load_state_dict(exact.state_dict())  # training-free: the same weights, strictly
         sm, ice = sm.eval(), ice.eval()
         ids = copy_batch(1, n, a.vocab, gen)
@@ -239,7 +264,8 @@ def main() -> None:
         agree = (logits_sm.argmax(-1) == logits_ice.argmax(-1)).float().mean().item()
         for layer, t_sm, t_ice, err in rows:
             tail = f" | {acc_sm:>9.3f} {acc_ice:>8.3f} {agree:>6.3f}" if layer == 0 else ""
-            print(f"{n:>6} {layer:>5} {t_sm:>9.1f} {t_ice:>8.1f} {t_sm / t_ice:>7.2f}x {err:>8.4f}{tail}")
+            print(f"{n:>6} {k:>5} {probe:>5} {layer:>5} {t_sm:>9.1f} {t_ice:>8.1f} {t_sm / t_ice:>7.2f}x "
+                  f"{err:>8.4f}{tail}", flush=True)
 
 
 if __name__ == "__main__":
