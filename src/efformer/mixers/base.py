@@ -392,6 +392,12 @@ def causal_keep(n_q: int, n_k: int, device: torch.device | str | None = None) ->
     return torch.arange(n_k, device=device)[None, :] <= i
 
 
+def bare_linear(module: nn.Module | None) -> bool:
+    """True for a plain bias-free ``nn.Linear``: the only projection a recomputing (lean) form may re-run
+    from its weight alone; one that compression swapped for a quantized or LoRA-wrapped module must be called."""
+    return type(module) is nn.Linear and module.bias is None
+
+
 def seq_rows(t: Tensor | None, a: int, b: int) -> Tensor | None:
     """Rows a:b of the sequence axis (dim 1) of t (batch, seq, ...), or None for None."""
     return t[:, a:b] if t is not None else None

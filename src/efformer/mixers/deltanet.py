@@ -33,6 +33,7 @@ from efformer.mixers.base import (
     Mixer,
     MixerOptions,
     MixerState,
+    bare_linear,
     causal_recurrent,
     pad_to_multiple,
     segment_starts,
@@ -518,10 +519,8 @@ class DeltaNet(Mixer):
              segments: Tensor | None = None, lean: bool = False, **kw):
         # The recurrence accumulates over the whole sequence: run it in at least fp32.
         ct = torch.promote_types(x.dtype, torch.float32)
-        # The lean path re-runs the q|k|v matmul itself, so only for a plain bias-free linear (not one
-        # that compression swapped for a quantized or LoRA-wrapped module), and only for training.
-        plain = type(self.qkv_proj) is nn.Linear and self.qkv_proj.bias is None
-        if lean and plain and state is None and torch.is_grad_enabled():
+        # The lean path re-runs the q|k|v matmul itself, and only for training.
+        if lean and bare_linear(self.qkv_proj) and state is None and torch.is_grad_enabled():
             o = self._lean(x, mask, segments, ct, **kw)
         else:
             q, k, v, beta, log_alpha = self._project(x, mask, state, segments, ct)
@@ -535,7 +534,7 @@ class DeltaNet(Mixer):
         """RMS-norm per head of o (b, h, n, d), merged to (b, n, h*d), times silu(W_g x) with the output gate;
         ``lean`` (in training): by :class:`HeadNormGate`, if the gate is a plain bias-free linear."""
         gate = self.gate_proj if self.opts.output_gate else None
-        if lean and torch.is_grad_enabled() and (gate is None or (type(gate) is nn.Linear and gate.bias is None)):
+        if lean and torch.is_grad_enabled() and (gate is None or bare_linear(gate)):
             # rms_norm's default eps is that of the dtype it computes in (at least fp32), not the input's
             wide = torch.promote_types(o.dtype, torch.float32)
             eps = self.out_norm.eps if self.out_norm.eps is not None else torch.finfo(wide).eps

@@ -29,6 +29,7 @@ from efformer.mixers.base import (
     Mixer,
     MixerOptions,
     MixerState,
+    bare_linear,
     causal_recurrent,
     segment_starts,
 )
@@ -118,9 +119,7 @@ class GatedLinearMixer(Mixer):
 
     def _finish(self, x: Tensor, o: Tensor, lean: bool = True) -> Tensor:
         """Gated group norm, then the output projection; ``lean``: the norm by :class:`GatedGroupNorm`."""
-        # the lean norm re-runs the gate matmul itself, so only for a plain bias-free linear (not one that
-        # compression swapped for a quantized or LoRA-wrapped module)
-        if lean and torch.is_grad_enabled() and type(self.gate_proj) is nn.Linear and self.gate_proj.bias is None:
+        if lean and torch.is_grad_enabled() and bare_linear(self.gate_proj):  # the lean norm re-runs the gate matmul
             w = self.gate_proj.weight
             y = GatedGroupNorm.apply(x, w, o, self.norm_weight, self.norm_bias, self.opts.norm_eps)
         else:

@@ -38,6 +38,7 @@ from efformer.mixers.base import (
     Mixer,
     MixerOptions,
     MixerState,
+    bare_linear,
     causal_recurrent,
     segment_starts,
     seq_rows,
@@ -453,9 +454,8 @@ class Mamba2(_Selective):
 
     def forward_chunked(self, x, *, mask, state, pos):
         """Chunk-parallel scan; in training from a zero state, by :class:`Mamba2Recompute` (recomputing backward)."""
-        # The lean path re-runs the input projection itself: only for a plain bias-free linear.
-        plain = type(self.in_proj) is nn.Linear and self.in_proj.bias is None
-        if state is not None or not torch.is_grad_enabled() or not plain:
+        # The lean path re-runs the input projection itself.
+        if state is not None or not torch.is_grad_enabled() or not bare_linear(self.in_proj):
             return super().forward_chunked(x, mask=mask, state=state, pos=pos)
         o = self.opts
         keep = None if mask is None else mask[..., None].to(x.dtype)
