@@ -33,6 +33,7 @@ did not finish in 25 minutes).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 
@@ -61,12 +62,15 @@ OPTIONS = {"s4d": {"d_state": 16}, "s4": {"d_state": 16}, "h3": {"d_state": 16, 
            "atlas": {"chunk_size": 4, "window": 4}}
 
 
-def model_mixers(mixer: str, d_model: int, seq_len: int) -> tuple[str | list[str], dict | list[dict]]:
-    """The ``mixer`` and ``mixer_options`` of a cell's model (a list of both for a hybrid stack)."""
+def model_mixers(mixer: str, d_model: int, seq_len: int, overrides: dict | None = None
+                 ) -> tuple[str | list[str], dict | list[dict]]:
+    """The ``mixer`` and ``mixer_options`` of a cell's model (a list of both for a hybrid stack);
+    ``overrides`` (mixer name -> options) win over this script's defaults."""
+    overrides = overrides or {}
     if mixer in HYBRIDS:
         layers = list(HYBRIDS[mixer])
-        return layers, [options_for(m, d_model, seq_len) for m in layers]
-    return mixer, options_for(mixer, d_model, seq_len)
+        return layers, [{**options_for(m, d_model, seq_len), **overrides.get(m, {})} for m in layers]
+    return mixer, {**options_for(mixer, d_model, seq_len), **overrides.get(mixer, {})}
 
 
 def positional_for(layers: str | list[str], wanted: str) -> str:
@@ -117,7 +121,7 @@ def train_cell(mixer: str, seq_len: int, pairs: int, args, lr_peak: float, seed:
     train = task_data(args.task, seq_len, pairs, args, args.n_train, 1)
     test = task_data(args.task, seq_len, pairs, args, args.n_test, 2)
     torch.manual_seed(seed)
-    layers, options = model_mixers(mixer, args.d_model, seq_len)
+    layers, options = model_mixers(mixer, args.d_model, seq_len, getattr(args, "mixer_options", None))
     model = create_model({"task": "lm", "vocab_size": train.vocab_size, "d_model": args.d_model, "n_layers": 2,
                           "n_heads": N_HEADS, "max_len": seq_len, "pad_id": 0,
                           "positional": positional_for(layers, args.positional),
@@ -196,7 +200,11 @@ def main() -> None:
                    help="rope: for the mixers that take it (the others keep sinusoidal)")
     p.add_argument("--query-order", choices=["random", "weighted"], default="random",
                    help="MQAR query order: random pair order, or Zoology's (queries tend to follow pair order)")
+    p.add_argument("--mixer-options", type=json.loads, default={}, help='JSON {mixer: options} over the '
+                   'defaults above, e.g. \'{"h3": {"head_dim": 1}}\'')
     args = p.parse_args()
+    if not isinstance(args.mixer_options, dict) or not all(isinstance(v, dict) for v in args.mixer_options.values()):
+        raise SystemExit(f"--mixer-options {args.mixer_options!r}: want a JSON object of objects, mixer -> options")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cols = grid(args.lengths, args.pairs, args.cells, args.task)
     args.mixers = [m for name in args.mixers for m in GROUPS.get(name, (name,))]

@@ -180,3 +180,14 @@ def test_recall_script_cell_learns_a_previous_token_copy_beyond_its_baseline():
                              "n_test": 256, "d_model": 32, "positional": "rope", "steps": 300, "batch": 32})()
     r = mod.train_cell("softmax", 8, 1, args, 3e-3, 0)
     assert r["baseline"] == (0.25, 0.25) and r["accuracy"] > 0.6, r
+
+
+def test_recall_script_mixer_options_override_defaults_and_bad_json_is_refused(monkeypatch, capsys):
+    mod = _script("bench_recall")
+    assert mod.model_mixers("h3", 64, 30)[1]["head_dim"] == 16
+    assert mod.model_mixers("h3", 64, 30, {"h3": {"head_dim": 1}})[1] == {**mod.OPTIONS["h3"], "head_dim": 1}
+    layers, opts = mod.model_mixers("based", 64, 32, {"linear": {"chunk": 8}})
+    assert layers == ["sliding_window", "linear"] and opts[1] == {"chunk": 8} and opts[0]["window"] == 8
+    monkeypatch.setattr("sys.argv", ["bench_recall.py", "--mixer-options", "[1]"])
+    with pytest.raises(SystemExit, match="mixer -> options"):
+        mod.main()
