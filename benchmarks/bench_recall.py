@@ -39,12 +39,13 @@ best of lr {1e-3, 3e-3} x 2 seeds at 2000 steps; accuracy %):
     | mixer   | induction L=30, 2000 steps | induction, 6000 steps | AR L=18 D=8, 2000 steps |
     | softmax | 100.0                      |                       | 21.1                    |
     | s4d     | 8.4                        | 100.0 (lr 3e-3)       | 9.4                     |
-    | h3      | 6.2                        | 6.2 (lr 3e-3 and 1e-2)| 5.9                     |
-    | mamba   | 6.2                        | 6.2 (lr 3e-3)         | 5.9                     |
+    | h3      | 6.2                        | 6.2 (lr 1e-3, 3e-3, 1e-2) | 5.9                 |
+    | mamba   | 6.2                        | 6.2 (lr 1e-3, 3e-3)   | 5.9                     |
     | linear  | 6.2                        | 5.7 (lr 3e-3)         | 10.9                    |
+    | gated_deltanet |                     | 100.0 (lr 3e-3)       |                         |
     | no-recall baseline | 5.0             | 5.0                   | 16.7                    |
 
-H3's claim is not reproduced here: S4D alone learns the induction head at 6000 steps while H3 (head
+H3's claim is not reproduced here: S4D alone (and gated_deltanet) learns the induction head at 6000 steps while H3 (head
 width 16, and 1 at 2000 steps via ``--mixer-options '{"h3": {"head_dim": 1}}'``) and Mamba never leave the
 uniform loss ln 20; on AR only softmax beats the baseline. H3 and Mamba do learn a dense copy-the-previous-
 token task within 150 steps, so they train, but a single supervised position per example gives them too
